@@ -1,0 +1,230 @@
+"""``create_app``: the Quart app with the request pipeline of DESIGN.md.
+
+request id -> body limit -> client address -> rate limit -> authorization hooks ->
+route -> completion hooks (audit, metrics) -> response headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import time
+import uuid
+from typing import Any, Mapping
+
+from quart import Quart, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from .errors import ApiError, StartupError, error_body
+from .hookspecs.auth import RequestInfo
+from .kernel import Kernel
+from .overlay import overlay_blueprint
+from .settings import Settings
+
+log = logging.getLogger("risoluto")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    411: "length_required",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    431: "headers_too_large",
+}
+
+
+def normalise_path(path: str) -> str:
+    """The canonical form guards and limits use for paths the router did not match."""
+    norm = posixpath.normpath("/" + re.sub(r"/+", "/", path.lower()))
+    return norm if norm != "." else "/"
+
+
+def error_response(err: ApiError) -> Response:
+    response = jsonify(err.body())
+    response.status_code = err.status
+    for key, value in err.headers.items():
+        response.headers[key] = value
+    return response
+
+
+def create_app(
+    settings: Settings,
+    *,
+    plugins: tuple[tuple[str, Any], ...] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Quart:
+    """Build the app and ITS OWN plugin manager. ``plugins`` adds (name, plugin) pairs."""
+    kernel = Kernel(settings, plugins, environ)
+    app = Quart("risoluto")
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Exact paths: no slash merging, no redirects a guard would have to second-guess.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = True
+    app.extensions["risoluto"] = kernel
+    _install_pipeline(app, kernel)
+    _install_error_handlers(app)
+    app.register_blueprint(_core_blueprint(kernel))
+    app.register_blueprint(overlay_blueprint(kernel))
+    for blueprint in kernel.hooks.app_blueprints(kernel):
+        app.register_blueprint(blueprint)
+    _install_lifecycle(app, kernel)
+    return app
+
+
+def kernel_of(app: Quart) -> Kernel:
+    return app.extensions["risoluto"]
+
+
+def _install_pipeline(app: Quart, kernel: Kernel) -> None:
+    @app.before_request
+    async def _pipeline() -> Response | None:
+        g.started = time.perf_counter()
+        sent = request.headers.get("X-Request-ID", "")
+        g.request_id = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
+        peer = (request.scope.get("client") or ("", 0))[0] or ""
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        info = RequestInfo(
+            method=request.method, path=request.path, route=rule, headers=request.headers, peer=peer,
+            request_id=g.request_id,
+        )
+        info.extra["norm_path"] = rule if rule is not None else normalise_path(request.path)
+        g.info = info
+        length = request.content_length
+        if length is not None and length > kernel.settings.server.max_body_bytes:
+            return error_response(ApiError(413, "payload_too_large", "The request body is larger than 1 MiB."))
+        decided = kernel.hooks.client_address(info, kernel.settings)
+        info.client, info.via_proxy = decided if decided is not None else (peer, False)
+        refusal = await _rate_limit(kernel, info)
+        if refusal is None:
+            refusal = kernel.hooks.request_authorize(info, kernel.settings)
+        return error_response(refusal) if refusal is not None else None
+
+    @app.after_request
+    async def _finish(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+        for key, value in (g.get("rate_headers") or {}).items():
+            response.headers[key] = value
+        info = g.get("info")
+        if info is not None:
+            try:
+                kernel.hooks.request_completed(info, response.status_code, time.perf_counter() - g.started)
+            except Exception:  # observers must never turn a response into a 500
+                log.exception("request_completed hook failed")
+        return response
+
+
+async def _rate_limit(kernel: Kernel, info: RequestInfo) -> ApiError | None:
+    if kernel.limiter is None:
+        return None
+    path = info.extra["norm_path"]
+    rule = next((r for r in kernel.rate_rules if r.matches(path)), None)
+    if rule is None:
+        return None
+    try:
+        decision = await kernel.limiter.hit(rule.bucket, info.client, rule.limit, rule.window_seconds)
+    except Exception:
+        log.exception("rate-limit backend failed")
+        if kernel.settings.rate_limit.fail_open and not info.mutating:
+            return None
+        return ApiError(503, "rate_limiter_unavailable", "The rate-limit backend is unavailable; try again later.")
+    reset = max(0, int(decision.reset_seconds + 0.999))
+    headers = {
+        "RateLimit-Limit": str(decision.limit),
+        "RateLimit-Remaining": str(decision.remaining),
+        "RateLimit-Reset": str(reset),
+    }
+    g.rate_headers = headers
+    info.extra["rate_bucket"] = rule.bucket
+    if decision.allowed:
+        return None
+    info.extra["rate_limited"] = True
+    return ApiError(
+        429, "rate_limited", f"Too many requests; retry in {max(reset, 1)} s.",
+        {**headers, "Retry-After": str(max(reset, 1))},
+    )
+
+
+def _install_error_handlers(app: Quart) -> None:
+    @app.errorhandler(ApiError)
+    async def _api_error(err: ApiError) -> Response:
+        return error_response(err)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(err: HTTPException) -> Response:
+        status = err.code or 500
+        if 300 <= status < 400:  # routing redirects: paths are matched exactly instead
+            status = 404
+        code = _HTTP_CODES.get(status, "http_error" if status < 500 else "internal_error")
+        messages = {
+            404: "No such route.",
+            405: "Method not allowed on this route.",
+            413: "The request body is larger than the limit (1 MiB).",
+        }
+        fallback = (err.description or "Bad request.") if status < 500 else "Internal error."
+        message = messages.get(status, fallback)
+        response = error_response(ApiError(status, code, message))
+        if status == 405 and err.response is None:
+            allow = getattr(err, "valid_methods", None) or []
+            response.headers["Allow"] = ", ".join(sorted(allow))
+        return response
+
+    @app.errorhandler(Exception)
+    async def _unexpected(err: Exception) -> Response:
+        log.error("unhandled error in %s %s: %s", request.method, request.path, type(err).__name__,
+                  exc_info=err)
+        return error_response(ApiError(500, "internal_error", "Internal error; see the server log."))
+
+
+def _core_blueprint(kernel: Kernel) -> Any:
+    from quart import Blueprint
+
+    bp = Blueprint("risoluto_core", __name__)
+
+    @bp.get("/api/v1/runtime")
+    async def runtime() -> Any:
+        s = kernel.settings.server
+        return {
+            "version": __version__,
+            "plugins": [
+                {"name": p.name, "source": p.source, "distribution": p.distribution, "version": p.version}
+                for p in kernel.plugins
+            ],
+            "bind": {"host": s.bind, "port": s.port},
+        }
+
+    return bp
+
+
+def _install_lifecycle(app: Quart, kernel: Kernel) -> None:
+    started: list[Any] = []
+
+    @app.before_serving
+    async def _start() -> None:
+        for service in kernel.hooks.app_services(kernel):
+            try:
+                await service.start()
+            except StartupError:
+                raise
+            except Exception as exc:
+                raise StartupError(f"service {getattr(service, 'name', service)!r} failed to start: {exc}") from exc
+            started.append(service)
+
+    @app.after_serving
+    async def _stop() -> None:
+        while started:
+            service = started.pop()
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("service %r failed to stop", getattr(service, "name", service))
+
+
+__all__ = ["create_app", "kernel_of", "error_body", "normalise_path"]

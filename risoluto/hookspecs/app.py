@@ -1,0 +1,53 @@
+"""App lifecycle and routes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import hookspec
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
+
+
+class Service(Protocol):
+    """Something with async start/stop, run for the lifetime of the app."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@hookspec
+def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
+    """Return Quart blueprints to register on the app.
+
+    Called once by ``create_app`` after every plugin is loaded. Collected from every
+    plugin (not firstresult). Return a list of ``quart.Blueprint`` (may be empty).
+
+    Example::
+
+        @hookimpl
+        def risoluto_app_blueprints(kernel):
+            bp = Blueprint("hello", __name__)
+            bp.add_url_rule("/api/v1/hello", view_func=lambda: {"hi": 1})
+            return [bp]
+    """
+
+
+@hookspec
+def risoluto_app_services(kernel: Kernel) -> list[Service]:
+    """Return services to start when the app starts and stop when it stops.
+
+    Called once by ``create_app``; collected. Each ``start()`` is awaited in plugin
+    order before the first request is served; a failing start stops startup. Each
+    ``stop()`` is awaited in reverse order on shutdown, even if another stop failed.
+
+    Example::
+
+        @hookimpl
+        def risoluto_app_services(kernel):
+            return [MyJanitor(kernel)]
+    """

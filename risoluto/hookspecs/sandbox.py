@@ -1,0 +1,144 @@
+"""The sandbox runtime and the container spec every hardening plugin contributes to."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+
+from . import hookspec
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+
+@attrs.frozen(kw_only=True)
+class LaunchRequest:
+    """What the caller asked for (API, CLI or doctor probe)."""
+
+    issue: str
+    command: tuple[str, ...] = ()
+    image: str = ""
+    env: dict[str, str] = attrs.field(factory=dict)
+    secrets: tuple[str, ...] = ()
+    timeout_s: float | None = None
+
+
+@attrs.define(kw_only=True)
+class Mount:
+    target: str
+    source: str = ""  # host path (bind), volume name (volume), empty for tmpfs
+    type: str = "bind"  # bind | volume | tmpfs
+    read_only: bool = False
+    tmpfs_size: int = 0
+    labels: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.define(kw_only=True)
+class ContainerSpec:
+    """A container to create, built up by ``risoluto_sandbox_spec`` contributions.
+
+    The runtime turns it into one Docker Engine API create call. ``env`` may hold secret
+    values: it is sent only in the create call, never logged, labelled or returned.
+    ``files`` are put into the container (path -> bytes) after create, before start.
+    ``policy`` is the effective policy in the published checklist's terms; its digest
+    becomes the ``risoluto.policy`` label.
+    """
+
+    name: str
+    image: str
+    command: list[str] = attrs.field(factory=list)
+    user: str = ""
+    env: dict[str, str] = attrs.field(factory=dict, repr=False)
+    labels: dict[str, str] = attrs.field(factory=dict)
+    mounts: list[Mount] = attrs.field(factory=list)
+    files: dict[str, bytes] = attrs.field(factory=dict, repr=False)
+    cap_drop: list[str] = attrs.field(factory=list)
+    cap_add: list[str] = attrs.field(factory=list)
+    security_opt: list[str] = attrs.field(factory=list)
+    runtime: str = ""
+    network: str = ""
+    read_only_rootfs: bool = False
+    working_dir: str = "/workspace"
+    host_config: dict[str, Any] = attrs.field(factory=dict)  # resources, log config
+    policy: dict[str, Any] = attrs.field(factory=dict)
+    on_created: list[Any] = attrs.field(factory=list)  # async callables(container_id)
+    on_removed: list[Any] = attrs.field(factory=list)  # async callables(container_id)
+
+
+@attrs.frozen(kw_only=True)
+class SandboxEvent:
+    kind: str  # "created" | "started" | "exited" | "removed" | "failed"
+    id: str
+    issue: str
+    exit_code: int | None = None
+    oom_killed: bool = False
+    seconds: float = 0.0
+    reason: str = ""
+
+
+class SandboxRuntime(Protocol):
+    """Runs ContainerSpecs. Every method is async and may raise ApiError."""
+
+    name: str
+
+    async def check(self) -> None:
+        """Raise with a clear message if the runtime cannot run the current policy."""
+
+    async def launch(self, spec: ContainerSpec, timeout_s: float) -> dict[str, Any]: ...
+
+    async def list(self) -> list[dict[str, Any]]: ...
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]: ...
+
+    async def logs(self, sandbox_id: str) -> str: ...
+
+    async def remove(self, sandbox_id: str) -> None: ...
+
+    async def cleanup_orphans(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+@hookspec(firstresult=True)
+def risoluto_sandbox_runtime(settings: Settings) -> SandboxRuntime | None:
+    """Return the runtime backend named by ``sandbox.runtime`` (``docker``, ``remote``), or None.
+
+    Called once at startup; firstresult.
+
+    Example::
+
+        @hookimpl
+        def risoluto_sandbox_runtime(settings):
+            return PodmanRuntime(settings) if settings.sandbox.runtime == "podman" else None
+    """
+
+
+@hookspec
+def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
+    """Contribute to a container spec before launch: edit ``spec`` in place.
+
+    Called once per launch, for every plugin (collected), in registration order:
+    default plugins by module name, then third-party plugins. Raise
+    :class:`~risoluto.errors.ApiError` to refuse the launch (a policy check).
+
+    Example::
+
+        @hookimpl
+        def risoluto_sandbox_spec(spec, request, settings):
+            spec.labels["team"] = "blue"
+            spec.mounts.append(Mount(source="/srv/cache", target="/cache", read_only=True))
+    """
+
+
+@hookspec
+def risoluto_sandbox_event(event: SandboxEvent) -> None:
+    """Observe a sandbox lifecycle event (metrics, audit). Collected; must not raise.
+
+    Example::
+
+        @hookimpl
+        def risoluto_sandbox_event(event):
+            if event.kind == "exited" and event.oom_killed:
+                alert(event.issue)
+    """

@@ -1,0 +1,84 @@
+"""Encrypted secret storage."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+from . import hookspec
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+
+class SecretStoreError(Exception):
+    """A store failure whose message is safe to show (never contains a value)."""
+
+
+class WrongMasterKey(SecretStoreError):
+    """Existing data does not decrypt with the configured master key."""
+
+
+class SecretStore(Protocol):
+    """An encrypted secret store. Mutations are serialized, atomic and durable."""
+
+    async def open(self) -> None:
+        """Load and verify existing data; raise WrongMasterKey if it does not decrypt."""
+
+    async def list(self) -> list[str]: ...
+
+    async def get(self, name: str) -> str | None: ...
+
+    async def set(self, name: str, value: str) -> None: ...
+
+    async def delete(self, name: str) -> bool:
+        """Remove ``name``; False if it did not exist."""
+
+    async def rotate(self, new_master_key: str) -> None:
+        """Re-encrypt everything under a new key in one atomic step."""
+
+    async def close(self) -> None: ...
+
+
+@attrs.frozen(kw_only=True)
+class SecretEvent:
+    """A change to the store. Never carries a value."""
+
+    operation: str  # "set" | "delete" | "rotate"
+    key: str
+    backend: str
+    principal: str = ""
+    remote: str = ""
+
+
+@hookspec(firstresult=True)
+def risoluto_secret_store(settings: Settings, master_key: str) -> SecretStore | None:
+    """Return the store for ``secrets.backend``, or None if it is not yours.
+
+    Called at startup when a master key is available (from ``MASTER_KEY`` or
+    ``<DATA_DIR>/master.key``); firstresult. The kernel then awaits ``open()``. Without a
+    master key this hook is not called and secret routes answer 503 ``secrets_locked``.
+
+    Example::
+
+        @hookimpl
+        def risoluto_secret_store(settings, master_key):
+            if settings.secrets.backend == "vault":
+                return VaultStore(settings, master_key)
+            return None
+    """
+
+
+@hookspec
+def risoluto_secret_changed(event: SecretEvent, settings: Settings) -> None:
+    """Observe a secret being set, deleted or the store being rotated (audit).
+
+    Called after the change is durable; collected. Must not raise.
+
+    Example::
+
+        @hookimpl
+        def risoluto_secret_changed(event, settings):
+            log.info("secret %s %s", event.operation, event.key)
+    """

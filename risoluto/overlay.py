@@ -1,0 +1,66 @@
+"""``GET/PUT /api/v1/config/overlay``: the runtime config overlay, validated before it is saved."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import yaml
+from quart import Blueprint, g
+
+from .errors import ApiError, ConfigError
+from .fsutil import append_line, atomic_write
+from .requests import json_object
+from .settings import load_yaml, snake, with_overlay
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+# Top-level keys whose change needs a restart: the running server keeps the old value.
+RESTART_KEYS = {"server", "secrets", "plugins", "sandbox", "rate_limit"}
+
+
+def overlay_blueprint(kernel: Kernel) -> Blueprint:
+    bp = Blueprint("risoluto_overlay", __name__)
+    lock = anyio.Lock()
+
+    @bp.get("/api/v1/config/overlay")
+    async def get_overlay() -> Any:
+        path = kernel.settings.overlay_path
+        data = load_yaml(path, "overlay") if path.exists() else {}
+        return {"overlay": data}
+
+    @bp.put("/api/v1/config/overlay")
+    async def put_overlay() -> Any:
+        body = await json_object()
+        overlay = body.get("overlay", body) if set(body) == {"overlay"} else body
+        if not isinstance(overlay, dict):
+            raise ApiError(400, "invalid_config", "The overlay must be a JSON object.")
+        async with lock:
+            try:
+                new = with_overlay(overlay, kernel.environ)
+            except ConfigError as exc:
+                raise ApiError(400, "invalid_config", f"Overlay rejected: {exc}") from None
+            path = kernel.settings.overlay_path
+            text = yaml.safe_dump(overlay, sort_keys=True, allow_unicode=True)
+            await anyio.to_thread.run_sync(atomic_write, path, text.encode("utf-8"))
+            kernel.settings = new
+            info = g.get("info")
+            entry = {
+                "at": _now(), "operation": "overlay_put", "keys": sorted(overlay),
+                "principal": getattr(info, "principal", ""), "remote": getattr(info, "client", ""),
+                "request_id": getattr(info, "request_id", ""),
+            }
+            await anyio.to_thread.run_sync(
+                append_line, path.parent / "overlay.audit.log", json.dumps(entry)
+            )
+        return {"overlay": overlay, "restart_required_for": sorted(k for k in overlay if snake(k) in RESTART_KEYS)}
+
+    return bp
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,1 @@
+"""Default plugins, one module per checklist item, grouped by concern."""

@@ -1,0 +1,1 @@
+"""Default plugins: http."""

@@ -1,0 +1,423 @@
+"""Settings: frozen attrs classes built from defaults, YAML file, overlay and environment.
+
+Sources, later wins: embedded defaults, the YAML file named by ``RISOLUTO_CONFIG``,
+``<DATA_DIR>/config/overlay.yaml`` (deep-merged), then environment variables.
+Keys may be written in camelCase or snake_case. Anything unknown, mistyped or out of
+range raises :class:`ConfigError` naming the key path: never a silent default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import attrs
+import yaml
+
+from .errors import ConfigError
+
+_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmg]?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Docker-style size (``512m``, ``4g``) to bytes."""
+    text = text.strip().lower()
+    unit = text[-1] if text and text[-1] in "bkmg" else ""
+    number = text[: len(text) - len(unit)]
+    return int(float(number) * _SIZE_UNITS[unit])
+
+
+def _size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not _SIZE.match(value) or parse_size(value) <= 0:
+        raise ValueError(f"{value!r} is not a size such as 512m or 4g")
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+
+
+def _cidrs(_inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network (CIDR)") from None
+
+
+def _port(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{value} is not a TCP port (0-65535)")
+
+
+frozen = attrs.frozen(kw_only=True)
+
+
+@frozen
+class SecurityConfig:
+    no_new_privileges: bool = True
+    drop_capabilities: bool = True
+    gvisor: bool = False
+    seccomp_profile: str = ""
+    read_only_rootfs: bool = False
+
+
+@frozen
+class ResourcesConfig:
+    memory: str = attrs.field(default="4g", validator=_size)
+    memory_reservation: str = attrs.field(default="1g", validator=_size)
+    memory_swap: str = attrs.field(default="4g", validator=_size)
+    cpus: float = attrs.field(default=2.0, validator=_positive)
+    pids_limit: int = attrs.field(default=512, validator=_positive)
+    tmpfs_size: str = attrs.field(default="512m", validator=_size)
+
+
+@frozen
+class LogsConfig:
+    driver: str = "json-file"
+    max_size: str = attrs.field(default="50m", validator=_size)
+    max_file: int = attrs.field(default=3, validator=_positive)
+
+
+@frozen
+class SandboxConfig:
+    image: str = "risoluto-codex:latest"
+    network: str = "risoluto-internal"
+    egress_allowlist: list[str] = attrs.field(factory=list)
+    security: SecurityConfig = attrs.field(factory=SecurityConfig)
+    resources: ResourcesConfig = attrs.field(factory=ResourcesConfig)
+    logs: LogsConfig = attrs.field(factory=LogsConfig)
+    user: str = ""  # "uid:gid"; empty = the kernel process's own uid:gid
+    timeout_s: float = attrs.field(default=3600.0, validator=_positive)
+    max_concurrent: int = attrs.field(default=8, validator=_positive)
+    stop_grace_s: float = attrs.field(default=10.0, validator=_positive)
+
+
+@frozen
+class TurnSandboxPolicy:
+    type: Literal["workspaceWrite", "readOnly", "dangerFullAccess"] = "workspaceWrite"
+    network_access: bool = False
+
+
+@frozen
+class CodexConfig:
+    sandbox: SandboxConfig = attrs.field(factory=SandboxConfig)
+    thread_sandbox: Literal["workspace-write", "workspace-read", "danger-full-access"] = "workspace-write"
+    turn_sandbox_policy: TurnSandboxPolicy = attrs.field(factory=TurnSandboxPolicy)
+    auth_dir: str = "~/.codex"
+
+
+@frozen
+class WorkspaceConfig:
+    root: str = "../risoluto-workspaces"
+
+
+@frozen
+class SecretsConfig:
+    backend: str = "file"
+
+
+@frozen
+class BucketConfig:
+    limit: int = attrs.field(default=300, validator=_positive)
+    window_seconds: float = attrs.field(default=60.0, validator=_positive)
+
+
+@frozen
+class RateLimitConfig:
+    api: BucketConfig = attrs.field(factory=BucketConfig)
+    webhooks: BucketConfig = attrs.field(factory=lambda: BucketConfig(limit=600))
+    backend: str = "memory"
+    max_clients: int = attrs.field(default=1_000_000, validator=_positive)
+    fail_open: bool = False
+
+
+@frozen
+class ServerConfig:
+    bind: str = "127.0.0.1"
+    port: int = attrs.field(default=4000, validator=_port)
+    trusted_proxies: list[str] = attrs.field(factory=list, validator=_cidrs)
+    write_token: str = attrs.field(default="", repr=False)
+    read_token: str = attrs.field(default="", repr=False)
+    max_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
+
+
+@frozen
+class PluginsConfig:
+    disable: list[str] = attrs.field(factory=list)
+
+
+@frozen
+class EgressConfig:
+    resolver: str = ""
+    hosts: dict[str, str] = attrs.field(factory=dict)
+    allow_private_networks: list[str] = attrs.field(factory=list, validator=_cidrs)
+    max_connections: int = attrs.field(default=256, validator=_positive)
+    idle_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+
+
+@frozen
+class RuntimeConfig:
+    runtime: str = "docker"
+    data_plane_url: str = ""
+
+
+@frozen
+class Settings:
+    """The effective configuration. ``master_key`` and tokens never appear in repr()."""
+
+    data_dir: str = ".risoluto"
+    master_key: str = attrs.field(default="", repr=False)
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    codex: CodexConfig = attrs.field(factory=CodexConfig)
+    workspace: WorkspaceConfig = attrs.field(factory=WorkspaceConfig)
+    secrets: SecretsConfig = attrs.field(factory=SecretsConfig)
+    rate_limit: RateLimitConfig = attrs.field(factory=RateLimitConfig)
+    plugins: PluginsConfig = attrs.field(factory=PluginsConfig)
+    egress: EgressConfig = attrs.field(factory=EgressConfig)
+    sandbox: RuntimeConfig = attrs.field(factory=RuntimeConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def overlay_path(self) -> Path:
+        return self.data_path / "config" / "overlay.yaml"
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """Plain dict in camelCase (the published spelling); secrets redacted."""
+        return _to_camel(attrs.asdict(self), redact)
+
+
+# Keys that only ever come from the environment (never from a file an attacker might write).
+_ENV_ONLY = {"master_key", "data_dir"}
+_SECRET_FIELDS = {"master_key", "write_token", "read_token"}
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _to_camel(value: Any, redact: bool, field: str = "") -> Any:
+    if isinstance(value, dict):
+        # user-supplied maps (egress.hosts) keep their own keys
+        convert = field != "hosts"
+        return {
+            (camel(k) if convert else k): _to_camel(v, redact, k) for k, v in value.items()
+        }
+    if redact and field in _SECRET_FIELDS and value:
+        return "***"
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(cls: type, data: Any, path: str) -> Any:
+    """Build attrs class ``cls`` from a mapping, checking every key and type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for raw_key, raw_value in data.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"{path}{raw_key!r}: keys must be strings")
+        key = snake(raw_key)
+        where = f"{path}{raw_key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key")
+        if key in seen:
+            raise ConfigError(f"{where}: given twice (also as {seen[key]})")
+        seen[key] = raw_key
+        kwargs[key] = _value(hints[key], raw_value, where)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        bad = _failing_field(cls, kwargs)
+        raise ConfigError(f"{path}{camel(bad) if bad else ''}: {exc}") from None
+
+
+def _failing_field(cls: type, kwargs: dict[str, Any]) -> str | None:
+    for f in attrs.fields(cls):
+        if f.name in kwargs and f.validator is not None:
+            try:
+                f.validator(None, f, kwargs[f.name])
+            except ValueError:
+                return f.name
+    return None
+
+
+def _value(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if attrs.has(tp):
+        return _convert(tp, value, where + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_value(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {_value(str, k, where): _value(str, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into ``base``; keys are compared in snake_case so spellings mix."""
+    out: dict[str, Any] = {}
+    for k, v in base.items():
+        out[snake(k) if isinstance(k, str) else k] = v
+    for k, v in over.items():
+        key = snake(k) if isinstance(k, str) else k
+        if isinstance(v, Mapping) and isinstance(out.get(key), Mapping) and key != "hosts":
+            out[key] = deep_merge(out[key], v)
+        else:
+            out[key] = v
+    return out
+
+
+def load_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read ({exc.strerror})") from None
+    return parse_yaml(text, f"{what} {path}")
+
+
+def parse_yaml(text: str, what: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: the top level must be a mapping")
+    return data
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    over: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    if (bind := _env(environ, "RISOLUTO_BIND")) is not None:
+        server["bind"] = bind
+    if (port := _env(environ, "RISOLUTO_PORT")) is not None:
+        if not port.isdigit():
+            raise ConfigError(f"RISOLUTO_PORT: expected a port number, got {port!r}")
+        server["port"] = int(port)
+    if (token := _env(environ, "RISOLUTO_WRITE_TOKEN")) is not None:
+        server["write_token"] = token
+    if (token := _env(environ, "RISOLUTO_READ_TOKEN")) is not None:
+        server["read_token"] = token
+    if (proxies := _env(environ, "RISOLUTO_TRUSTED_PROXIES")) is not None:
+        server["trusted_proxies"] = [p.strip() for p in proxies.split(",") if p.strip()]
+    if server:
+        over["server"] = server
+    if (disabled := _env(environ, "RISOLUTO_DISABLE_PLUGINS")) is not None:
+        over["plugins"] = {"disable": [p.strip() for p in disabled.split(",") if p.strip()]}
+    return over
+
+
+def _check_env_only(data: Mapping[str, Any], what: str) -> None:
+    for key in data:
+        if isinstance(key, str) and snake(key) in _ENV_ONLY:
+            raise ConfigError(f"{what}: {key}: set only through the environment, never in a file")
+        if isinstance(key, str) and snake(key) == "server" and isinstance(data[key], Mapping):
+            for sub in data[key]:
+                if isinstance(sub, str) and snake(sub) in {"write_token", "read_token"}:
+                    raise ConfigError(
+                        f"{what}: server.{sub}: tokens come only from RISOLUTO_WRITE_TOKEN / "
+                        "RISOLUTO_READ_TOKEN, never from a file"
+                    )
+
+
+def build_settings(
+    file_data: Mapping[str, Any] | None = None,
+    overlay: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge the sources in order and validate the result."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    for data, what in ((file_data, "config file"), (overlay, "overlay")):
+        if data:
+            _check_env_only(data, what)
+            merged = deep_merge(merged, data)
+    merged = deep_merge(merged, _env_overrides(environ))
+    merged["data_dir"] = _env(environ, "DATA_DIR") or ".risoluto"
+    merged["master_key"] = environ.get("MASTER_KEY", "").strip()
+    return _convert(Settings, merged, "")
+
+
+def read_config_file(environ: Mapping[str, str]) -> dict[str, Any]:
+    if (config := _env(environ, "RISOLUTO_CONFIG")) is not None:
+        return load_yaml(Path(config).expanduser(), "config file")
+    return {}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the real sources: file, overlay on disk, environment."""
+    environ = os.environ if environ is None else environ
+    file_data = read_config_file(environ)
+    base = build_settings(file_data, None, environ)
+    overlay: dict[str, Any] = {}
+    if base.overlay_path.exists():
+        overlay = load_yaml(base.overlay_path, "overlay")
+    return build_settings(file_data, overlay, environ)
+
+
+def with_overlay(overlay: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings a new overlay would produce, validated; raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    return build_settings(read_config_file(environ), overlay, environ)

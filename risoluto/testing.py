@@ -1,0 +1,73 @@
+"""pytest fixtures for plugin authors (registered through the ``pytest11`` entry point).
+
+Use them in your plugin's tests::
+
+    async def test_my_route(risoluto_client):
+        client = await risoluto_client(plugins=[("mine", my_plugin)])
+        response = await client.get("/api/v1/mine")
+        assert response.status_code == 200
+
+``risoluto_client`` starts the app (services started, as under ``risoluto serve``) and
+stops it at the end of the test. Peers default to loopback; pass ``scope_base`` to a
+request to act as a remote client: ``scope_base={"client": ("203.0.113.9", 5000)}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+
+import pytest
+
+from .settings import Settings, build_settings
+
+
+@pytest.fixture
+def risoluto_data_dir(tmp_path: Path) -> Path:
+    """A private, empty DATA_DIR for one test."""
+    path = tmp_path / "data"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def risoluto_settings(risoluto_data_dir: Path) -> Callable[..., Settings]:
+    """``make(config=None, env=None)`` -> Settings with DATA_DIR set to the test's data dir."""
+
+    def make(config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        environ = {"DATA_DIR": str(risoluto_data_dir), **(env or {})}
+        return build_settings(config or {}, None, environ)
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings, **kwargs: Any) -> AsyncIterator[Any]:
+    """An app with its services started (``before_serving``) for the duration of the block."""
+    from .app import create_app
+
+    app = create_app(settings, **kwargs)
+    async with app.test_app() as test_app:
+        yield test_app
+
+
+@pytest.fixture
+async def risoluto_client(
+    risoluto_settings: Callable[..., Settings],
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``await make(config=None, env=None, plugins=())`` -> a started app's test client."""
+    stack = contextlib.AsyncExitStack()
+
+    async def make(
+        config: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        plugins: tuple[tuple[str, Any], ...] = (),
+    ) -> Any:
+        settings = risoluto_settings(config, env)
+        environ = {"DATA_DIR": settings.data_dir, **(env or {})}
+        test_app = await stack.enter_async_context(running_app(settings, plugins=plugins, environ=environ))
+        return test_app.test_client()
+
+    async with stack:
+        yield make
