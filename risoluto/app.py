@@ -17,7 +17,8 @@ from quart import Quart, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .errors import ApiError, StartupError, error_body
+from .doctor import doctor_blueprint
+from .errors import ApiError, error_body
 from .hookspecs.auth import RequestInfo
 from .kernel import Kernel
 from .overlay import overlay_blueprint
@@ -73,6 +74,7 @@ def create_app(
     _install_error_handlers(app)
     app.register_blueprint(_core_blueprint(kernel))
     app.register_blueprint(overlay_blueprint(kernel))
+    app.register_blueprint(doctor_blueprint(kernel))
     for blueprint in kernel.hooks.app_blueprints(kernel):
         app.register_blueprint(blueprint)
     _install_lifecycle(app, kernel)
@@ -204,27 +206,8 @@ def _core_blueprint(kernel: Kernel) -> Any:
 
 
 def _install_lifecycle(app: Quart, kernel: Kernel) -> None:
-    started: list[Any] = []
-
-    @app.before_serving
-    async def _start() -> None:
-        for service in kernel.hooks.app_services(kernel):
-            try:
-                await service.start()
-            except StartupError:
-                raise
-            except Exception as exc:
-                raise StartupError(f"service {getattr(service, 'name', service)!r} failed to start: {exc}") from exc
-            started.append(service)
-
-    @app.after_serving
-    async def _stop() -> None:
-        while started:
-            service = started.pop()
-            try:
-                await service.stop()
-            except Exception:
-                log.exception("service %r failed to stop", getattr(service, "name", service))
+    app.before_serving(kernel.start)
+    app.after_serving(kernel.stop)
 
 
 __all__ = ["create_app", "kernel_of", "error_body", "normalise_path"]

@@ -114,7 +114,18 @@ def _config(args: argparse.Namespace) -> int:
     return 2
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import report, run_checks
+    from .kernel import Kernel
+
+    kernel = Kernel(args.settings)
+    return report(run_checks(kernel), args.json)
+
+
 def _core_commands(sub: Any) -> dict[str, Any]:
+    doctor = sub.add_parser("doctor", help="evaluate every hardening checklist item (exit 1 on FAIL)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=_doctor)
     serve = sub.add_parser("serve", help="run the HTTP API (hypercorn)")
     serve.set_defaults(func=_serve)
     plugins = sub.add_parser("plugins", help="list loaded plugins, their source and hooks")
@@ -123,7 +134,7 @@ def _core_commands(sub: Any) -> dict[str, Any]:
     config = sub.add_parser("config", help="show or check the effective configuration")
     config.add_argument("action", choices=["show", "check"], help="show: print it with secrets redacted")
     config.set_defaults(func=_config)
-    return {"serve": serve, "plugins": plugins, "config": config}
+    return {"serve": serve, "plugins": plugins, "config": config, "doctor": doctor}
 
 
 def _plugin_commands(sub: Any, settings: Settings) -> None:

@@ -8,7 +8,7 @@ import pluggy
 
 from .hookspecs.auth import RequestInfo
 from .hookspecs.cli import CliCommand
-from .hookspecs.doctor import CheckResult
+from .hookspecs.doctor import CheckResult, Probe
 from .hookspecs.egress import EgressEnforcer, EgressRequest, EgressVerdict
 from .hookspecs.ratelimit import RateLimiter, RateRule
 from .hookspecs.sandbox import ContainerSpec, LaunchRequest, SandboxEvent, SandboxRuntime
@@ -90,6 +90,9 @@ class Hooks:
     # doctor
     def doctor_checks(self, kernel: Kernel) -> list[CheckResult]:
         return _flat(reversed(self._hook.risoluto_doctor_checks(kernel=kernel)))
+
+    def doctor_probes(self, kernel: Kernel) -> list[Probe]:
+        return _flat(reversed(self._hook.risoluto_doctor_probes(kernel=kernel)))
 
     # cli
     def cli_commands(self) -> list[CliCommand]:

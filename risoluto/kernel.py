@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 import pluggy
 from prometheus_client import CollectorRegistry
@@ -12,7 +14,10 @@ from .hooks import Hooks
 from .hookspecs.ratelimit import RateLimiter, RateRule
 from .hookspecs.sandbox import SandboxRuntime
 from .hookspecs.secrets import SecretStore
+from .errors import StartupError
 from .manager import PluginInfo, build_plugin_manager
+
+log = logging.getLogger("risoluto")
 from .settings import Settings
 
 
@@ -41,6 +46,38 @@ class Kernel:
         self.rate_rules: list[RateRule] = []
         self.runtime: SandboxRuntime | None = None
         self.state: dict[str, Any] = {}
+        self._started: list[Any] = []
+
+    async def start(self) -> None:
+        """Start every plugin service in load order; a failure stops what started and raises."""
+        for service in self.hooks.app_services(self):
+            try:
+                await service.start()
+            except Exception as exc:
+                await self.stop()
+                if isinstance(exc, StartupError):
+                    raise
+                name = getattr(service, "name", type(service).__name__)
+                raise StartupError(f"service {name!r} failed to start: {exc}") from exc
+            self._started.append(service)
+
+    async def stop(self) -> None:
+        """Stop started services in reverse order; one failing stop does not skip the rest."""
+        while self._started:
+            service = self._started.pop()
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("service %r failed to stop", getattr(service, "name", service))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Kernel]:
+        """The kernel with its services started, for CLI commands that need them."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     def plugin_hooks(self) -> dict[str, list[str]]:
         """Plugin name -> the hooks it implements."""

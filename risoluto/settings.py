@@ -231,7 +231,7 @@ def _convert(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in attrs.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -301,18 +301,32 @@ def _value(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``over`` into ``base``; keys are compared in snake_case so spellings mix."""
-    out: dict[str, Any] = {}
-    for k, v in base.items():
-        out[snake(k) if isinstance(k, str) else k] = v
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    """Merge ``over`` into ``base``; keys are compared in snake_case so spellings mix.
+
+    The later source's spelling is kept, so errors name the key as the operator wrote it.
+    Two spellings of one key in the same mapping are an error, not a silent pick.
+    """
+    out: dict[Any, Any] = dict(base)
+    index = {_norm(k): k for k in out}
+    seen: dict[Any, Any] = {}
     for k, v in over.items():
-        key = snake(k) if isinstance(k, str) else k
-        if isinstance(v, Mapping) and isinstance(out.get(key), Mapping) and key != "hosts":
-            out[key] = deep_merge(out[key], v)
+        key = _norm(k)
+        if key in seen:
+            raise ConfigError(f"{path}{k}: given twice (also as {seen[key]})")
+        seen[key] = k
+        old = out.pop(index.pop(key), None) if key in index else None
+        mergeable = isinstance(v, Mapping) and key != "hosts"
+        if mergeable and isinstance(old, Mapping):
+            out[k] = deep_merge(old, v, f"{path}{k}.")
         else:
-            out[key] = v
+            out[k] = deep_merge({}, v, f"{path}{k}.") if mergeable else v
+        index[key] = k
     return out
+
+
+def _norm(key: Any) -> Any:
+    return snake(key) if isinstance(key, str) else key
 
 
 def load_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -395,8 +409,10 @@ def build_settings(
             _check_env_only(data, what)
             merged = deep_merge(merged, data)
     merged = deep_merge(merged, _env_overrides(environ))
-    merged["data_dir"] = _env(environ, "DATA_DIR") or ".risoluto"
-    merged["master_key"] = environ.get("MASTER_KEY", "").strip()
+    merged = deep_merge(merged, {
+        "data_dir": _env(environ, "DATA_DIR") or ".risoluto",
+        "master_key": environ.get("MASTER_KEY", "").strip(),
+    })
     return _convert(Settings, merged, "")
 
 

@@ -40,3 +40,34 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
             return [CheckResult(item="capabilities", status=PASS if ok else FAIL,
                                 reason="...", fix="set dropCapabilities: true")]
     """
+
+
+@attrs.frozen(kw_only=True)
+class Probe:
+    """A proof run inside a live canary sandbox by ``risoluto doctor --probe``.
+
+    ``script`` is a POSIX shell snippet run in the canary (as the sandbox user, under the
+    live policy); its stdout and exit status go to ``judge``, which returns the result.
+    Snippets run one after another in one canary; each gets a fresh shell.
+    """
+
+    item: str
+    script: str
+    judge: Any  # Callable[[str, int], CheckResult]
+
+
+@hookspec
+def risoluto_doctor_probes(kernel: Kernel) -> list[Probe]:
+    """Contribute probes that prove your checklist item from inside a canary sandbox.
+
+    Called by ``risoluto doctor --probe``; collected.
+
+    Example::
+
+        @hookimpl
+        def risoluto_doctor_probes(kernel):
+            return [Probe(item="capabilities", script="grep CapEff /proc/self/status",
+                          judge=lambda out, rc: CheckResult(item="capabilities",
+                              status=PASS if out.split()[-1] == "0000000000000000" else FAIL,
+                              reason=out.strip()))]
+    """

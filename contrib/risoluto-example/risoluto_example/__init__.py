@@ -1,0 +1,1 @@
+"""risoluto-example: the plugin built in docs/writing-plugins.md."""

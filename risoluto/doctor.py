@@ -1,0 +1,73 @@
+"""``risoluto doctor`` and ``GET /api/v1/hardening``: every checklist item, PASS / WARN / FAIL.
+
+The kernel knows no item itself: checks and probes come from each plugin's doctor hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from quart import Blueprint
+
+from .hookspecs.doctor import FAIL, PASS, WARN, CheckResult
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+_ORDER = {FAIL: 0, WARN: 1, PASS: 2}
+_COLOURS = {PASS: "\033[32m", WARN: "\033[33m", FAIL: "\033[31m"}
+
+
+def run_checks(kernel: Kernel) -> list[CheckResult]:
+    """Every plugin's checks; a check that raises is itself a FAIL (fail closed)."""
+    results: list[CheckResult] = []
+    for impl in kernel.pm.hook.risoluto_doctor_checks.get_hookimpls():
+        try:
+            results.extend(impl.function(kernel=kernel) or [])
+        except Exception as exc:  # a broken check must not hide the others
+            results.append(CheckResult(item=f"doctor check of {impl.plugin_name}", status=FAIL,
+                                       reason=f"the check raised {type(exc).__name__}: {exc}",
+                                       fix="report this as a bug in that plugin"))
+    return results
+
+
+def summary(results: list[CheckResult]) -> dict[str, Any]:
+    counts = {s: sum(1 for r in results if r.status == s) for s in (PASS, WARN, FAIL)}
+    overall = FAIL if counts[FAIL] else WARN if counts[WARN] else PASS
+    return {"status": overall, "counts": counts, "items": [r.to_dict() for r in results]}
+
+
+def format_table(results: list[CheckResult], colour: bool) -> str:
+    width = max([len(r.item) for r in results] + [4])
+    lines = [f"{'STATUS':<6}  {'ITEM':<{width}}  REASON / FIX"]
+    for r in sorted(results, key=lambda r: (_ORDER.get(r.status, 0), r.item)):
+        status = f"{_COLOURS[r.status]}{r.status:<6}\033[0m" if colour else f"{r.status:<6}"
+        lines.append(f"{status}  {r.item:<{width}}  {r.reason}")
+        if r.fix and r.status != PASS:
+            lines.append(f"{'':<6}  {'':<{width}}  fix: {r.fix}")
+    s = summary(results)["counts"]
+    lines.append(f"\n{s[PASS]} pass, {s[WARN]} warn, {s[FAIL]} fail")
+    return "\n".join(lines)
+
+
+def report(results: list[CheckResult], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(summary(results), indent=2))
+    else:
+        print(format_table(results, colour=sys.stdout.isatty()))
+    return 1 if any(r.status == FAIL for r in results) else 0
+
+
+def doctor_blueprint(kernel: Kernel) -> Blueprint:
+    bp = Blueprint("risoluto_doctor", __name__)
+
+    @bp.get("/api/v1/hardening")
+    async def hardening() -> Any:
+        import anyio
+
+        results = await anyio.to_thread.run_sync(run_checks, kernel)
+        return summary(results)
+
+    return bp
