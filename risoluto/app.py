@@ -21,6 +21,7 @@ from .doctor import doctor_blueprint
 from .errors import ApiError, error_body
 from .hookspecs.auth import RequestInfo
 from .kernel import Kernel
+from .openapi import api, build_document
 from .overlay import overlay_blueprint
 from .settings import Settings
 
@@ -191,6 +192,7 @@ def _core_blueprint(kernel: Kernel) -> Any:
     bp = Blueprint("risoluto_core", __name__)
 
     @bp.get("/api/v1/runtime")
+    @api("Version, loaded plugins and bind address (public)", tags=("kernel",), responses={200: RUNTIME_SCHEMA})
     async def runtime() -> Any:
         s = kernel.settings.server
         return {
@@ -202,7 +204,37 @@ def _core_blueprint(kernel: Kernel) -> Any:
             "bind": {"host": s.bind, "port": s.port},
         }
 
+    @bp.get("/api/v1/openapi.json")
+    @api("This OpenAPI document (public)", tags=("kernel",), responses={200: {"type": "object"}})
+    async def openapi() -> Any:
+        from quart import current_app
+
+        return build_document(current_app)  # type: ignore[arg-type]
+
     return bp
+
+
+_STR = {"type": "string"}
+RUNTIME_SCHEMA = {
+    "type": "object",
+    "required": ["version", "plugins", "bind"],
+    "properties": {
+        "version": _STR,
+        "plugins": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "source", "distribution", "version"],
+                "properties": {"name": _STR, "source": _STR, "distribution": _STR, "version": _STR},
+            },
+        },
+        "bind": {
+            "type": "object",
+            "required": ["host", "port"],
+            "properties": {"host": _STR, "port": {"type": "integer"}},
+        },
+    },
+}
 
 
 def _install_lifecycle(app: Quart, kernel: Kernel) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint
 
 from .hookspecs.doctor import FAIL, PASS, WARN, CheckResult
+from .openapi import api
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -60,10 +61,31 @@ def report(results: list[CheckResult], as_json: bool) -> int:
     return 1 if any(r.status == FAIL for r in results) else 0
 
 
+_STATUS = {"type": "string", "enum": [PASS, WARN, FAIL]}
+HARDENING_SCHEMA = {
+    "type": "object",
+    "required": ["status", "counts", "items"],
+    "properties": {
+        "status": _STATUS,
+        "counts": {"type": "object"},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["item", "status", "reason", "fix"],
+                "properties": {"item": {"type": "string"}, "status": _STATUS, "reason": {"type": "string"},
+                               "fix": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
 def doctor_blueprint(kernel: Kernel) -> Blueprint:
     bp = Blueprint("risoluto_doctor", __name__)
 
     @bp.get("/api/v1/hardening")
+    @api("Every checklist item evaluated: PASS / WARN / FAIL", tags=("doctor",), responses={200: HARDENING_SCHEMA})
     async def hardening() -> Any:
         import anyio
 

@@ -11,6 +11,7 @@ from quart import Blueprint, g
 
 from .errors import ApiError, ConfigError
 from .fsutil import append_line, atomic_write
+from .openapi import api
 from .requests import json_object
 from .settings import load_yaml, snake, with_overlay
 
@@ -21,17 +22,28 @@ if TYPE_CHECKING:
 RESTART_KEYS = {"server", "secrets", "plugins", "sandbox", "rate_limit"}
 
 
+OVERLAY_SCHEMA = {"type": "object", "required": ["overlay"], "properties": {"overlay": {"type": "object"}}}
+PUT_SCHEMA = {
+    "type": "object",
+    "required": ["overlay", "restart_required_for"],
+    "properties": {"overlay": {"type": "object"}, "restart_required_for": {"type": "array", "items": {"type": "string"}}},
+}
+
+
 def overlay_blueprint(kernel: Kernel) -> Blueprint:
     bp = Blueprint("risoluto_overlay", __name__)
     lock = anyio.Lock()
 
     @bp.get("/api/v1/config/overlay")
+    @api("The saved config overlay", tags=("config",), responses={200: OVERLAY_SCHEMA})
     async def get_overlay() -> Any:
         path = kernel.settings.overlay_path
         data = load_yaml(path, "overlay") if path.exists() else {}
         return {"overlay": data}
 
     @bp.put("/api/v1/config/overlay")
+    @api("Replace the config overlay (validated before it is saved)", tags=("config",),
+         request={"type": "object"}, responses={200: PUT_SCHEMA})
     async def put_overlay() -> Any:
         body = await json_object()
         overlay = body.get("overlay", body) if set(body) == {"overlay"} else body

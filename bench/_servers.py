@@ -1,0 +1,59 @@
+"""Helpers for benchmarks: free ports, server subprocesses, wrk runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(argv: list[str], port: int, env: dict[str, str] | None = None, path: str = "/") -> Iterator[None]:
+    """Run a server process until the block ends; wait until ``path`` answers."""
+    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server {argv} exited: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server {argv} did not answer") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wrk(url: str, seconds: int = 5, connections: int = 32, threads: int = 1) -> float:
+    """Requests per second measured by wrk in its own process."""
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", url],
+                         capture_output=True, text=True, check=True).stdout
+    match = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    if not match:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    return float(match.group(1))
+
+
+PY = sys.executable
