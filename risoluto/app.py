@@ -108,6 +108,8 @@ def _install_pipeline(app: Quart, kernel: Kernel) -> None:
         refusal = await _rate_limit(kernel, info)
         if refusal is None:
             refusal = kernel.hooks.request_authorize(info, kernel.settings)
+            if refusal is not None:
+                info.extra["refused"] = refusal.code  # guard denials by code (metrics)
         return error_response(refusal) if refusal is not None else None
 
     @app.after_request

@@ -42,12 +42,33 @@ def risoluto_settings(risoluto_data_dir: Path) -> Callable[..., Settings]:
     return make
 
 
+def _loopback_client_class() -> type:
+    from quart.testing import QuartClient
+
+    class LoopbackClient(QuartClient):
+        """Quart's test client with a loopback peer unless ``scope_base`` names another
+        (Quart's own client sends no peer at all, which the guards treat as remote)."""
+
+        async def _make_request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            args = list(args)  # type: ignore[assignment]
+            base = args[11] if len(args) > 11 else kwargs.get("scope_base")
+            merged = {"client": ("127.0.0.1", 50000), **(base or {})}
+            if len(args) > 11:
+                args[11] = merged  # type: ignore[index]
+            else:
+                kwargs["scope_base"] = merged
+            return await super()._make_request(*args, **kwargs)
+
+    return LoopbackClient
+
+
 @contextlib.asynccontextmanager
 async def running_app(settings: Settings, **kwargs: Any) -> AsyncIterator[Any]:
     """An app with its services started (``before_serving``) for the duration of the block."""
     from .app import create_app
 
     app = create_app(settings, **kwargs)
+    app.test_client_class = _loopback_client_class()
     async with app.test_app() as test_app:
         yield test_app
 

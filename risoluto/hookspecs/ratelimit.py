@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -34,8 +35,29 @@ class RateDecision:
     reset_seconds: float  # until the bucket has room again (Retry-After when refused)
 
 
+def client_group(client: str) -> str:
+    """The key a client is counted under (SPEC 2.4): an IPv4 address as is, an IPv6
+    address as its /64 (one host usually owns a whole /64), IPv4-mapped IPv6 as IPv4.
+    Anything that is not an IP address is its own key. Every backend should use this."""
+    if ":" not in client:
+        return client
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, client.split("%", 1)[0])
+    except (OSError, ValueError):
+        return client
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
 class RateLimiter(Protocol):
-    """A rate-limit backend. ``hit`` is atomic per decision."""
+    """A rate-limit backend. ``hit`` is atomic per decision.
+
+    ``client`` is the decided client address; the backend groups it with
+    :func:`client_group`. ``remaining`` is how many more requests would be allowed right
+    now; ``reset_seconds`` is, for an allowed request, the time until the full ``limit`` is
+    available again and, for a refused one, the time until the next request is allowed.
+    """
 
     async def hit(self, bucket: str, client: str, limit: int, window_seconds: float) -> RateDecision: ...
 

@@ -1,0 +1,83 @@
+"""``GET /metrics`` (SPEC 8): the kernel's Prometheus registry in the text format, plus the
+HTTP series: requests by route and status, guard denials by code, rate-limit rejections
+by bucket. Other plugins register their own series in ``kernel.metrics_registry``.
+
+The route label is the matched rule (``/api/v1/secrets/<key>``) or ``<unmatched>``: raw
+paths would let any client create unbounded label values. ``/metrics`` is read-guarded
+(SPEC 2.2) and rate-limited in the ``api`` bucket like ``/api/*``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from quart import Blueprint, Response
+
+from risoluto.hookspecs import hookimpl
+from risoluto.hookspecs.auth import RequestInfo
+from risoluto.hookspecs.doctor import PASS, WARN, CheckResult
+
+from ._shared import kernel_here
+
+log = logging.getLogger("risoluto.metrics")
+_STATE = "http.metrics"
+UNMATCHED = "<unmatched>"
+
+
+class HttpMetrics:
+    def __init__(self, registry: Any):
+        self.requests = Counter("risoluto_http_requests", "HTTP requests by route, method and status",
+                                ("route", "method", "status"), registry=registry)
+        self.denials = Counter("risoluto_guard_denials", "Requests refused by an authorization guard, by code",
+                               ("code",), registry=registry)
+        self.rate_limited = Counter("risoluto_ratelimit_rejections", "Requests refused by the rate limiter",
+                                    ("bucket",), registry=registry)
+
+
+def metrics_of(kernel: Any) -> HttpMetrics:
+    m = kernel.state.get(_STATE)
+    if m is None:
+        m = kernel.state[_STATE] = HttpMetrics(kernel.metrics_registry)
+    return m
+
+
+@hookimpl
+def risoluto_app_blueprints(kernel: Any) -> list[Any]:
+    metrics_of(kernel)  # create the series now so a scrape shows them from the start
+    bp = Blueprint("risoluto_metrics", __name__)
+
+    @bp.get("/metrics")
+    async def scrape() -> Response:
+        return Response(generate_latest(kernel.metrics_registry), content_type=CONTENT_TYPE_LATEST)
+
+    return [bp]
+
+
+@hookimpl
+def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -> None:
+    try:
+        m = metrics_of(kernel_here())
+        method = info.method if info.method in _METHODS else "OTHER"
+        m.requests.labels(info.route or UNMATCHED, method, str(status)).inc()
+        if info.extra.get("rate_limited"):
+            m.rate_limited.labels(info.extra.get("rate_bucket", "")).inc()
+        elif (code := info.extra.get("refused")) is not None:
+            m.denials.labels(code).inc()
+    except Exception:  # observers never break a response
+        log.exception("metrics update failed")
+
+
+_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
+
+
+@hookimpl
+def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
+    s = kernel.settings.server
+    guarded = "token-guarded for remote reads" if (s.read_token or s.write_token) else "loopback only"
+    disabled = {"http.read_guard"} & set(kernel.settings.plugins.disable)
+    if disabled:
+        return [CheckResult(item="Metrics", status=WARN, reason="/metrics is served but the read guard is disabled",
+                            fix="re-enable http.read_guard or disable http.metrics")]
+    return [CheckResult(item="Metrics", status=PASS, reason=f"/metrics served, {guarded}, rate-limited (api bucket)")]
