@@ -26,7 +26,7 @@ def run_checks(kernel: Kernel) -> list[CheckResult]:
     results: list[CheckResult] = []
     for impl in kernel.pm.hook.risoluto_doctor_checks.get_hookimpls():
         try:
-            results.extend(impl.function(kernel=kernel) or [])
+            results.extend(impl.function(kernel=kernel) or [])  # type: ignore[arg-type]
         except Exception as exc:  # a broken check must not hide the others
             results.append(CheckResult(item=f"doctor check of {impl.plugin_name}", status=FAIL,
                                        reason=f"the check raised {type(exc).__name__}: {exc}",

@@ -16,9 +16,9 @@ from .hookspecs.sandbox import SandboxRuntime
 from .hookspecs.secrets import SecretStore
 from .errors import StartupError
 from .manager import PluginInfo, build_plugin_manager
+from .settings import Settings
 
 log = logging.getLogger("risoluto")
-from .settings import Settings
 
 
 class Kernel:

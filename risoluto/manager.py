@@ -65,8 +65,7 @@ def build_plugin_manager(
         if name in blocked:
             pm.set_blocked(name)
             continue
-        module = importlib.import_module(f"risoluto.plugins.{name}")
-        _register(pm, module, name, f"default plugin {name!r}")
+        _register(pm, importlib.import_module(f"risoluto.plugins.{name}"), name, f"default plugin {name!r}")
         infos.append(PluginInfo(name, "default", "risoluto", version))
     for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist else "unknown"

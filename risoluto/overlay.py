@@ -26,7 +26,10 @@ OVERLAY_SCHEMA = {"type": "object", "required": ["overlay"], "properties": {"ove
 PUT_SCHEMA = {
     "type": "object",
     "required": ["overlay", "restart_required_for"],
-    "properties": {"overlay": {"type": "object"}, "restart_required_for": {"type": "array", "items": {"type": "string"}}},
+    "properties": {
+        "overlay": {"type": "object"},
+        "restart_required_for": {"type": "array", "items": {"type": "string"}},
+    },
 }
 
 

@@ -55,10 +55,9 @@ def _port(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
         raise ValueError(f"{value} is not a TCP port (0-65535)")
 
 
-frozen = attrs.frozen(kw_only=True)
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class SecurityConfig:
     no_new_privileges: bool = True
     drop_capabilities: bool = True
@@ -67,7 +66,7 @@ class SecurityConfig:
     read_only_rootfs: bool = False
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class ResourcesConfig:
     memory: str = attrs.field(default="4g", validator=_size)
     memory_reservation: str = attrs.field(default="1g", validator=_size)
@@ -77,14 +76,14 @@ class ResourcesConfig:
     tmpfs_size: str = attrs.field(default="512m", validator=_size)
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class LogsConfig:
     driver: str = "json-file"
     max_size: str = attrs.field(default="50m", validator=_size)
     max_file: int = attrs.field(default=3, validator=_positive)
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class SandboxConfig:
     image: str = "risoluto-codex:latest"
     network: str = "risoluto-internal"
@@ -98,13 +97,13 @@ class SandboxConfig:
     stop_grace_s: float = attrs.field(default=10.0, validator=_positive)
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class TurnSandboxPolicy:
     type: Literal["workspaceWrite", "readOnly", "dangerFullAccess"] = "workspaceWrite"
     network_access: bool = False
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class CodexConfig:
     sandbox: SandboxConfig = attrs.field(factory=SandboxConfig)
     thread_sandbox: Literal["workspace-write", "workspace-read", "danger-full-access"] = "workspace-write"
@@ -112,23 +111,23 @@ class CodexConfig:
     auth_dir: str = "~/.codex"
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class WorkspaceConfig:
     root: str = "../risoluto-workspaces"
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class SecretsConfig:
     backend: str = "file"
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class BucketConfig:
     limit: int = attrs.field(default=300, validator=_positive)
     window_seconds: float = attrs.field(default=60.0, validator=_positive)
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class RateLimitConfig:
     api: BucketConfig = attrs.field(factory=BucketConfig)
     webhooks: BucketConfig = attrs.field(factory=lambda: BucketConfig(limit=600))
@@ -137,7 +136,7 @@ class RateLimitConfig:
     fail_open: bool = False
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class ServerConfig:
     bind: str = "127.0.0.1"
     port: int = attrs.field(default=4000, validator=_port)
@@ -147,12 +146,12 @@ class ServerConfig:
     max_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class PluginsConfig:
     disable: list[str] = attrs.field(factory=list)
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class EgressConfig:
     resolver: str = ""
     hosts: dict[str, str] = attrs.field(factory=dict)
@@ -162,13 +161,13 @@ class EgressConfig:
     connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class RuntimeConfig:
     runtime: str = "docker"
     data_plane_url: str = ""
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Settings:
     """The effective configuration. ``master_key`` and tokens never appear in repr()."""
 
@@ -193,7 +192,7 @@ class Settings:
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         """Plain dict in camelCase (the published spelling); secrets redacted."""
-        return _to_camel(attrs.asdict(self), redact)
+        return _to_camel(attrs.asdict(self), redact)  # type: ignore[arg-type]
 
 
 # Keys that only ever come from the environment (never from a file an attacker might write).

@@ -84,8 +84,9 @@ async def test_runtime_lists_plugins_with_versions(risoluto_client):
     body = await (await client.get("/api/v1/runtime")).get_json()
     names = {p["name"]: p for p in body["plugins"]}
     assert names["boom"]["source"] == "given"
-    assert all(p["source"] == "default" and p["version"] == body["version"]
-               for p in body["plugins"] if p["name"] != "boom")
+    defaults = [p for p in body["plugins"] if p["source"] == "default"]
+    assert defaults and all(p["version"] == body["version"] and p["distribution"] == "risoluto" for p in defaults)
+    assert all(p["version"] for p in body["plugins"] if p["source"] == "entry point")
 
 
 async def test_overlay_is_validated_saved_atomically_and_applied(risoluto_client, risoluto_data_dir):
