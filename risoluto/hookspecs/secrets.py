@@ -20,17 +20,39 @@ class WrongMasterKey(SecretStoreError):
     """Existing data does not decrypt with the configured master key."""
 
 
+class SecretIntegrityError(SecretStoreError):
+    """One stored secret fails authentication (tampered, or moved under another name)."""
+
+
 class SecretStore(Protocol):
-    """An encrypted secret store. Mutations are serialized, atomic and durable."""
+    """An encrypted secret store. Mutations are serialized, atomic and durable.
+
+    Building the object does no I/O; ``open()`` does. Every error is a
+    :class:`SecretStoreError` (or ``OSError`` from the disk) whose message never contains a
+    value. A failed mutation leaves the store as it was.
+    """
+
+    backend: str
+    """Backend name, as in ``secrets.backend`` (metrics, audit, doctor)."""
+
+    location: str
+    """Where the data lives (a path or a URL without credentials), for messages."""
 
     async def open(self) -> None:
-        """Load and verify existing data; raise WrongMasterKey if it does not decrypt."""
+        """Load and verify existing data; raise WrongMasterKey if it does not decrypt.
+
+        Must not write anything before the key is verified.
+        """
 
     async def list(self) -> list[str]: ...
 
-    async def get(self, name: str) -> str | None: ...
+    async def get(self, name: str) -> str | None:
+        """The value, None if absent; SecretIntegrityError if it fails authentication."""
 
     async def set(self, name: str, value: str) -> None: ...
+
+    async def set_many(self, items: dict[str, str]) -> None:
+        """Set every item in one atomic step (all or nothing): ``secrets migrate``."""
 
     async def delete(self, name: str) -> bool:
         """Remove ``name``; False if it did not exist."""
@@ -45,7 +67,7 @@ class SecretStore(Protocol):
 class SecretEvent:
     """A change to the store. Never carries a value."""
 
-    operation: str  # "set" | "delete" | "rotate"
+    operation: str  # "set" | "delete" | "rotate" | "migrate"
     key: str
     backend: str
     principal: str = ""

@@ -1,0 +1,125 @@
+"""Secret routes (SPEC 3.2, compat): list names, set, delete. Values are never returned.
+
+``GET /api/v1/secrets`` -> ``{"keys": [sorted]}``; ``POST``/``PUT /api/v1/secrets/<key>``
+with ``{"value": "<non-empty string>"}`` -> 204; ``DELETE`` -> 204 or 404
+``secret_not_found``. Locked store -> 503 ``secrets_locked``. Names must match
+``^[A-Za-z0-9_.:-]{1,256}$`` (400 ``invalid_secret_key``: the route takes any path so a
+``/`` in a name gets that answer, not a 404); values are non-empty strings of at most
+64 KiB of UTF-8 (400 ``invalid_secret_value``; a body over the kernel's 1 MiB limit is
+413 ``payload_too_large`` before it gets here). Authorization is the write guard's job.
+The audit event is emitted after the change is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from quart import Blueprint, g
+
+from risoluto.errors import ApiError
+from risoluto.hookspecs import hookimpl
+from risoluto.hookspecs.secrets import SecretEvent, SecretStore, SecretStoreError
+from risoluto.requests import json_object
+
+from .service import announce
+
+if TYPE_CHECKING:
+    from risoluto.kernel import Kernel
+
+NAME = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
+MAX_VALUE_BYTES = 64 * 1024
+log = logging.getLogger("risoluto.secrets")
+
+
+def check_name(name: Any) -> str:
+    """The name, or ValueError with a sentence that does not repeat it."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError("Secret names are 1-256 characters from A-Z a-z 0-9 _ . : -")
+    return name
+
+
+def check_value(value: Any) -> str:
+    """The value, or ValueError with a sentence that never contains it."""
+    if not isinstance(value, str) or not value:
+        raise ValueError('The body must be {"value": "<non-empty string>"}.')
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes
+        raise ValueError("The value must be valid Unicode text.") from None
+    if size > MAX_VALUE_BYTES:
+        raise ValueError("The value is larger than 64 KiB.")
+    return value
+
+
+def _store(kernel: Kernel) -> SecretStore:
+    if kernel.secret_store is None:
+        raise ApiError(503, "secrets_locked", f"Secrets are locked ({kernel.secrets_locked_reason}).")
+    return kernel.secret_store
+
+
+@contextlib.asynccontextmanager
+async def _store_errors() -> AsyncIterator[None]:
+    """A failing store is a 503 with a generic sentence; the detail goes to the log only."""
+    try:
+        yield
+    except (SecretStoreError, OSError) as exc:
+        log.error("secret store failure: %s", exc)
+        raise ApiError(503, "secret_store_unavailable",
+                       "The secret store could not complete the operation; nothing was changed.") from None
+
+
+def _event(kernel: Kernel, operation: str, key: str) -> SecretEvent:
+    info = g.get("info")
+    store = kernel.secret_store
+    return SecretEvent(
+        operation=operation, key=key, backend=getattr(store, "backend", kernel.settings.secrets.backend),
+        principal=getattr(info, "principal", "") or "", remote=getattr(info, "client", "") or "",
+    )
+
+
+@hookimpl
+def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
+    bp = Blueprint("risoluto_secrets", __name__)
+
+    @bp.get("/api/v1/secrets")
+    async def list_secrets() -> Any:
+        store = _store(kernel)
+        async with _store_errors():
+            names = await store.list()
+        return {"keys": sorted(names)}
+
+    @bp.route("/api/v1/secrets/<path:key>", methods=["POST", "PUT"])
+    async def set_secret(key: str) -> Any:
+        store = _store(kernel)
+        try:
+            check_name(key)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_secret_key", str(exc)) from None
+        body = await json_object()
+        try:
+            value = check_value(body.get("value"))
+        except ValueError as exc:
+            raise ApiError(400, "invalid_secret_value", str(exc)) from None
+        async with _store_errors():
+            await store.set(key, value)
+        await announce(kernel.hooks, kernel.settings, _event(kernel, "set", key))
+        return "", 204
+
+    @bp.delete("/api/v1/secrets/<path:key>")
+    async def delete_secret(key: str) -> Any:
+        store = _store(kernel)
+        try:
+            check_name(key)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_secret_key", str(exc)) from None
+        async with _store_errors():
+            existed = await store.delete(key)
+        if not existed:
+            raise ApiError(404, "secret_not_found", "No secret has that name.")
+        await announce(kernel.hooks, kernel.settings, _event(kernel, "delete", key))
+        return "", 204
+
+    return [bp]

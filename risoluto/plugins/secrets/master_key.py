@@ -1,0 +1,167 @@
+"""Where the master key comes from, and the doctor checks of the credential-encryption item.
+
+``MASTER_KEY`` (environment) wins; else ``<DATA_DIR>/master.key``. The file must be a
+regular file with no group/other permission bits (like ssh with a private key): a key
+file others can read protects nothing, so such a file is a startup error, not a warning.
+Surrounding whitespace (the newline ``echo`` adds) is stripped, as it is for the variable.
+
+Rotation of a key that lives in ``master.key`` is crash-safe in three steps: the new key
+is written to ``master.key.new`` (durably) BEFORE any data is re-encrypted; the data is
+re-encrypted in one atomic step; then ``master.key.new`` is renamed over ``master.key``.
+At every instant the key that opens the data is on disk; a startup that finds the data
+under ``master.key.new`` finishes the rename (see ``service.open_store``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+
+from risoluto.errors import StartupError
+from risoluto.fsutil import atomic_write, fsync_dir
+from risoluto.hookspecs import hookimpl
+from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
+
+if TYPE_CHECKING:
+    from risoluto.kernel import Kernel
+    from risoluto.settings import Settings
+
+KEY_FILE = "master.key"
+PENDING_FILE = "master.key.new"
+BUILTIN_BACKENDS = ("file", "sqlite")
+
+
+@attrs.frozen
+class MasterKey:
+    value: str = attrs.field(repr=False)
+    source: str  # "MASTER_KEY" or the path of master.key
+    path: Path | None = None  # the key file, when the key came from one
+
+
+def key_path(settings: Settings) -> Path:
+    return settings.data_path / KEY_FILE
+
+
+def pending_path(settings: Settings) -> Path:
+    return settings.data_path / PENDING_FILE
+
+
+def resolve_master_key(settings: Settings) -> MasterKey | None:
+    """The configured key, None when there is none (locked mode); StartupError if unusable."""
+    if settings.master_key:
+        return MasterKey(settings.master_key, "MASTER_KEY")
+    path = key_path(settings)
+    value = read_key_file(path)
+    return None if value is None else MasterKey(value, str(path), path)
+
+
+def read_key_file(path: Path) -> str | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StartupError(f"cannot read the master key file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StartupError(f"the master key file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise StartupError(
+            f"the master key file {path} is accessible to group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        value = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise StartupError(f"the master key file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise StartupError(f"cannot read the master key file {path}: {exc.strerror}") from None
+    if not value:
+        raise StartupError(f"the master key file {path} is empty; write the key into it or remove it")
+    return value
+
+
+def stage_new_key(settings: Settings, new_key: str) -> Path:
+    """Step 1 of a file-key rotation: the new key durable in master.key.new (0600)."""
+    path = pending_path(settings)
+    atomic_write(path, (new_key + "\n").encode("utf-8"), 0o600)
+    return path
+
+
+def commit_new_key(settings: Settings) -> None:
+    """Step 3: master.key.new becomes master.key in one rename."""
+    os.replace(pending_path(settings), key_path(settings))
+    fsync_dir(settings.data_path)
+
+
+# -- doctor --------------------------------------------------------------------------------
+
+
+@hookimpl
+def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
+    return [_key_check(kernel), _modes_check(kernel.settings), _backend_check(kernel)]
+
+
+def _key_check(kernel: Kernel) -> CheckResult:
+    item = "credential encryption: master key"
+    settings = kernel.settings
+    try:
+        mk = resolve_master_key(settings)
+    except StartupError as exc:
+        return CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix the key file (mode 0600, non-empty)")
+    if mk is None:
+        return CheckResult(
+            item=item, status=WARN, reason="no master key: secrets are locked and secret routes answer 503",
+            fix=f"set MASTER_KEY, or create {key_path(settings)} with mode 0600",
+        )
+    if pending_path(settings).exists():
+        return CheckResult(
+            item=item, status=WARN, reason=f"{pending_path(settings)} is left over from an interrupted rotation",
+            fix="if the store opens with the current key, delete it; else start once to finish the rotation",
+        )
+    return CheckResult(item=item, status=PASS, reason=f"master key from {mk.source}")
+
+
+def _modes_check(settings: Settings) -> CheckResult:
+    item = "credential encryption: file modes"
+    root = settings.data_path
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return CheckResult(item=item, status=PASS, reason=f"{root} does not exist yet (created 0700)")
+    bad = [f"{root} ({stat.S_IMODE(st.st_mode):04o})"] if st.st_mode & 0o077 else []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        try:
+            mode = entry.stat(follow_symlinks=False).st_mode
+        except OSError:
+            continue
+        if (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) and mode & 0o077:
+            bad.append(f"{entry.name} ({stat.S_IMODE(mode):04o})")
+    if bad:
+        return CheckResult(item=item, status=FAIL, reason=f"readable by group/others: {', '.join(bad[:8])}",
+                           fix=f"chmod 700 {root} and chmod 600 the files in it (umask 077)")
+    return CheckResult(item=item, status=PASS, reason=f"{root} is 0700 and its files are private")
+
+
+def _backend_check(kernel: Kernel) -> CheckResult:
+    item = "credential encryption: backend"
+    backend = kernel.settings.secrets.backend
+    if backend in BUILTIN_BACKENDS:
+        where = "secrets.enc" if backend == "file" else "risoluto.db table encrypted_secrets"
+        return CheckResult(item=item, status=PASS, reason=f"{backend} backend ({where})")
+    if kernel.secret_store is not None:
+        return CheckResult(item=item, status=PASS, reason=f"{backend} backend (provided by a plugin)")
+    try:
+        mk = resolve_master_key(kernel.settings)
+    except StartupError:
+        mk = None
+    if mk is None:
+        return CheckResult(item=item, status=WARN, reason=f"backend {backend!r} cannot be checked without a key",
+                           fix="configure a master key")
+    if kernel.hooks.secret_store(kernel.settings, mk.value) is None:  # building a store does no I/O
+        return CheckResult(item=item, status=FAIL, reason=f"unknown secrets.backend {backend!r}",
+                           fix="use file or sqlite, or install the plugin that provides it")
+    return CheckResult(item=item, status=PASS, reason=f"{backend} backend (provided by a plugin)")

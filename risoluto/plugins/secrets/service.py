@@ -1,0 +1,134 @@
+"""Unlock the secret store at startup: the app service, and ``open_store`` shared with the CLI.
+
+key (``master_key.resolve_master_key``) -> store (``risoluto_secret_store`` hook, by
+``secrets.backend``) -> ``await store.open()`` -> ``kernel.secret_store``. No key: the
+store stays None and secret routes answer 503 ``secrets_locked``. A key that does not open
+the existing data: StartupError naming the data and the key's source; nothing is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import attrs
+
+from risoluto.errors import StartupError
+from risoluto.hookspecs import hookimpl
+from risoluto.hookspecs.secrets import SecretEvent, SecretStore, SecretStoreError, WrongMasterKey
+
+from .master_key import BUILTIN_BACKENDS, MasterKey, commit_new_key, pending_path, read_key_file, resolve_master_key
+from .metrics import CountingStore, operations_counter
+
+if TYPE_CHECKING:
+    from risoluto.hooks import Hooks
+    from risoluto.kernel import Kernel
+    from risoluto.settings import Settings
+
+log = logging.getLogger("risoluto.secrets")
+
+
+@attrs.frozen
+class OpenedStore:
+    store: SecretStore
+    master_key: MasterKey
+
+
+def build_store(settings: Settings, hooks: Hooks, master_key: str) -> SecretStore:
+    store = hooks.secret_store(settings, master_key)
+    if store is None:
+        raise StartupError(
+            f"secrets.backend: unknown backend {settings.secrets.backend!r}: no plugin provides it "
+            f"(built in: {', '.join(BUILTIN_BACKENDS)})"
+        )
+    return store
+
+
+async def open_store(settings: Settings, hooks: Hooks) -> OpenedStore | None:
+    """The opened store for the configured key and backend; None without a key."""
+    mk = resolve_master_key(settings)
+    if mk is None:
+        return None
+    store = build_store(settings, hooks, mk.value)
+    try:
+        await _open(store)
+    except WrongMasterKey as exc:
+        finished = await _finish_interrupted_rotation(settings, hooks, mk)
+        if finished is not None:
+            return finished
+        raise StartupError(
+            f"{exc} The master key comes from {mk.source}; if you just rotated it, use the new key."
+        ) from None
+    return OpenedStore(store, mk)
+
+
+async def _open(store: SecretStore) -> None:
+    try:
+        await store.open()
+    except WrongMasterKey:
+        raise
+    except SecretStoreError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"secret store {store.location}: {exc.strerror or exc}") from None
+
+
+async def _finish_interrupted_rotation(settings: Settings, hooks: Hooks, mk: MasterKey) -> OpenedStore | None:
+    """Data under master.key.new after a crash between re-encryption and the final rename."""
+    if mk.path is None:
+        return None
+    try:
+        new_value = read_key_file(pending_path(settings))
+    except StartupError:
+        return None
+    if new_value is None:
+        return None
+    store = build_store(settings, hooks, new_value)
+    try:
+        await _open(store)
+    except WrongMasterKey:
+        return None
+    await anyio.to_thread.run_sync(commit_new_key, settings)
+    log.warning("finished an interrupted key rotation: %s now holds the new key", mk.path)
+    return OpenedStore(store, MasterKey(new_value, str(mk.path), mk.path))
+
+
+async def announce(hooks: Hooks, settings: Settings, event: SecretEvent) -> None:
+    """Emit ``risoluto_secret_changed`` (audit) off the event loop; an observer never fails a write."""
+    try:
+        await anyio.to_thread.run_sync(functools.partial(hooks.secret_changed, event, settings))
+    except Exception:
+        log.exception("a risoluto_secret_changed observer failed (operation %s)", event.operation)
+
+
+class SecretsService:
+    name = "secrets"
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+
+    async def start(self) -> None:
+        kernel = self.kernel
+        state: dict[str, Any] = kernel.state.setdefault("secrets", {})
+        opened = await open_store(kernel.settings, kernel.hooks)
+        if opened is None:
+            state["status"] = "locked"
+            log.warning("secrets are locked: %s", kernel.secrets_locked_reason)
+            return
+        damaged = getattr(opened.store, "damaged", {})
+        if damaged:  # served as errors, never as values; the doctor lists them too
+            log.error("secret(s) failing authentication in %s: %s", opened.store.location, ", ".join(sorted(damaged)))
+        kernel.secret_store = CountingStore(opened.store, operations_counter(kernel))
+        state.update(status="open", backend=opened.store.backend, key_source=opened.master_key.source)
+
+    async def stop(self) -> None:
+        store, self.kernel.secret_store = self.kernel.secret_store, None
+        if store is not None:
+            await store.close()
+
+
+@hookimpl
+def risoluto_app_services(kernel: Kernel) -> list[Any]:
+    return [SecretsService(kernel)]

@@ -1,0 +1,337 @@
+"""``sqlite`` secret backend: table ``encrypted_secrets`` in ``<DATA_DIR>/risoluto.db`` (SPEC 3.1).
+
+One row per secret with its own IV and tag; the key name is GCM associated data (column
+``aad`` = 1), so a row copied under another name fails. Rows written by the original
+(no associated data, ``aad`` = 0 by the column default) stay readable and are rewritten
+in the bound form on their next write (or all at once by ``rotate-key``).
+
+``encrypted_secrets_meta.key_check`` (an HMAC under the derived key) lets a process see,
+inside its write transaction, that another process rotated the key: it then refuses to
+write rather than mix two keys in one table. WAL + ``synchronous=FULL``: a commit is on
+disk when ``set()`` returns. Write transactions are ``BEGIN IMMEDIATE`` and short, since
+other plugins (the webhook inbox) share the database file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable
+
+import anyio
+import attrs
+
+from risoluto.fsutil import ensure_private_dir
+from risoluto.hookspecs import hookimpl
+from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
+from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, WrongMasterKey
+
+from .crypto import DecryptError, FormatError, Sealed, derive_key, key_check, open_value, seal_value
+
+if TYPE_CHECKING:
+    from risoluto.kernel import Kernel
+    from risoluto.settings import Settings
+
+DB_NAME = "risoluto.db"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS encrypted_secrets (key TEXT PRIMARY KEY, ciphertext TEXT NOT NULL, "
+    "iv TEXT NOT NULL, auth_tag TEXT NOT NULL, updated_at TEXT NOT NULL, aad INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS encrypted_secrets_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+_UPSERT = (
+    "INSERT INTO encrypted_secrets (key, ciphertext, iv, auth_tag, updated_at, aad) VALUES (?, ?, ?, ?, ?, 1) "
+    "ON CONFLICT(key) DO UPDATE SET ciphertext = excluded.ciphertext, iv = excluded.iv, "
+    "auth_tag = excluded.auth_tag, updated_at = excluded.updated_at, aad = 1"
+)
+
+
+@attrs.define
+class Verified:
+    """What a read-only pass over the table found."""
+
+    rows: int = 0
+    legacy: int = 0
+    damaged: dict[str, str] = attrs.Factory(dict)
+    stored_check: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"  # as JS toISOString()
+
+
+class SqliteStore:
+    backend = "sqlite"
+
+    def __init__(self, settings: Settings, master_key: str):
+        self.path = settings.data_path / DB_NAME
+        self.location = str(self.path)
+        self._key = derive_key(master_key)
+        self._check = key_check(self._key)
+        self._conn: sqlite3.Connection | None = None
+        self._lock = anyio.Lock()  # mutations, in order
+        self._db = threading.Lock()  # one connection, used from worker threads
+        self.damaged: dict[str, str] = {}  # name -> reason, for rows failing authentication
+
+    # -- protocol --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._open_sync)
+
+    async def list(self) -> list[str]:
+        rows = await self._read(lambda c: c.execute("SELECT key FROM encrypted_secrets ORDER BY key").fetchall())
+        return [r[0] for r in rows]
+
+    async def get(self, name: str) -> str | None:
+        row = await self._read(lambda c: c.execute(
+            "SELECT ciphertext, iv, auth_tag, aad FROM encrypted_secrets WHERE key = ?", (name,)).fetchone())
+        if row is None:
+            return None
+        try:
+            return open_value(self._key, name, Sealed(iv=row[1], auth_tag=row[2], ciphertext=row[0]), bool(row[3]))[0]
+        except (DecryptError, FormatError):
+            raise SecretIntegrityError(
+                f"secret {name!r} in {self.path} fails authentication: it was modified, moved from another "
+                "name, or written under another master key"
+            ) from None
+
+    async def set(self, name: str, value: str) -> None:
+        await self.set_many({name: value})
+
+    async def set_many(self, items: dict[str, str]) -> None:
+        now = _now()
+        rows = []
+        for name, value in items.items():  # encrypt before taking any lock
+            s = seal_value(self._key, name, value)
+            rows.append((name, s.ciphertext, s.iv, s.auth_tag, now))
+        await self._write(lambda c: c.executemany(_UPSERT, rows))
+        for name in items:
+            self.damaged.pop(name, None)
+
+    async def delete(self, name: str) -> bool:
+        cur = await self._write(lambda c: c.execute("DELETE FROM encrypted_secrets WHERE key = ?", (name,)))
+        self.damaged.pop(name, None)
+        return cur.rowcount > 0
+
+    async def rotate(self, new_master_key: str) -> None:
+        new_key = derive_key(new_master_key)
+        await self._write(lambda c: self._reencrypt(c, new_key))
+        self._key, self._check = new_key, key_check(new_key)
+        with contextlib.suppress(Exception):  # drop old-key pages from the WAL; best effort
+            await self._read(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+
+    async def close(self) -> None:
+        def _close() -> None:
+            with self._db:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await anyio.to_thread.run_sync(_close)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def connect(self) -> sqlite3.Connection:
+        ensure_private_dir(self.path.parent)
+        # create it 0600 ourselves: sqlite would use 0644; its -wal/-shm copy this mode
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    def _open_sync(self) -> None:
+        conn = self.connect()
+        try:
+            with self._errors("open"):
+                found = self.verify(conn)  # read-only: nothing is written before the key is proven
+                self._prepare(conn, found.stored_check)
+        except BaseException:
+            conn.close()
+            raise
+        self.damaged = found.damaged
+        self._conn = conn
+
+    def verify(self, conn: sqlite3.Connection) -> Verified:
+        """Check integrity and the key without writing; WrongMasterKey if nothing decrypts."""
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        found = Verified()
+        if "encrypted_secrets_meta" in tables:
+            row = conn.execute("SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check'").fetchone()
+            found.stored_check = row[0] if row else None
+        if "encrypted_secrets" in tables:
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check(encrypted_secrets)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems[:3]))
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(encrypted_secrets)")}
+            aad = "aad" if "aad" in columns else "0"
+            for name, ct, iv, tag, bound in conn.execute(
+                    f"SELECT key, ciphertext, iv, auth_tag, {aad} FROM encrypted_secrets"):
+                found.rows += 1
+                try:
+                    _, was_bound = open_value(self._key, name, Sealed(iv=iv, auth_tag=tag, ciphertext=ct), bool(bound))
+                    found.legacy += not was_bound
+                except (DecryptError, FormatError) as exc:
+                    found.damaged[str(name)] = str(exc)
+        readable = found.rows - len(found.damaged)
+        stale_check = found.stored_check not in (None, self._check)
+        if readable == 0 and (found.rows or stale_check):
+            raise WrongMasterKey(
+                f"{self.path} (table encrypted_secrets) does not decrypt with the configured master key: "
+                "the key does not match (or the data was modified). Nothing was changed."
+            )
+        return found
+
+    def _prepare(self, conn: sqlite3.Connection, seen_check: str | None) -> None:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise SecretStoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA secure_delete = ON")  # deleted ciphertexts are zeroed, not left in free pages
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(encrypted_secrets)")}
+            if "aad" not in columns:  # a table made by the original: its rows are legacy
+                conn.execute("ALTER TABLE encrypted_secrets ADD COLUMN aad INTEGER NOT NULL DEFAULT 0")
+            row = conn.execute("SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check'").fetchone()
+            if (row[0] if row else None) != seen_check:
+                raise SecretStoreError(f"{self.path} changed while it was being opened; start again")
+            conn.execute("INSERT OR REPLACE INTO encrypted_secrets_meta (name, value) VALUES ('key_check', ?)",
+                         (self._check,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # -- reads and writes ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Any:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise SecretStoreError(f"{self.path} is locked by another process ({what}); try again") from None
+            raise SecretStoreError(f"{self.path}: {what} failed: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise SecretStoreError(
+                f"{self.path} cannot be read as an SQLite database ({exc}); it is corrupted: restore it "
+                "from a backup. Nothing was changed."
+            ) from None
+
+    def _need_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise SecretStoreError("the sqlite secret store is not open")
+        return self._conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run() -> Any:
+            with self._db, self._errors("read"):
+                return fn(self._need_conn())
+
+        return await anyio.to_thread.run_sync(run)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        async with self._lock:
+            return await anyio.to_thread.run_sync(self._write_sync, fn)
+
+    def _write_sync(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        with self._db, self._errors("write"):
+            conn = self._need_conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._check_key(conn)
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+    def _check_key(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check'").fetchone()
+        if row is not None and row[0] != self._check:
+            raise SecretStoreError(
+                f"{self.path} was re-keyed by another process (rotate-key?); restart with the new master key. "
+                "Nothing was changed."
+            )
+        if row is None:
+            conn.execute("INSERT INTO encrypted_secrets_meta (name, value) VALUES ('key_check', ?)", (self._check,))
+
+    def _reencrypt(self, conn: sqlite3.Connection, new_key: bytes) -> None:
+        """Every row under ``new_key`` (bound to its name), inside the caller's transaction."""
+        rows = conn.execute("SELECT key, ciphertext, iv, auth_tag, aad FROM encrypted_secrets").fetchall()
+        plain: dict[str, str] = {}
+        bad: list[str] = []
+        for name, ct, iv, tag, bound in rows:
+            try:
+                plain[name] = open_value(self._key, name, Sealed(iv=iv, auth_tag=tag, ciphertext=ct), bool(bound))[0]
+            except (DecryptError, FormatError):
+                bad.append(name)
+        if bad:
+            raise SecretIntegrityError(
+                f"rotation aborted: {len(bad)} secret(s) fail authentication ({', '.join(sorted(bad)[:10])}); "
+                "re-set or delete them first. Nothing was changed."
+            )
+        now = _now()
+        updates = []
+        for name, value in plain.items():
+            s = seal_value(new_key, name, value)
+            updates.append((s.ciphertext, s.iv, s.auth_tag, now, name))
+        conn.executemany(
+            "UPDATE encrypted_secrets SET ciphertext = ?, iv = ?, auth_tag = ?, updated_at = ?, aad = 1 WHERE key = ?",
+            updates,
+        )
+        conn.execute("UPDATE encrypted_secrets_meta SET value = ? WHERE name = 'key_check'", (key_check(new_key),))
+
+
+@hookimpl
+def risoluto_secret_store(settings: Settings, master_key: str) -> SqliteStore | None:
+    if settings.secrets.backend == "sqlite":
+        return SqliteStore(settings, master_key)
+    return None
+
+
+@hookimpl
+def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
+    """Key match, damaged and legacy rows, read-only."""
+    settings = kernel.settings
+    if settings.secrets.backend != "sqlite":
+        return []
+    from .master_key import resolve_master_key
+
+    item = "credential encryption: store"
+    try:
+        mk = resolve_master_key(settings)
+    except Exception as exc:
+        return [CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix the master key first")]
+    if mk is None:
+        return []
+    store = SqliteStore(settings, mk.value)
+    if not store.path.exists():
+        return [CheckResult(item=item, status=PASS, reason=f"sqlite backend: no {DB_NAME} yet")]
+    conn = sqlite3.connect(store.path, timeout=5.0)
+    try:
+        with store._errors("check"):
+            found = store.verify(conn)
+    except SecretStoreError as exc:
+        return [CheckResult(item=item, status=FAIL, reason=str(exc),
+                            fix="start with the key that wrote the data, or restore the database from a backup")]
+    finally:
+        conn.close()
+    if found.damaged:
+        names = ", ".join(sorted(found.damaged)[:10])
+        return [CheckResult(item=item, status=FAIL,
+                            reason=f"{len(found.damaged)} secret(s) fail authentication (tampered or moved): {names}",
+                            fix="re-set them (`risoluto secrets set NAME`) or delete them; restore from a backup")]
+    if found.legacy:
+        return [CheckResult(item=item, status=WARN,
+                            reason=f"{found.legacy} row(s) written by the original are not bound to their names",
+                            fix="run `risoluto secrets rotate-key` (or re-set them) to upgrade every row")]
+    return [CheckResult(item=item, status=PASS,
+                        reason=f"sqlite backend, AES-256-GCM, {found.rows} row(s) bound to their names, key matches")]
