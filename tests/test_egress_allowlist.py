@@ -1,0 +1,105 @@
+"""Allowlist grammar and matching (SPEC 5), and the doctor's egress-mode item."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from risoluto.errors import ConfigError
+from risoluto.hookspecs.doctor import FAIL, PASS, WARN
+from risoluto.kernel import Kernel
+from risoluto.plugins.egress.allowlist import Allowlist, HostError, normalise_host, parse_entry
+from risoluto.settings import build_settings
+
+
+@pytest.mark.parametrize("entry, host, wildcard, port", [
+    ("example.com", "example.com", False, None),
+    ("EXAMPLE.Com.", "example.com", False, None),
+    ("*.example.com", "example.com", True, None),
+    ("*.Example.COM.:8443", "example.com", True, 8443),
+    ("bücher.example", "xn--bcher-kva.example", False, None),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example", False, None),
+    ("203.0.113.7", ipaddress.ip_address("203.0.113.7"), False, None),
+    ("203.0.113.7:22", ipaddress.ip_address("203.0.113.7"), False, 22),
+    ("[2001:db8::7]", ipaddress.ip_address("2001:db8::7"), False, None),
+    ("[2001:DB8::7]:443", ipaddress.ip_address("2001:db8::7"), False, 443),
+])
+def test_valid_entries(entry, host, wildcard, port):
+    rule = parse_entry(entry)
+    assert (rule.host, rule.wildcard, rule.port) == (host, wildcard, port)
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("", "not a host name"),
+    ("*", "wildcard"),
+    ("*.com", "top-level"),
+    ("a.*.example.com", "wildcard"),
+    ("*.203.0.113.7", "IP address"),
+    ("2001:db8::7", "brackets"),
+    ("[2001:db8::zz]", "IPv6"),
+    ("example.com:0", "port"),
+    ("example.com:65536", "port"),
+    ("example.com:http", "port"),
+    ("exa mple.com", "label"),
+    ("-bad.example.com", "label"),
+    ("a..example.com", "IDNA"),
+    ("127.1", "IPv4"),
+    ("0x7f.0.0.1", "IPv4"),
+    ("2130706433", "IPv4"),
+    ("user@example.com", "label"),
+    ("a" * 64 + ".example.com", "IDNA"),
+])
+def test_invalid_entries_name_the_entry(entry, why):
+    with pytest.raises(ConfigError) as err:
+        parse_entry(entry)
+    assert repr(entry) in str(err.value) or entry == ""
+    assert why.lower() in str(err.value).lower()
+
+
+def test_matching_rules():
+    allow = Allowlist(["example.com", "*.wild.example", "git.example.org:22", "203.0.113.7", "[2001:db8::7]:8443"])
+    assert allow.match("example.com", 443).allowed
+    assert allow.match("example.com", 80).allowed
+    assert allow.match("example.com", 8080).reason == "port_not_allowed"
+    assert allow.match("www.example.com", 443).reason == "host_not_allowed"  # exact means exact
+    assert allow.match("a.wild.example", 443).allowed
+    assert allow.match("a.b.wild.example", 80).allowed
+    assert allow.match("wild.example", 443).reason == "host_not_allowed"  # subdomains only
+    assert allow.match("evilwild.example", 443).reason == "host_not_allowed"
+    assert allow.match("git.example.org", 22).allowed
+    assert allow.match("git.example.org", 443).reason == "port_not_allowed"  # explicit port replaces defaults
+    assert allow.match(ipaddress.ip_address("203.0.113.7"), 443).allowed
+    assert allow.match(ipaddress.ip_address("203.0.113.8"), 443).reason == "ip_literal_not_allowed"
+    assert allow.match(ipaddress.ip_address("2001:db8::7"), 8443).allowed
+    assert allow.match(ipaddress.ip_address("2001:db8::7"), 443).reason == "port_not_allowed"
+
+
+def test_requested_hosts_are_normalised_like_entries():
+    assert normalise_host("ExAmPle.COM.") == "example.com"
+    assert normalise_host("Bücher.example") == "xn--bcher-kva.example"
+    assert normalise_host("[::1]") == ipaddress.ip_address("::1")
+    for bad in ("::1", "127.1", "0x7f000001", "exa_mple..com", "a/b.com", ""):
+        with pytest.raises(HostError):
+            normalise_host(bad)
+    # a name is never matched by an IP rule, nor an IP by a name rule
+    allow = Allowlist(["127.0.0.1", "localhost"])
+    assert not allow.match("127.0.0.1", 80).allowed
+    assert allow.match(normalise_host("127.0.0.1"), 80).allowed
+
+
+def _check(tmp_path, allowlist):
+    settings = build_settings({"codex": {"sandbox": {"egressAllowlist": allowlist}}}, None,
+                              {"DATA_DIR": str(tmp_path)})
+    from risoluto.plugins.egress import allowlist as plugin
+
+    (result,) = plugin.risoluto_doctor_checks(Kernel(settings))
+    return result
+
+
+def test_doctor_reports_egress_mode(tmp_path):
+    empty = _check(tmp_path, [])
+    assert empty.status == WARN and "unrestricted" in empty.reason
+    assert _check(tmp_path, ["example.com"]).status == PASS
+    bad = _check(tmp_path, ["example.com", "*.com"])
+    assert bad.status == FAIL and "'*.com'" in bad.reason
