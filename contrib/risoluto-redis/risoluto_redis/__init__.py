@@ -1,0 +1,5 @@
+"""risoluto-redis: the ``redis`` rate-limit backend (``rateLimit.backend: redis``)."""
+
+from .limiter import RedisLimiter
+
+__all__ = ["RedisLimiter"]
