@@ -20,7 +20,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.secrets import SecretEvent, SecretStore, SecretStoreError, WrongMasterKey
 
 from .master_key import BUILTIN_BACKENDS, MasterKey, commit_new_key, pending_path, read_key_file, resolve_master_key
-from .metrics import CountingStore, operations_counter
+from ._metrics import CountingStore, operations_counter
 
 if TYPE_CHECKING:
     from risoluto.hooks import Hooks

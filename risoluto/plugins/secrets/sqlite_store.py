@@ -163,7 +163,7 @@ class SqliteStore:
         if "encrypted_secrets" in tables:
             problems = [r[0] for r in conn.execute("PRAGMA quick_check(encrypted_secrets)")]
             if problems != ["ok"]:
-                raise sqlite3.DatabaseError("; ".join(problems[:3]))
+                raise sqlite3.DatabaseError(" ".join(str(problems[0]).split()))
             columns = {r[1] for r in conn.execute("PRAGMA table_info(encrypted_secrets)")}
             aad = "aad" if "aad" in columns else "0"
             for name, ct, iv, tag, bound in conn.execute(
@@ -199,8 +199,9 @@ class SqliteStore:
             row = conn.execute("SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check'").fetchone()
             if (row[0] if row else None) != seen_check:
                 raise SecretStoreError(f"{self.path} changed while it was being opened; start again")
-            conn.execute("INSERT OR REPLACE INTO encrypted_secrets_meta (name, value) VALUES ('key_check', ?)",
-                         (self._check,))
+            if seen_check != self._check:  # first open, or a table last keyed by the original
+                conn.execute("INSERT OR REPLACE INTO encrypted_secrets_meta (name, value) VALUES ('key_check', ?)",
+                             (self._check,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

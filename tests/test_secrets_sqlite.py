@@ -1,0 +1,219 @@
+"""encrypted_secrets rows: legacy rows from the original, name binding, swap, corruption, re-keying."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from risoluto.errors import StartupError
+from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, WrongMasterKey
+from risoluto.kernel import Kernel
+from risoluto.plugins.secrets.sqlite_store import SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+NODE_SCRIPT = Path(__file__).parent / "interop" / "secrets_envelope.js"
+SQLITE = {"secrets": {"backend": "sqlite"}}
+KEY = "sqlite test key"
+
+
+def node(*args: str, key: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["node", str(NODE_SCRIPT), *args], input=stdin, capture_output=True, text=True,
+                          env={**os.environ, "MASTER_KEY": key}, timeout=60)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def original_table(db: Path, rows: dict[str, str], key: str) -> None:
+    """What the original Risoluto leaves behind: compat columns only, rows sealed without AAD."""
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE encrypted_secrets (key TEXT PRIMARY KEY, ciphertext TEXT, iv TEXT, auth_tag TEXT, "
+                 "updated_at TEXT)")
+    for name, value in rows.items():
+        made = node("seal-row", key=key, stdin=value)
+        assert made.returncode == 0, made.stderr
+        sealed = json.loads(made.stdout)
+        conn.execute("INSERT INTO encrypted_secrets VALUES (?, ?, ?, ?, ?)",
+                     (name, sealed["ciphertext"], sealed["iv"], sealed["authTag"], "2024-01-01T00:00:00.000Z"))
+    conn.commit()
+    conn.close()
+
+
+def row(db: Path, name: str) -> tuple:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT ciphertext, iv, auth_tag, aad FROM encrypted_secrets WHERE key = ?",
+                            (name,)).fetchone()
+    finally:
+        conn.close()
+
+
+async def opened(settings, key: str = KEY) -> SqliteStore:
+    store = SqliteStore(settings, key)
+    await store.open()
+    return store
+
+
+async def start(settings) -> Kernel:
+    kernel = Kernel(settings)
+    await kernel.start()
+    await kernel.stop()
+    return kernel
+
+
+async def test_legacy_rows_are_read_and_upgraded_on_write(risoluto_data_dir, risoluto_settings, risoluto_client):
+    db = risoluto_data_dir / "risoluto.db"
+    original_table(db, {"OLD_A": "value a ✓", "OLD_B": "value b"}, KEY)
+    client = await risoluto_client(config=SQLITE, env={"MASTER_KEY": KEY})
+    assert await (await client.get("/api/v1/secrets")).get_json() == {"keys": ["OLD_A", "OLD_B"]}
+    health = await (await client.get("/api/v1/hardening")).get_json()
+    store_item = next(i for i in health["items"] if i["item"] == "credential encryption: store")
+    assert store_item["status"] == "WARN" and "2 row(s)" in store_item["reason"]
+    assert (await client.put("/api/v1/secrets/OLD_A", json={"value": "new a"})).status_code == 204
+
+    ct, iv, tag, aad = row(db, "OLD_A")
+    assert aad == 1
+    sealed = json.dumps({"ciphertext": ct, "iv": iv, "authTag": tag})
+    bound = node("open-row", "OLD_A", key=KEY, stdin=sealed)  # Node with the name as AAD
+    assert bound.returncode == 0 and bound.stdout == "new a"
+    assert node("open-row", key=KEY, stdin=sealed).returncode != 0  # no longer the unbound form
+    assert node("open-row", "OLD_B", key=KEY, stdin=sealed).returncode != 0  # bound to OLD_A only
+    assert row(db, "OLD_B")[3] == 0
+    store = await opened(risoluto_settings(SQLITE))
+    assert await store.get("OLD_A") == "new a" and await store.get("OLD_B") == "value b"
+    await store.close()
+
+
+async def test_row_moved_under_another_name_fails_and_nothing_is_lost(risoluto_data_dir, risoluto_settings):
+    settings = risoluto_settings(SQLITE)
+    store = await opened(settings)
+    await store.set("ADMIN_TOKEN", "admin-secret")
+    await store.set("PUBLIC_NAME", "harmless")
+    await store.close()
+    db = risoluto_data_dir / "risoluto.db"
+    # the attacker copies ADMIN_TOKEN's ciphertext over PUBLIC_NAME and under a new name,
+    # and even marks one copy as a legacy (unbound) row
+    conn = sqlite3.connect(db)
+    ct, iv, tag, _ = row(db, "ADMIN_TOKEN")
+    conn.execute("UPDATE encrypted_secrets SET ciphertext = ?, iv = ?, auth_tag = ? WHERE key = 'PUBLIC_NAME'",
+                 (ct, iv, tag))
+    conn.execute("INSERT INTO encrypted_secrets VALUES ('STOLEN', ?, ?, ?, 'x', 0)", (ct, iv, tag))
+    conn.commit()
+    conn.close()
+
+    store = await opened(settings)  # the rest of the store stays usable
+    assert sorted(store.damaged) == ["PUBLIC_NAME", "STOLEN"]
+    assert await store.get("ADMIN_TOKEN") == "admin-secret"
+    for name in ("PUBLIC_NAME", "STOLEN"):
+        with pytest.raises(SecretIntegrityError, match=f"{name}.*fails authentication") as info:
+            await store.get(name)
+        assert "admin-secret" not in str(info.value)
+    with pytest.raises(SecretIntegrityError, match="rotation aborted"):
+        await store.rotate("another key")
+    await store.close()
+    assert row(db, "PUBLIC_NAME")[0] == ct  # evidence kept, nothing rewritten by the failed rotation
+    store = await opened(settings)
+    assert await store.get("ADMIN_TOKEN") == "admin-secret"
+    await store.close()
+
+
+async def test_doctor_names_tampered_rows(risoluto_data_dir, risoluto_settings, risoluto_client):
+    store = await opened(risoluto_settings(SQLITE))
+    await store.set("A", "a")
+    await store.set("B", "b")
+    await store.close()
+    conn = sqlite3.connect(risoluto_data_dir / "risoluto.db")
+    conn.execute("UPDATE encrypted_secrets SET key = 'C' WHERE key = 'A'")
+    conn.commit()
+    conn.close()
+    client = await risoluto_client(config=SQLITE, env={"MASTER_KEY": KEY})
+    health = await (await client.get("/api/v1/hardening")).get_json()
+    item = next(i for i in health["items"] if i["item"] == "credential encryption: store")
+    assert item["status"] == "FAIL" and "C" in item["reason"]
+
+
+async def test_wrong_key_refuses_to_start_and_changes_nothing(risoluto_data_dir, risoluto_settings):
+    store = await opened(risoluto_settings(SQLITE))
+    await store.set("A", "a")
+    await store.close()
+    db = risoluto_data_dir / "risoluto.db"
+    before = digest(db)
+    env = {"MASTER_KEY": "wrong key"}
+    with pytest.raises(StartupError) as info:
+        await start(risoluto_settings(SQLITE, env))
+    assert str(db) in str(info.value) and "does not match" in str(info.value)
+    assert digest(db) == before
+
+
+async def test_wrong_key_is_detected_on_an_empty_table(risoluto_settings):
+    store = await opened(risoluto_settings(SQLITE))
+    await store.set("A", "a")
+    await store.delete("A")
+    await store.close()
+    with pytest.raises(WrongMasterKey):
+        await opened(risoluto_settings(SQLITE), "wrong key")
+
+
+@pytest.mark.parametrize("damage", ["header", "middle", "truncate"])
+async def test_corrupted_database_is_a_clear_startup_error(damage, risoluto_data_dir, risoluto_settings):
+    store = await opened(risoluto_settings(SQLITE))
+    await store.set_many({f"S{i:04}": "x" * 200 for i in range(300)})
+    await store.close()
+    db = risoluto_data_dir / "risoluto.db"
+    data = bytearray(db.read_bytes())
+    if damage == "header":
+        data[0:100] = os.urandom(100)
+    elif damage == "middle":
+        data[len(data) // 2: len(data) // 2 + 3000] = os.urandom(3000)
+    else:
+        data = data[: len(data) // 2]
+    db.write_bytes(bytes(data))
+    before = digest(db)
+    with pytest.raises(StartupError, match="corrupted: restore it from a backup") as info:
+        await start(risoluto_settings(SQLITE, {"MASTER_KEY": KEY}))
+    assert str(db) in str(info.value)
+    assert digest(db) == before
+
+
+async def test_a_process_with_the_old_key_cannot_write_after_rotation(risoluto_settings):
+    settings = risoluto_settings(SQLITE)
+    stale = await opened(settings)
+    await stale.set("A", "a")
+    rotating = await opened(settings)
+    await rotating.rotate("new key")
+    await rotating.close()
+    with pytest.raises(SecretStoreError, match="re-keyed"):
+        await stale.set("B", "b")
+    with pytest.raises(SecretIntegrityError):
+        await stale.get("A")
+    await stale.close()
+    fresh = await opened(settings, "new key")
+    assert await fresh.list() == ["A"] and await fresh.get("A") == "a"
+    await fresh.close()
+    with pytest.raises(WrongMasterKey):
+        await opened(settings, KEY)
+
+
+async def test_database_files_are_private(risoluto_data_dir, risoluto_settings):
+    store = await opened(risoluto_settings(SQLITE))
+    await store.set("A", "a")
+    for name in ("risoluto.db", "risoluto.db-wal", "risoluto.db-shm"):
+        assert (risoluto_data_dir / name).stat().st_mode & 0o777 == 0o600, name
+    await store.close()
+
+
+async def test_sqlite_set_does_not_rewrite_other_rows(risoluto_data_dir, risoluto_settings):
+    store = await opened(risoluto_settings(SQLITE))
+    await store.set_many({"A": "a", "B": "b"})
+    before = row(risoluto_data_dir / "risoluto.db", "A")
+    await store.set("B", "b2")
+    assert row(risoluto_data_dir / "risoluto.db", "A") == before
+    await store.close()
