@@ -43,7 +43,9 @@ _HTTP_CODES = {
 
 def normalise_path(path: str) -> str:
     """The canonical form guards and limits use for paths the router did not match."""
-    norm = posixpath.normpath("/" + re.sub(r"/+", "/", path.lower()))
+    # collapse slashes AFTER prefixing "/": normpath keeps a leading "//" (POSIX), which
+    # would let "/METRICS" (-> "//metrics") escape every prefix rule
+    norm = posixpath.normpath(re.sub(r"/+", "/", "/" + path.lower()))
     return norm if norm != "." else "/"
 
 

@@ -18,6 +18,7 @@ from quart import Blueprint, Response
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import PASS, WARN, CheckResult
+from risoluto.openapi import api
 
 from ._shared import kernel_here
 
@@ -49,6 +50,7 @@ def risoluto_app_blueprints(kernel: Any) -> list[Any]:
     bp = Blueprint("risoluto_metrics", __name__)
 
     @bp.get("/metrics")
+    @api("Prometheus metrics (text format); read-guarded like /api/*", tags=("observability",))
     async def scrape() -> Response:
         return Response(generate_latest(kernel.metrics_registry), content_type=CONTENT_TYPE_LATEST)
 
