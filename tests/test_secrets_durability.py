@@ -1,0 +1,168 @@
+"""Crash safety and concurrency through real processes: kill -9 mid-writes, a real hypercorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from risoluto.plugins.secrets.file_store import FileStore
+from risoluto.plugins.secrets.sqlite_store import SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+KEY = "durability key"
+BACKENDS = ["file", "sqlite"]
+RISOLUTO = str(Path(sys.executable).parent / "risoluto")
+
+# Four concurrent writers; a name is printed only after set() returned (acknowledged).
+WRITER = """
+import sys, anyio
+from risoluto.kernel import Kernel
+from risoluto.settings import load_settings
+from risoluto.plugins.secrets.service import open_store
+
+async def main():
+    settings = load_settings()
+    opened = await open_store(settings, Kernel(settings).hooks)
+    store = opened.store
+    run = sys.argv[1]
+
+    async def writer(w):
+        for i in range(1_000_000):
+            name = f"R{run}_W{w}_{i:06}"
+            await store.set(name, "value-" + name)
+            print(name, flush=True)
+
+    async with anyio.create_task_group() as tg:
+        for w in range(4):
+            tg.start_soon(writer, w)
+
+anyio.run(main)
+"""
+
+
+def env_for(data_dir: Path, backend: str, **extra: str) -> dict[str, str]:
+    config = data_dir.parent / f"config-{backend}.yaml"
+    config.write_text(f"secrets:\n  backend: {backend}\nrateLimit:\n  api:\n    limit: 100000\n")
+    return {**os.environ, "DATA_DIR": str(data_dir), "MASTER_KEY": KEY, "RISOLUTO_CONFIG": str(config), **extra}
+
+
+async def fresh_values(settings, backend: str) -> dict[str, str]:
+    store = (FileStore if backend == "file" else SqliteStore)(settings, KEY)
+    await store.open()
+    try:
+        return {name: await store.get(name) for name in await store.list()}
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_kill_9_mid_writes_loses_no_acknowledged_write(backend, risoluto_data_dir, risoluto_settings):
+    settings = risoluto_settings({"secrets": {"backend": backend}})
+    acknowledged: list[str] = []
+    for run in range(3):  # kill at three different moments, reopening the survivor each time
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env_for(risoluto_data_dir, backend))
+        assert proc.stdout is not None
+        target = 40 + 37 * run
+        seen = 0
+        deadline = time.monotonic() + 60
+        while seen < target and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged.append(line.strip())
+            seen += 1
+        os.kill(proc.pid, signal.SIGKILL)
+        rest, err = proc.communicate(timeout=30)
+        acknowledged.extend(rest.split())  # printed before the kill: acknowledged too
+        assert seen == target, err
+        values = await fresh_values(settings, backend)
+        missing = [name for name in acknowledged if values.get(name) != "value-" + name]
+        assert not missing, f"lost {len(missing)} acknowledged write(s), e.g. {missing[:3]}"
+        assert set(values) >= set(acknowledged)
+    assert not [n for n in os.listdir(risoluto_data_dir) if n.endswith(".tmp")]  # opening swept them
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([RISOLUTO, "serve"], env={**env, "RISOLUTO_PORT": str(port)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc, base
+        try:
+            if httpx.get(f"{base}/api/v1/runtime", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_concurrent_writers_against_a_real_server(backend, risoluto_data_dir, risoluto_settings):
+    proc, base = start_server(env_for(risoluto_data_dir, backend))
+    try:
+        assert proc.poll() is None, proc.communicate()[1]
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+            async def put(i: int) -> int:
+                return (await client.put(f"/api/v1/secrets/C{i:03}", json={"value": f"v{i}"})).status_code
+
+            statuses = await asyncio.gather(*[put(i) for i in range(120)])
+            assert set(statuses) == {204}
+            keys = (await client.get("/api/v1/secrets")).json()["keys"]
+            assert keys == [f"C{i:03}" for i in range(120)]
+    finally:
+        stop_server(proc)
+    values = await fresh_values(risoluto_settings({"secrets": {"backend": backend}}), backend)
+    assert values == {f"C{i:03}": f"v{i}" for i in range(120)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_serve_with_the_wrong_key_exits_and_changes_nothing(backend, risoluto_data_dir, risoluto_settings):
+    settings = risoluto_settings({"secrets": {"backend": backend}})
+    store = (FileStore if backend == "file" else SqliteStore)(settings, KEY)
+    await store.open()
+    await store.set("A", "a")
+    await store.close()
+    data = risoluto_data_dir / ("secrets.enc" if backend == "file" else "risoluto.db")
+    before = hashlib.sha256(data.read_bytes()).hexdigest()
+    proc, _ = start_server(env_for(risoluto_data_dir, backend, MASTER_KEY="the wrong key"))
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
+    assert proc.returncode != 0
+    assert str(data) in err and "does not match" in err
+    assert hashlib.sha256(data.read_bytes()).hexdigest() == before
+    assert await fresh_values(settings, backend) == {"A": "a"}
