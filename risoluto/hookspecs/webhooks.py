@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+import hashlib
+import hmac
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import attrs
 
+from ..errors import ApiError
 from . import hookspec
 
 if TYPE_CHECKING:
@@ -21,17 +24,47 @@ class WebhookDelivery:
     received_at: str
 
 
+SecretReader = Callable[[str], Awaitable["str | None"]]
+"""``await secret(name)``: a signing secret read from the secret store at request time
+(None when unset). Raises ApiError 503 ``webhook_not_configured`` when the store is locked."""
+
+
 class WebhookProvider(Protocol):
     """Verifies one provider's deliveries at ``POST /webhooks/<name>``.
 
-    ``verify`` gets the exact received bytes, the headers and a way to read signing
-    secrets from the secret store; it returns ``(delivery_id, event, payload)`` or raises
-    :class:`~risoluto.errors.ApiError` with the provider's code.
+    ``name`` must match ``^[a-z0-9][a-z0-9_-]{0,63}$``. ``verify`` gets the exact received
+    bytes, the headers and a :data:`SecretReader`; it returns ``(delivery_id, event,
+    payload)`` or raises :class:`~risoluto.errors.ApiError` with the SPEC 2.3 codes, in
+    this order: 503 ``webhook_not_configured``, 401 ``signature_missing``, 401
+    ``signature_invalid``, 400 ``invalid_payload``, 401 ``replay_rejected``, 400
+    ``delivery_missing``. The kernel then dedups the delivery id in ``webhook_inbox``.
     """
 
     name: str
 
-    async def verify(self, body: bytes, headers: Any, secret: Any) -> tuple[str, str, Any]: ...
+    async def verify(self, body: bytes, headers: Any, secret: SecretReader) -> tuple[str, str, Any]: ...
+
+
+async def signing_secrets(secret: SecretReader, name: str) -> list[bytes]:
+    """The secret ``name`` and its rotation predecessor ``<name>_PREVIOUS``, as bytes.
+
+    Raises 503 ``webhook_not_configured`` when neither is set.
+    """
+    found = [value for value in (await secret(name), await secret(f"{name}_PREVIOUS")) if value]
+    if not found:
+        raise ApiError(503, "webhook_not_configured", f"This webhook is not configured: set the secret {name}.")
+    return [value.encode("utf-8") for value in found]
+
+
+def hmac_sha256_matches(body: bytes, keys: list[bytes], given_hex: str) -> bool:
+    """True if ``given_hex`` is the HMAC-SHA256 of ``body`` under one of ``keys``.
+
+    Compares bytes in constant time, tries every key whatever the outcome, and never
+    raises on odd input (non-hex, non-ASCII, any length).
+    """
+    given = given_hex.strip().lower().encode("latin-1", "replace")
+    results = [hmac.compare_digest(hmac.new(key, body, hashlib.sha256).hexdigest().encode(), given) for key in keys]
+    return any(results)
 
 
 @hookspec

@@ -1,0 +1,168 @@
+"""Webhook receiver (SPEC 2.3): ``POST /webhooks/<provider>`` for every provider that the
+``risoluto_webhook_providers`` hook contributes (linear and github built in).
+
+Per request: the provider verifies the exact body with secrets read from the secret
+store at that moment (rotation without restart), the delivery is stored once in
+``webhook_inbox`` and handed to ``risoluto_webhook_received``; a duplicate answers
+200 ``{"ok": true, "duplicate": true}`` and is not handed on. These routes are exempt
+from the write guard (matched route under ``/webhooks/``): the HMAC is their guard.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from prometheus_client import Counter
+from quart import Blueprint, request
+
+from risoluto.errors import ApiError, StartupError
+from risoluto.hookspecs import hookimpl
+from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
+from risoluto.hookspecs.webhooks import WebhookDelivery, WebhookProvider
+from risoluto.openapi import api
+
+from ._store import Inbox
+
+log = logging.getLogger("risoluto.webhooks")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_STATE = "webhooks.inbox"
+_ACK = {
+    "type": "object", "required": ["ok", "duplicate"],
+    "properties": {"ok": {"type": "boolean"}, "duplicate": {"type": "boolean"}},
+}
+
+
+class WebhookState:
+    def __init__(self, kernel: Any, providers: list[WebhookProvider]):
+        self.kernel = kernel
+        self.providers = providers
+        self.inbox = Inbox(kernel.settings.data_path)
+        self.deliveries = Counter("risoluto_webhook_deliveries", "Webhook deliveries by provider and result",
+                                  ("provider", "result"), registry=kernel.metrics_registry)
+
+    async def secret(self, name: str) -> str | None:
+        """The SecretReader handed to providers: the live store, read per request."""
+        store = self.kernel.secret_store
+        if store is None:
+            raise ApiError(503, "webhook_not_configured",
+                           "Webhook secrets are unavailable: the secret store is locked (no master key).")
+        try:
+            return await store.get(name)
+        except Exception as exc:  # never leak store details; the message names no value
+            log.error("reading webhook secret %s failed: %s", name, type(exc).__name__)
+            raise ApiError(503, "webhook_not_configured", "The webhook secret cannot be read.") from None
+
+
+def _providers(kernel: Any) -> list[WebhookProvider]:
+    seen: dict[str, WebhookProvider] = {}
+    for provider in kernel.hooks.webhook_providers(kernel.settings):
+        name = getattr(provider, "name", "")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise StartupError(f"webhook provider {provider!r}: invalid name {name!r} (expected {_NAME.pattern})")
+        if name in seen:
+            raise StartupError(f"two webhook providers are named {name!r}; disable one of the plugins")
+        seen[name] = provider
+    return list(seen.values())
+
+
+def state_of(kernel: Any) -> WebhookState:
+    return kernel.state[_STATE]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _view(state: WebhookState, provider: WebhookProvider) -> Any:
+    async def receive() -> Any:
+        body = await request.get_data(cache=False)
+        assert isinstance(body, bytes)
+        try:
+            delivery_id, event, payload = await provider.verify(body, request.headers, state.secret)
+        except ApiError as err:
+            state.deliveries.labels(provider.name, err.code).inc()
+            raise
+        fresh = await state.inbox.record(provider.name, delivery_id, event, body, _now())
+        if not fresh:
+            state.deliveries.labels(provider.name, "duplicate").inc()
+            return {"ok": True, "duplicate": True}
+        state.deliveries.labels(provider.name, "accepted").inc()
+        delivery = WebhookDelivery(provider=provider.name, delivery_id=delivery_id, event=event,
+                                   payload=payload, received_at=_now())
+        try:
+            state.kernel.hooks.webhook_received(delivery)
+        except Exception:  # stored durably already; a broken consumer must not make the sender retry
+            log.exception("a risoluto_webhook_received hook failed for %s %s", provider.name, delivery_id)
+        return {"ok": True, "duplicate": False}
+
+    receive.__name__ = f"webhook_{provider.name.replace('-', '_')}"
+    summary = f"Receive a signed {provider.name} webhook delivery (HMAC-verified, deduplicated)"
+    return api(summary, tags=("webhooks",), responses={200: _ACK})(receive)
+
+
+@hookimpl
+def risoluto_app_blueprints(kernel: Any) -> list[Any]:
+    state = kernel.state[_STATE] = WebhookState(kernel, _providers(kernel))
+    bp = Blueprint("risoluto_webhooks", __name__)
+    for provider in state.providers:
+        bp.add_url_rule(f"/webhooks/{provider.name}", view_func=_view(state, provider), methods=["POST"])
+    return [bp]
+
+
+class InboxService:
+    name = "webhooks.inbox"
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+
+    async def start(self) -> None:
+        inbox = state_of(self.kernel).inbox
+        try:
+            await inbox.open()
+        except Exception as exc:
+            raise StartupError(f"webhook inbox {inbox.path}: cannot open ({exc})") from None
+
+    async def stop(self) -> None:
+        await state_of(self.kernel).inbox.close()
+
+
+@hookimpl
+def risoluto_app_services(kernel: Any) -> list[Any]:
+    return [InboxService(kernel)] if _STATE in kernel.state else []
+
+
+def _stored_names(kernel: Any) -> set[str] | None:
+    """Secret names in the live store; None when it cannot be asked from here."""
+    store = kernel.secret_store
+    if store is None:
+        return None
+    try:
+        import anyio.from_thread
+
+        return set(anyio.from_thread.run(store.list))  # the doctor runs in a worker thread
+    except Exception:
+        return None
+
+
+@hookimpl
+def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
+    item = "Webhook secrets"
+    try:
+        providers = state_of(kernel).providers if _STATE in kernel.state else _providers(kernel)
+    except StartupError as exc:
+        return [CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix or disable the provider plugin")]
+    wanted = {p.name: tuple(getattr(p, "secret_names", ())) for p in providers}
+    names = _stored_names(kernel)
+    if names is None:
+        return [CheckResult(item=item, status=WARN,
+                            reason="the secret store is not open here: webhook routes answer 503 webhook_not_configured",
+                            fix="set MASTER_KEY and the webhook secrets (risoluto secrets set ...)")]
+    missing = [p for p, secrets in wanted.items() if secrets and not any(s in names for s in secrets)]
+    if missing:
+        return [CheckResult(item=item, status=WARN,
+                            reason=f"no signing secret for: {', '.join(missing)} (503 webhook_not_configured)",
+                            fix="set " + ", ".join(s for p in missing for s in wanted[p]) + " in the secret store")]
+    return [CheckResult(item=item, status=PASS, reason=f"signing secrets set for: {', '.join(wanted) or 'none'}")]

@@ -1,0 +1,269 @@
+"""Rate limiting (SPEC 2.4): exact limits, buckets, clients, headers, recovery, memory bounds."""
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from risoluto.hookspecs.ratelimit import client_group
+from risoluto.plugins.http.rate_limit import MemoryLimiter
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def scope(ip):
+    return {"client": (ip, 1234)}
+
+
+def freeze(client):
+    """Stop the limiter's clock: a burst through the test client then happens 'at once',
+    so GCRA's refill (one request per window/limit seconds) cannot blur exact counts."""
+    kernel = client.app.extensions["risoluto"]
+    clock = Clock(time.monotonic())
+    kernel.limiter.clock = clock
+    return clock
+
+
+async def hammer(client, n, path="/api/v1/runtime", ip="198.51.100.7", method="GET", **kw):
+    out = []
+    for _ in range(n):
+        r = await client.open(path, method=method, scope_base=scope(ip), **kw)
+        out.append(r)
+    return out
+
+
+# --- the algorithm, with a clock we control ------------------------------------------
+
+@pytest.mark.parametrize("limit,window", [(300, 60), (600, 60), (1, 1), (7, 1.3), (1000, 0.7), (3, 3600)])
+def test_exactly_limit_at_once_then_refused(limit, window):
+    lim = MemoryLimiter(clock=Clock())
+    decisions = [lim.decide("b", "1.2.3.4", limit, window) for _ in range(limit + 5)]
+    assert all(d.allowed for d in decisions[:limit])
+    assert not any(d.allowed for d in decisions[limit:])
+    assert [d.remaining for d in decisions[:limit]] == list(range(limit - 1, -1, -1))
+
+
+def test_no_double_burst_across_a_window_edge():
+    clock = Clock()
+    lim = MemoryLimiter(clock=clock)
+    clock.t = 1059.9  # late in a would-be fixed window
+    assert sum(lim.decide("api", "c", 300, 60).allowed for _ in range(300)) == 300
+    clock.t = 1060.1  # just after the edge: a fixed window would allow 300 more here
+    assert sum(lim.decide("api", "c", 300, 60).allowed for _ in range(300)) == 1
+    clock.t = 1090.0  # half a window later: half the limit has come back, no more
+    assert sum(lim.decide("api", "c", 300, 60).allowed for _ in range(300)) == 149
+
+
+def test_any_window_holds_at_most_limit_plus_refill():
+    clock = Clock()
+    lim = MemoryLimiter(clock=clock)
+    allowed_at = []
+    for step in range(6000):  # a client hammering 100x per second for 60 s
+        clock.t = 1000 + step / 100
+        if lim.decide("api", "c", 300, 60).allowed:
+            allowed_at.append(clock.t)
+    # steady state: one request per 0.2 s after the initial burst of 300
+    in_last_10s = [t for t in allowed_at if t >= 1050]
+    assert 300 <= len(allowed_at) <= 300 + 60 / 0.2
+    assert 49 <= len(in_last_10s) <= 51
+
+
+def test_refusal_headers_values():
+    clock = Clock()
+    lim = MemoryLimiter(clock=clock)
+    first = lim.decide("api", "c", 300, 60)
+    assert (first.allowed, first.limit, first.remaining) == (True, 300, 299)
+    assert first.reset_seconds == pytest.approx(0.2)
+    for _ in range(299):
+        last = lim.decide("api", "c", 300, 60)
+    assert last.remaining == 0 and last.reset_seconds == pytest.approx(60)
+    refused = lim.decide("api", "c", 300, 60)
+    assert not refused.allowed and refused.reset_seconds == pytest.approx(0.2)
+    clock.t += 0.2
+    assert lim.decide("api", "c", 300, 60).allowed
+
+
+def test_refused_requests_do_not_push_the_client_further_out():
+    clock = Clock()
+    lim = MemoryLimiter(clock=clock)
+    for _ in range(10):
+        lim.decide("b", "c", 10, 10)
+    for _ in range(1000):
+        assert not lim.decide("b", "c", 10, 10).allowed
+    clock.t += 1.0
+    assert lim.decide("b", "c", 10, 10).allowed
+
+
+def test_buckets_and_clients_are_separate_ipv6_grouped_by_64():
+    lim = MemoryLimiter(clock=Clock())
+    for _ in range(3):
+        lim.decide("api", "2001:db8:1:2::1", 3, 60)
+    assert not lim.decide("api", "2001:db8:1:2:ffff::9", 3, 60).allowed  # same /64
+    assert lim.decide("api", "2001:db8:1:3::1", 3, 60).allowed  # next /64
+    assert lim.decide("webhooks", "2001:db8:1:2::1", 3, 60).allowed  # other bucket
+    assert lim.decide("api", "10.0.0.1", 3, 60).allowed
+    assert client_group("::ffff:10.0.0.1") == "10.0.0.1"
+
+
+def test_idle_clients_expire_exactly():
+    clock = Clock()
+    lim = MemoryLimiter(clock=clock)
+    for i in range(1000):
+        lim.decide("api", f"10.0.{i // 256}.{i % 256}", 300, 60)
+    assert lim.tracked() == 1000
+    clock.t += 61
+    lim.decide("api", "192.0.2.1", 300, 60)
+    assert lim.tracked() == 1001  # moved to the previous generation, still there
+    busy = [lim.decide("api", "10.0.0.5", 300, 60) for _ in range(300)]
+    assert busy[-1].allowed and not lim.decide("api", "10.0.0.5", 300, 60).allowed  # state kept exactly
+    clock.t += 61
+    lim.decide("api", "192.0.2.1", 300, 60)
+    assert lim.tracked() == 2  # everything idle for a window is gone
+
+
+def test_tracked_clients_are_bounded():
+    clock = Clock()
+    lim = MemoryLimiter(max_clients=1000, clock=clock)
+    for i in range(20000):
+        clock.t += 0.001
+        lim.decide("api" if i % 2 else "webhooks", f"2001:db8:{i:x}::1", 300, 60)
+        assert lim.tracked() <= 1000
+    assert lim.evicted >= 19000
+
+
+# --- through the app ----------------------------------------------------------------------
+
+async def test_api_bucket_301st_request_is_refused(risoluto_client):
+    client = await risoluto_client()
+    freeze(client)
+    responses = await hammer(client, 301)
+    assert [r.status_code for r in responses[:300]] == [200] * 300
+    assert [int(r.headers["RateLimit-Remaining"]) for r in responses[:300]] == list(range(299, -1, -1))
+    assert {r.headers["RateLimit-Limit"] for r in responses} == {"300"}
+    assert responses[0].headers["RateLimit-Reset"] == "1"
+    assert responses[299].headers["RateLimit-Reset"] == "60"
+    refused = responses[300]
+    assert refused.status_code == 429
+    assert json.loads(await refused.get_data())["error"]["code"] == "rate_limited"
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.headers["RateLimit-Remaining"] == "0"
+    # /metrics counts in the same bucket
+    metrics = (await hammer(client, 1, path="/metrics"))[0]
+    assert metrics.status_code == 429
+
+
+async def test_webhooks_bucket_is_600_and_separate(risoluto_client):
+    client = await risoluto_client()
+    clock = freeze(client)
+    await hammer(client, 300)
+    assert (await hammer(client, 1))[0].status_code == 429
+    responses = await hammer(client, 601, path="/webhooks/linear", method="POST", data=b"{}")
+    # unconfigured webhook: 503 each time, but every one counts
+    assert [r.status_code for r in responses[:600]] == [503] * 600
+    assert responses[0].headers["RateLimit-Limit"] == "600"
+    assert responses[600].status_code == 429
+    # another client is untouched in both buckets
+    assert (await hammer(client, 1, ip="198.51.100.8"))[0].status_code == 200
+    assert (await hammer(client, 1, ip="198.51.100.8", path="/webhooks/github", method="POST"))[0].status_code == 503
+    clock.t += 0.2  # one api request's worth of time later: exactly one more api request
+    assert [r.status_code for r in await hammer(client, 2)] == [200, 429]
+
+
+@pytest.mark.parametrize("path", ["/API/v1/runtime", "/api//v1/runtime", "/api/v1/runtime/", "/metrics/",
+                                  "/api/v1/nope", "/METRICS"])
+async def test_path_variants_share_the_api_bucket(risoluto_client, path):
+    client = await risoluto_client(config={"rateLimit": {"api": {"limit": 3, "windowSeconds": 60}}})
+    freeze(client)
+    await hammer(client, 3)
+    response = (await hammer(client, 1, path=path))[0]
+    assert response.status_code == 429, path
+
+
+async def test_paths_outside_the_buckets_are_not_limited(risoluto_client):
+    client = await risoluto_client(config={"rateLimit": {"api": {"limit": 1, "windowSeconds": 60}}})
+    responses = await hammer(client, 5, path="/nowhere")
+    assert {r.status_code for r in responses} == {404}
+    assert "RateLimit-Limit" not in responses[0].headers
+
+
+async def test_flood_of_bad_tokens_is_throttled_before_auth(risoluto_client):
+    env = {"RISOLUTO_WRITE_TOKEN": "t" * 32}
+    client = await risoluto_client(env=env, config={"rateLimit": {"api": {"limit": 20, "windowSeconds": 60}}})
+    freeze(client)
+    responses = await hammer(client, 25, path="/api/v1/config/overlay", method="PUT",
+                             headers={"Authorization": "Bearer wrong"}, json={})
+    assert [r.status_code for r in responses] == [401] * 20 + [429] * 5
+
+
+async def test_recovery_after_the_window(risoluto_client):
+    client = await risoluto_client(config={"rateLimit": {"api": {"limit": 5, "windowSeconds": 1}}})
+    first = await hammer(client, 6)
+    assert [r.status_code for r in first] == [200] * 5 + [429]
+    assert first[5].headers["Retry-After"] == "1"
+    await asyncio.sleep(1.05)
+    again = await hammer(client, 6)
+    assert [r.status_code for r in again] == [200] * 5 + [429]
+
+
+async def test_spoofed_forwarded_for_does_not_buy_a_new_bucket(risoluto_client):
+    client = await risoluto_client(config={"rateLimit": {"api": {"limit": 3, "windowSeconds": 60}}})
+    freeze(client)
+    codes = []
+    for i in range(5):
+        r = await client.get("/api/v1/runtime", headers={"X-Forwarded-For": f"203.0.113.{i}"},
+                             scope_base=scope("198.51.100.50"))
+        codes.append(r.status_code)
+    assert codes == [200, 200, 200, 429, 429]
+
+
+async def test_trusted_proxy_clients_get_their_own_buckets(risoluto_client):
+    client = await risoluto_client(env={"RISOLUTO_TRUSTED_PROXIES": "10.9.0.0/16"},
+                                   config={"rateLimit": {"api": {"limit": 2, "windowSeconds": 60}}})
+    freeze(client)
+    codes = {}
+    for ip in ("203.0.113.1", "203.0.113.2"):
+        codes[ip] = [
+            (await client.get("/api/v1/runtime", headers={"X-Forwarded-For": ip},
+                              scope_base=scope("10.9.0.1"))).status_code
+            for _ in range(3)
+        ]
+    assert codes == {"203.0.113.1": [200, 200, 429], "203.0.113.2": [200, 200, 429]}
+
+
+async def test_unknown_backend_stops_startup(risoluto_settings):
+    from risoluto.app import create_app
+    from risoluto.errors import StartupError
+
+    app = create_app(risoluto_settings(config={"rateLimit": {"backend": "carrier-pigeon"}}))
+    with pytest.raises((StartupError, Exception), match="carrier-pigeon"):
+        async with app.test_app():
+            pass
+
+
+def test_doctor(risoluto_settings):
+    from risoluto.kernel import Kernel
+    from risoluto.plugins.http import rate_limit
+
+    cases = [({}, "PASS"), ({"rateLimit": {"api": {"limit": 1000}}}, "WARN"),
+             ({"rateLimit": {"webhooks": {"limit": 600, "windowSeconds": 1}}}, "WARN"),
+             ({"rateLimit": {"failOpen": True}}, "WARN"), ({"rateLimit": {"backend": "nope"}}, "FAIL")]
+    for config, status in cases:
+        (result,) = rate_limit.risoluto_doctor_checks(Kernel(risoluto_settings(config=config)))
+        assert result.status == status, (config, result)
+
+
+def test_decision_speed_sanity():
+    lim = MemoryLimiter()
+    start = time.perf_counter()
+    for i in range(100_000):
+        lim.decide("api", f"10.0.{(i >> 8) & 255}.{i & 255}", 300, 60)
+    assert time.perf_counter() - start < 2.0
