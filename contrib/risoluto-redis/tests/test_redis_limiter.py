@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,6 @@ import anyio
 import httpx
 import pytest
 import redis
-from conftest import free_port
 
 from risoluto.app import kernel_of
 from risoluto.hookspecs.ratelimit import client_group
@@ -26,6 +26,12 @@ from risoluto.testing import running_app
 from risoluto_redis.limiter import GCRA_LUA, RedisLimiter
 
 pytestmark = pytest.mark.anyio
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def settings_for(tmp_path, name, limit=10, window=60, **rate_limit):
