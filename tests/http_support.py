@@ -205,7 +205,7 @@ class NetNS:
 
     def curl(self, method: str, url: str, headers: list[str] = (), data: bytes | None = None) -> tuple[int, Any]:
         """Send one request from inside the namespace; (status, parsed JSON body or text)."""
-        cmd = ["ip", "netns", "exec", self.name, "curl", "-s", "-S", "--max-time", "10", "-X", method,
+        cmd = ["ip", "netns", "exec", self.name, "curl", "-s", "-S", "--path-as-is", "--max-time", "10", "-X", method,
                "-o", "-", "-w", "\n%{http_code}"]
         if method == "HEAD":
             cmd[cmd.index("-X"):cmd.index("-X") + 2] = ["-I"]
