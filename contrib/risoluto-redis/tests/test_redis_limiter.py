@@ -204,7 +204,7 @@ async def test_script_cache_flush_is_survived(private_redis):
     raw = redis.Redis.from_url(private_redis.url)
     try:
         assert (await limiter.hit("api", "192.0.2.4", 5, 60)).allowed
-        sha = limiter._script.sha
+        sha = limiter.sha
         raw.script_flush()
         assert raw.script_exists(sha) == [False]
         decision = await limiter.hit("api", "192.0.2.4", 5, 60)
