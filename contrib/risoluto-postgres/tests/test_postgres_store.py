@@ -256,6 +256,42 @@ async def test_rotation_is_one_transaction_and_fences_old_key_instances(tmp_path
         await opened(schema_dsn)  # the old key opens nothing any more
 
 
+async def test_rotation_racing_writers_never_mixes_keys(schema_dsn, db):
+    writer, rotator = await opened(schema_dsn), await opened(schema_dsn)
+    acknowledged, refused = [], []
+
+    rotated = anyio.Event()
+
+    async def write_loop():
+        i, after = 0, 0
+        while after < 3:  # until a few writes after the rotation committed
+            after += rotated.is_set()
+            try:
+                await writer.set(f"W{i:03d}", f"value-{i}")
+                acknowledged.append(f"W{i:03d}")
+            except SecretStoreError as exc:
+                assert "re-keyed" in str(exc)
+                refused.append(i)
+            i += 1
+            await anyio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write_loop)
+        while len(acknowledged) < 3:
+            await anyio.sleep(0.001)
+        await rotator.rotate("the new key")
+        rotated.set()
+    await writer.close()
+    await rotator.close()
+    check = await opened(schema_dsn, "the new key")  # opens: every row is under the new key
+    try:
+        assert check.damaged == {}
+        assert await check.list() == acknowledged  # every acknowledged write survived, nothing else
+        assert refused and acknowledged  # the race really happened on both sides
+    finally:
+        await check.close()
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 

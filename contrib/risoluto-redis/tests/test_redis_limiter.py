@@ -247,6 +247,27 @@ async def test_unreachable_redis_fail_open_lets_reads_through_only(tmp_path, mon
         assert (await refused.get_json())["error"]["code"] == "rate_limiter_unavailable"
 
 
+async def test_a_failing_batch_fails_every_decision_in_it(redis_url):
+    limiter = RedisLimiter(f"redis://127.0.0.1:{free_port()}/0")
+    outcomes = []
+
+    async def one(i):
+        try:
+            await limiter.hit("api", f"192.0.2.{i}", 10, 60)
+            outcomes.append("allowed")
+        except Exception as exc:  # what the kernel turns into 503
+            outcomes.append(type(exc).__name__)
+
+    try:
+        with anyio.fail_after(10):  # nobody is left waiting forever
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(one, i)
+    finally:
+        await limiter.close()
+    assert len(outcomes) == 50 and "allowed" not in outcomes
+
+
 async def test_redis_going_away_and_coming_back(tmp_path, monkeypatch, private_redis):
     monkeypatch.setenv("RISOLUTO_REDIS_URL", private_redis.url)
     async with running_app(settings_for(tmp_path, "a")) as app:
