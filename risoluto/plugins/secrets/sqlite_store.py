@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import threading
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,6 +28,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, WrongMasterKey
 
+from ._worker import WorkerThread
 from .crypto import DecryptError, FormatError, Sealed, derive_key, key_check, open_value, seal_value
 
 if TYPE_CHECKING:
@@ -43,6 +43,13 @@ _SCHEMA = (
 )
 _UPSERT = (
     "INSERT INTO encrypted_secrets (key, ciphertext, iv, auth_tag, updated_at, aad) VALUES (?, ?, ?, ?, ?, 1) "
+    "ON CONFLICT(key) DO UPDATE SET ciphertext = excluded.ciphertext, iv = excluded.iv, "
+    "auth_tag = excluded.auth_tag, updated_at = excluded.updated_at, aad = 1"
+)
+# One statement, one implicit transaction: writes only while key_check is still ours.
+_GUARDED_UPSERT = (
+    "INSERT INTO encrypted_secrets (key, ciphertext, iv, auth_tag, updated_at, aad) SELECT ?, ?, ?, ?, ?, 1 "
+    "WHERE (SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check') = ? "
     "ON CONFLICT(key) DO UPDATE SET ciphertext = excluded.ciphertext, iv = excluded.iv, "
     "auth_tag = excluded.auth_tag, updated_at = excluded.updated_at, aad = 1"
 )
@@ -71,14 +78,20 @@ class SqliteStore:
         self._key = derive_key(master_key)
         self._check = key_check(self._key)
         self._conn: sqlite3.Connection | None = None
+        self._thread: WorkerThread | None = None  # owns the connection; runs every query in order
         self._lock = anyio.Lock()  # mutations, in order
-        self._db = threading.Lock()  # one connection, used from worker threads
         self.damaged: dict[str, str] = {}  # name -> reason, for rows failing authentication
 
     # -- protocol --------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(self._open_sync)
+        self._thread = WorkerThread(f"risoluto-secrets-sqlite:{self.path}")
+        try:
+            await self._thread.run(self._open_sync)
+        except BaseException:
+            self._thread.stop()
+            self._thread = None
+            raise
 
     async def list(self) -> list[str]:
         rows = await self._read(lambda c: c.execute("SELECT key FROM encrypted_secrets ORDER BY key").fetchall())
@@ -98,7 +111,22 @@ class SqliteStore:
             ) from None
 
     async def set(self, name: str, value: str) -> None:
-        await self.set_many({name: value})
+        s = seal_value(self._key, name, value)
+        row = (name, s.ciphertext, s.iv, s.auth_tag, _now())
+        async with self._lock:
+            await self._worker().run(self._set_sync, row)
+        self.damaged.pop(name, None)
+
+    def _set_sync(self, row: tuple[str, ...]) -> None:
+        """The common case in one statement (one GIL hand-off, one implicit transaction)."""
+        conn = self._need_conn()
+        try:
+            if conn.execute(_GUARDED_UPSERT, (*row, self._check)).rowcount == 1:
+                return
+        except sqlite3.OperationalError:
+            pass  # busy (another writer on the file): the statement did nothing; take the slow path
+        # key_check missing or not ours, or busy: the transaction path waits, repairs or refuses
+        self._write_sync(lambda c: c.execute(_UPSERT, row))
 
     async def set_many(self, items: dict[str, str]) -> None:
         now = _now()
@@ -124,12 +152,16 @@ class SqliteStore:
 
     async def close(self) -> None:
         def _close() -> None:
-            with self._db:
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
-        await anyio.to_thread.run_sync(_close)
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            try:
+                await thread.run(_close)
+            finally:
+                thread.stop()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -137,7 +169,7 @@ class SqliteStore:
         ensure_private_dir(self.path.parent)
         # create it 0600 ourselves: sqlite would use 0644; its -wal/-shm copy this mode
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
         conn.execute("PRAGMA busy_timeout = 5000")
         return conn
 
@@ -229,19 +261,24 @@ class SqliteStore:
             raise SecretStoreError("the sqlite secret store is not open")
         return self._conn
 
+    def _worker(self) -> WorkerThread:
+        if self._thread is None:
+            raise SecretStoreError("the sqlite secret store is not open")
+        return self._thread
+
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         def run() -> Any:
-            with self._db, self._errors("read"):
+            with self._errors("read"):
                 return fn(self._need_conn())
 
-        return await anyio.to_thread.run_sync(run)
+        return await self._worker().run(run)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         async with self._lock:
-            return await anyio.to_thread.run_sync(self._write_sync, fn)
+            return await self._worker().run(self._write_sync, fn)
 
     def _write_sync(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        with self._db, self._errors("write"):
+        with self._errors("write"):
             conn = self._need_conn()
             conn.execute("BEGIN IMMEDIATE")
             try:

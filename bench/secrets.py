@@ -1,0 +1,160 @@
+"""Secret store latency: set and get at 100 and 10,000 secrets, both backends.
+
+Baseline, measured in the same run and directory: a bare ``sqlite3`` INSERT + COMMIT
+(one row per transaction) with the same durability settings the sqlite backend uses
+(WAL, ``synchronous=FULL``). Targets: the sqlite backend's set at 10,000 secrets within
+2x of its set at 100 (no whole-store rewrite), and within 1.5x of the bare insert.
+
+    .venv/bin/python bench/secrets.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from risoluto.plugins.secrets.file_store import FileStore  # noqa: E402
+from risoluto.plugins.secrets.sqlite_store import SqliteStore  # noqa: E402
+from risoluto.settings import build_settings  # noqa: E402
+
+KEY = "bench master key"
+VALUE = "v" * 40  # a typical API token
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    samples = sorted(samples)
+    return {"p50": statistics.median(samples) * 1e6, "mean": statistics.fmean(samples) * 1e6,
+            "p90": samples[int(len(samples) * 0.9)] * 1e6}
+
+
+async def populate(backend: str, size: int, root: Path) -> FileStore | SqliteStore:
+    data_dir = root / f"{backend}-{size}"
+    settings = build_settings({"secrets": {"backend": backend}}, None, {"DATA_DIR": str(data_dir)})
+    store = (FileStore if backend == "file" else SqliteStore)(settings, KEY)
+    await store.open()
+    await store.set_many({f"SECRET_{i:06}": VALUE for i in range(size)})
+    return store
+
+
+def bare_sqlite(size: int, root: Path) -> sqlite3.Connection:
+    """The floor: a plain table, same durability settings, no crypto, no threads, no async."""
+    conn = sqlite3.connect(root / f"bare-{size}.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE t (key TEXT PRIMARY KEY, ciphertext TEXT, iv TEXT, auth_tag TEXT, updated_at TEXT)")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?)",
+                     [(f"SECRET_{i:06}", "c" * 56, "i" * 16, "a" * 24, "2024-01-01T00:00:00.000Z")
+                      for i in range(size)])
+    conn.execute("COMMIT")
+    return conn
+
+
+def bare_insert(conn: sqlite3.Connection, name: str) -> float:
+    # fresh bytes per write, as a new IV gives: SQLite skips rewriting an identical cell
+    row = (name, base64.b64encode(os.urandom(40)).decode(), base64.b64encode(os.urandom(12)).decode(),
+           base64.b64encode(os.urandom(16)).decode(), "2024-01-01T00:00:00.000Z")
+    t0 = time.perf_counter()
+    conn.execute("BEGIN")
+    conn.execute("INSERT OR REPLACE INTO t VALUES (?, ?, ?, ?, ?)", row)
+    conn.execute("COMMIT")
+    return time.perf_counter() - t0
+
+
+async def bench_sqlite(sizes: tuple[int, ...], ops: int, root: Path) -> dict[int, dict[str, dict[str, float]]]:
+    """Every sqlite series interleaved op by op (bare and store, both sizes): a load spike from
+    another process on the machine then hits all of them alike instead of skewing one ratio."""
+    stores = {n: await populate("sqlite", n, root) for n in sizes}
+    conns = {n: bare_sqlite(n, root) for n in sizes}
+    samples = {n: {"set": [], "get": [], "bare": []} for n in sizes}
+    for i in range(ops):
+        for n in sizes:
+            name = f"SECRET_{(i * 7919) % n:06}"  # overwrite existing rows, spread over the table
+            samples[n]["bare"].append(bare_insert(conns[n], name))
+            t0 = time.perf_counter()
+            await stores[n].set(name, VALUE)
+            samples[n]["set"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert await stores[n].get(name) == VALUE
+            samples[n]["get"].append(time.perf_counter() - t0)
+    for n in sizes:
+        await stores[n].close()
+        conns[n].close()
+    return {n: {k: stats(v) for k, v in samples[n].items()} for n in sizes}
+
+
+async def bench_file(size: int, ops: int, root: Path) -> dict[str, dict[str, float]]:
+    store = await populate("file", size, root)
+    sets, gets = [], []
+    for i in range(ops):
+        name = f"SECRET_{(i * 7919) % size:06}"
+        t0 = time.perf_counter()
+        await store.set(name, VALUE)
+        sets.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert await store.get(name) == VALUE
+        gets.append(time.perf_counter() - t0)
+    await store.close()
+    return {"set": stats(sets), "get": stats(gets)}
+
+
+async def thread_hop(ops: int) -> dict[str, float]:
+    """What one anyio.to_thread round trip costs here: the floor of any non-blocking store call."""
+    samples = []
+    for _ in range(ops):
+        t0 = time.perf_counter()
+        await anyio.to_thread.run_sync(lambda: None)
+        samples.append(time.perf_counter() - t0)
+    return stats(samples)
+
+
+def line(label: str, s: dict[str, float]) -> str:
+    return f"  {label:<28} p50 {s['p50']:9.1f} us   mean {s['mean']:9.1f} us   p90 {s['p90']:9.1f} us"
+
+
+async def main(quick: bool) -> int:
+    ops = {"sqlite": 300 if quick else 1000, "file": 20 if quick else 60}
+    results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+    # on the disk a real DATA_DIR would use; not a tmpfs, where fsync costs nothing
+    with tempfile.TemporaryDirectory(prefix="risoluto-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
+        root = Path(tmp)
+        for size, r in (await bench_sqlite((100, 10_000), ops["sqlite"], root)).items():
+            results[("sqlite", size)] = r
+        for size in (100, 10_000):
+            results[("file", size)] = await bench_file(size, ops["file"], root)
+        hop = await thread_hop(ops["sqlite"])
+    print(f"secret store latency ({ops['sqlite']} sqlite / {ops['file']} file operations per case)")
+    for (backend, size), r in results.items():
+        if "bare" in r:
+            print(line(f"bare sqlite3 insert+commit @{size}", r["bare"]))
+        print(line(f"{backend} set @{size}", r["set"]))
+        print(line(f"{backend} get @{size}", r["get"]))
+    print(line("anyio.to_thread round trip", hop))
+    sq = {n: results[("sqlite", n)] for n in (100, 10_000)}
+    scale = sq[10_000]["set"]["p50"] / sq[100]["set"]["p50"]
+    vs_bare = max(sq[n]["set"]["p50"] / sq[n]["bare"]["p50"] for n in (100, 10_000))
+    file_scale = results[("file", 10_000)]["set"]["p50"] / results[("file", 100)]["set"]["p50"]
+    print("ratios (p50)")
+    print(f"  sqlite set @10000 / set @100          {scale:5.2f}x  (target <= 2.0x)")
+    print(f"  sqlite set / bare insert+commit (max) {vs_bare:5.2f}x  (target <= 1.5x)")
+    print(f"  file set @10000 / set @100            {file_scale:5.2f}x  (whole-file rewrite, no target)")
+    ok = scale <= 2.0 and vs_bare <= 1.5
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer operations")
+    sys.exit(anyio.run(main, parser.parse_args().quick))
