@@ -35,8 +35,11 @@ async def test_series(risoluto_client):
     for _ in range(60):
         await client.get("/api/v1/runtime", scope_base={"client": ("198.51.100.31", 1)})
     m = await scrape(client)
-    assert m[("risoluto_http_requests_total", (("method", "GET"), ("route", "/api/v1/runtime"), ("status", "200")))] == 52
-    assert m[("risoluto_http_requests_total", (("method", "GET"), ("route", "/api/v1/runtime"), ("status", "429")))] == 10
+    def requests(route, status):
+        return m[("risoluto_http_requests_total", (("method", "GET"), ("route", route), ("status", status)))]
+
+    assert requests("/api/v1/runtime", "200") == 52
+    assert requests("/api/v1/runtime", "429") == 10
     assert m[("risoluto_http_requests_total", (("method", "GET"), ("route", "<unmatched>"), ("status", "404")))] == 1
     assert m[("risoluto_guard_denials_total", (("code", "write_unauthorized"),))] == 1
     assert m[("risoluto_guard_denials_total", (("code", "read_unauthorized"),))] == 1
@@ -69,5 +72,6 @@ def test_doctor(risoluto_settings):
 
     (result,) = metrics.risoluto_doctor_checks(Kernel(risoluto_settings()))
     assert result.status == "PASS"
-    (result,) = metrics.risoluto_doctor_checks(Kernel(risoluto_settings(env={"RISOLUTO_DISABLE_PLUGINS": "http.read_guard"})))
+    settings = risoluto_settings(env={"RISOLUTO_DISABLE_PLUGINS": "http.read_guard"})
+    (result,) = metrics.risoluto_doctor_checks(Kernel(settings))
     assert result.status == "WARN"

@@ -42,6 +42,8 @@ def _entry_ip(entry: str) -> IPAddress | None:
 
 def decide(peer: str, headers: Any, trusted: tuple[str, ...]) -> tuple[str, bool]:
     """(client, via_proxy) for a request from ``peer`` carrying ``headers``."""
+    if not trusted and "." in peer and ":" not in peer:
+        return peer, False  # fast path: a socket's IPv4 peer is already canonical
     peer_ip = parse_ip(peer)
     canonical_peer = str(peer_ip) if peer_ip is not None else peer
     if peer_ip is None or not trusted:

@@ -35,6 +35,13 @@ class HttpMetrics:
                                ("code",), registry=registry)
         self.rate_limited = Counter("risoluto_ratelimit_rejections", "Requests refused by the rate limiter",
                                     ("bucket",), registry=registry)
+        self._children: dict[tuple[str, str, int], Any] = {}  # label lookup is the costly part
+
+    def count(self, route: str, method: str, status: int) -> None:
+        child = self._children.get((route, method, status))
+        if child is None:
+            child = self._children[(route, method, status)] = self.requests.labels(route, method, str(status))
+        child.inc()
 
 
 def metrics_of(kernel: Any) -> HttpMetrics:
@@ -62,7 +69,7 @@ def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -
     try:
         m = metrics_of(kernel_here())
         method = info.method if info.method in _METHODS else "OTHER"
-        m.requests.labels(info.route or UNMATCHED, method, str(status)).inc()
+        m.count(info.route or UNMATCHED, method, status)
         if info.extra.get("rate_limited"):
             m.rate_limited.labels(info.extra.get("rate_bucket", "")).inc()
         elif (code := info.extra.get("refused")) is not None:

@@ -158,7 +158,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     names = _stored_names(kernel)
     if names is None:
         return [CheckResult(item=item, status=WARN,
-                            reason="the secret store is not open here: webhook routes answer 503 webhook_not_configured",
+                            reason="the secret store is not open here: webhook routes answer 503 "
+                                   "webhook_not_configured",
                             fix="set MASTER_KEY and the webhook secrets (risoluto secrets set ...)")]
     missing = [p for p, secrets in wanted.items() if secrets and not any(s in names for s in secrets)]
     if missing:
