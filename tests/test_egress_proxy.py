@@ -246,7 +246,8 @@ async def test_credentials(tmp_path, caplog):
         assert status_of(await get(env.port, "http://allowed.test/", auth(), source="127.0.0.2")) == (
             407, "credential_foreign")
         # each sandbox gets only its own rules
-        assert status_of(await get(env.port, "http://other.test/", auth("sbx-b", SECRET_B), source="127.0.0.2"))[0] == 200
+        own = await get(env.port, "http://other.test/", auth("sbx-b", SECRET_B), source="127.0.0.2")
+        assert status_of(own)[0] == 200
         assert status_of(await get(env.port, "http://allowed.test/", auth("sbx-b", SECRET_B), source="127.0.0.2")) == (
             403, "host_not_allowed")
         assert status_of(await get(env.port, "http://other.test/", auth()))[1] == "host_not_allowed"

@@ -1,20 +1,39 @@
-"""Egress enforcement for sandboxes with an allowlist."""
+"""Egress enforcement for sandboxes with an allowlist (SPEC section 5).
+
+When ``codex.sandbox.egressAllowlist`` is non-empty, the kernel asks
+``risoluto_egress_enforcer`` for an enforcer, starts it with the app (a failing start
+stops startup), and calls its ``attach`` for every sandbox launch (after every other
+``risoluto_sandbox_spec`` contribution). A launch that no enforcer attached to is
+refused: an allowlist is never silently ignored.
+
+The default enforcer (``egress.enforcer``) is a forward proxy on an internal Docker
+network; for every request it sees, it calls ``risoluto_egress_decision`` before
+applying the sandbox's allowlist, so a plugin can add a rule.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from . import hookspec
 
 if TYPE_CHECKING:
+    from ..kernel import Kernel
     from ..settings import Settings
+    from .sandbox import ContainerSpec, LaunchRequest
 
 
 @attrs.frozen(kw_only=True)
 class EgressRequest:
-    """One outbound attempt seen by the enforcer."""
+    """One outbound attempt seen by the enforcer.
+
+    ``host`` is normalised: lower case, no trailing dot, IDNA (punycode) form, or an IP
+    address in its canonical text form (IPv6 without brackets). ``path`` is the origin-form
+    path with query of a plain-HTTP request, and empty for a CONNECT tunnel (encrypted).
+    ``sandbox`` identifies the sandbox for logs (never its credential).
+    """
 
     sandbox: str
     method: str  # CONNECT, GET, ...
@@ -30,20 +49,35 @@ class EgressVerdict:
 
 
 class EgressEnforcer(Protocol):
-    """Makes a sandbox's allowlist true. ``attach`` edits the spec before launch."""
+    """Makes a sandbox's allowlist true.
 
-    async def start(self) -> None: ...
+    ``start`` runs once when the app starts (only with a non-empty allowlist) and may
+    raise :class:`~risoluto.errors.StartupError` to stop startup; ``stop`` undoes what it
+    set up on the host. ``attach`` edits each launch's spec (network, proxy environment,
+    lifecycle callbacks) and may raise :class:`~risoluto.errors.ApiError` to refuse it; it
+    must never add a capability. ``status`` feeds the doctor: a dict with at least
+    ``bind`` (the address workers reach it on) and ``host_protection`` (one line).
+    """
+
+    name: str
+
+    async def start(self, kernel: Kernel) -> None: ...
 
     async def stop(self) -> None: ...
+
+    def attach(self, spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 @hookspec(firstresult=True)
 def risoluto_egress_enforcer(settings: Settings) -> EgressEnforcer | None:
-    """Return the egress enforcer. Called once at startup; firstresult.
+    """Return the egress enforcer. Called once at startup, only when the allowlist is non-empty;
+    firstresult.
 
     Example::
 
-        @hookimpl
+        @hookimpl(tryfirst=True)
         def risoluto_egress_enforcer(settings):
             return MyFirewallEnforcer(settings)
     """
@@ -53,15 +87,22 @@ def risoluto_egress_enforcer(settings: Settings) -> EgressEnforcer | None:
 def risoluto_egress_decision(request: EgressRequest, allowlist: tuple[str, ...]) -> EgressVerdict | None:
     """Decide an outbound attempt; the first non-None verdict wins.
 
-    Called by the enforcer for every attempt before the allowlist itself is applied.
-    Return ``EgressVerdict(False, "reason")`` to refuse, a True verdict to allow, or None
-    to leave it to the allowlist.
+    Called by the enforcer for every attempt before the allowlist itself is applied, with
+    the requesting sandbox's own allowlist entries as written. Return
+    ``EgressVerdict(False, "reason")`` to refuse (the client gets 403 with the reason), a
+    True verdict to allow a host the allowlist does not list, or None to leave it to the
+    allowlist. Address checks (no private, loopback, link-local or metadata addresses
+    unless in ``egress.allowPrivateNetworks``) and the TLS SNI check apply after any
+    verdict. Keep it quick and synchronous: it runs on the proxy's event loop. A hook that
+    raises refuses the attempt.
 
-    Example::
+    Example (deny a path prefix, allow only GET to one host)::
 
         @hookimpl
         def risoluto_egress_decision(request, allowlist):
-            if request.host == "uploads.example.org":
+            if request.path.startswith("/upload"):
                 return EgressVerdict(False, "uploads are not allowed")
+            if request.host == "pypi.org" and request.method not in ("GET", "CONNECT"):
+                return EgressVerdict(False, "read-only access to pypi.org")
             return None
     """

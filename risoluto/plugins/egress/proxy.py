@@ -15,11 +15,12 @@ import binascii
 import hmac
 import ipaddress
 import logging
+import socket
 from typing import Any, Awaitable, Callable
 
 import anyio
 import attrs
-from anyio.abc import ByteStream, SocketAttribute, TaskStatus
+from anyio.abc import TaskStatus
 
 from risoluto.hookspecs.egress import EgressRequest, EgressVerdict
 from risoluto.settings import EgressConfig
@@ -29,7 +30,7 @@ from ._dns import Resolver, ResolveError
 from ._http import MAX_HEAD, BadRequest, RequestHead, Target, answer, body_framing, parse_head, parse_target
 from ._http import upstream_head
 from ._metrics import EgressMetrics
-from ._relay import Activity, Reader, pump, relay_body
+from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection, pump, relay_body
 from .allowlist import DEFAULT_PORTS, Allowlist, HostError, IPAddress, Match, normalise_host
 
 log = logging.getLogger("risoluto.egress")
@@ -124,31 +125,47 @@ class EgressProxy:
         self, host: str, port: int = 0, *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen on ``host:port`` (never a wildcard address) until cancelled."""
-        if ipaddress.ip_address(host).is_unspecified:
+        addr = ipaddress.ip_address(host)
+        if addr.is_unspecified:
             raise ValueError("the egress proxy never binds a wildcard address")
         self.policy()  # a configuration error surfaces before we listen
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-        async with listener:
-            self.address = listener.extra(SocketAttribute.local_address)[:2]
+        listener = socket.socket(socket.AF_INET6 if addr.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+        with listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(1024)
+            listener.setblocking(False)
+            self.address = listener.getsockname()[:2]
             task_status.started(self.address)
-            await listener.serve(self._handle)
+            async with anyio.create_task_group() as tg:
+                while True:
+                    await anyio.wait_readable(listener)
+                    while True:  # accept everything queued, then wait again
+                        try:
+                            sock, peer = listener.accept()
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError as exc:  # EMFILE and friends: back off, keep serving
+                            log.error("egress proxy: accept failed: %s", exc.strerror)
+                            await anyio.sleep(0.1)
+                            break
+                        tg.start_soon(self._handle, Conn(sock), str(peer[0]))
 
-    async def _handle(self, stream: Any) -> None:
-        peer = str(stream.extra(SocketAttribute.remote_address)[0])
+    async def _handle(self, conn: Conn, peer: str) -> None:
         cfg = self.policy().cfg
         per_peer_max = max(1, cfg.max_connections // 2)
-        async with stream:
+        try:
             if self._open >= cfg.max_connections or self._per_peer.get(peer, 0) >= per_peer_max:
                 ctx = {"peer": peer}
-                await self._refuse(stream, ctx, Refusal(503, "too_many_connections", "Too many connections."))
+                await self._refuse(conn, ctx, Refusal(503, "too_many_connections", "Too many connections."))
                 return
             self._open += 1
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
             self.metrics.connections.inc()
             try:
-                await self._serve_one(stream, peer)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
-                pass  # the client or origin went away; nothing to answer
+                await self._serve_one(conn, peer)
+            except (anyio.EndOfStream, IdleTimeout, OSError):
+                pass  # the client or origin went away or went quiet; nothing to answer
             except Exception:  # never let one connection take the listener down
                 log.exception("egress proxy: unexpected error (peer=%s)", peer)
             finally:
@@ -157,12 +174,14 @@ class EgressProxy:
                 left = self._per_peer.pop(peer) - 1
                 if left:
                     self._per_peer[peer] = left
+        finally:
+            conn.close()
 
-    async def _serve_one(self, stream: ByteStream, peer: str) -> None:
+    async def _serve_one(self, conn: Conn, peer: str) -> None:
         policy = self.policy()
         ctx: dict[str, Any] = {"peer": peer}
         try:
-            reader = Reader(stream)
+            reader = Reader(conn)
             head = await self._read_head(reader, policy)
             ctx["method"] = head.method
             client = await self._authenticate(head, peer)
@@ -176,16 +195,18 @@ class EgressProxy:
             match = self._decide_one(client, head, target, host)
             upstream = await self._connect(policy, host, target.port, ctx)
         except BadRequest as exc:
-            await self._refuse(stream, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
+            await self._refuse(conn, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
             return
         except Refusal as refusal:
-            await self._refuse(stream, ctx, refusal)
+            await self._refuse(conn, ctx, refusal)
             return
-        async with upstream:
+        try:
             if head.method == "CONNECT":
-                await self._tunnel(stream, reader, upstream, policy, host, match, ctx)
+                await self._tunnel(conn, reader, upstream, policy, host, match, ctx)
             else:
-                await self._forward(stream, reader, upstream, head, target, policy, match, ctx)
+                await self._forward(conn, reader, upstream, head, target, policy, match, ctx)
+        finally:
+            upstream.close()
 
     async def _read_head(self, reader: Reader, policy: _Policy) -> RequestHead:
         with anyio.move_on_after(policy.head_timeout) as scope:
@@ -255,15 +276,15 @@ class EgressProxy:
             ctx["address"] = str(addr)
             with anyio.move_on_after(policy.cfg.connect_timeout_s):
                 try:
-                    return await anyio.connect_tcp(str(addr), port)  # the address we checked, no new lookup
+                    return await open_connection(str(addr), port)  # the address we checked, no new lookup
                 except OSError:
                     continue
             last = "connect_timeout"
         raise Refusal(502 if last == "connect_failed" else 504, last, f"Could not connect to {host}:{port}.")
 
-    async def _tunnel(self, stream: ByteStream, reader: Reader, upstream: ByteStream, policy: _Policy,
+    async def _tunnel(self, conn: Conn, reader: Reader, upstream: Conn, policy: _Policy,
                       host: str | IPAddress, match: Match, ctx: dict[str, Any]) -> None:
-        await stream.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await conn.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
         raw_ok = match.rule is not None and match.rule.port is not None and match.rule.port != 443
         first, why = await self._client_hello(reader, policy, host, raw_ok)
         if why:
@@ -272,10 +293,19 @@ class EgressProxy:
         self._log(ctx, "allow", match.reason)
         self.metrics.tunnels.inc()
         try:
+            activity = Activity(policy.cfg.idle_timeout_s)
             if first:
-                await upstream.send(first)
+                await upstream.send(first, activity)
                 self.metrics.upload.inc(len(first))
-            await self._relay(stream, upstream, policy)
+            async with anyio.create_task_group() as tg:
+                async def both_ways(src: Conn, dst: Conn, counter: Any) -> None:
+                    try:
+                        await pump(src, dst, activity, counter)
+                    except (IdleTimeout, OSError):
+                        tg.cancel_scope.cancel()  # idle or reset: the whole tunnel ends
+
+                tg.start_soon(both_ways, conn, upstream, self.metrics.upload)
+                await both_ways(upstream, conn, self.metrics.download)
         finally:
             self.metrics.tunnels.dec()
 
@@ -313,60 +343,41 @@ class EgressProxy:
             return b"", "sni_mismatch"
         return reader.take_all(), ""
 
-    async def _forward(self, stream: ByteStream, reader: Reader, upstream: ByteStream, head: RequestHead,
-                       target: Target, policy: _Policy, match: Match, ctx: dict[str, Any]) -> None:
+    async def _forward(self, conn: Conn, reader: Reader, upstream: Conn, head: RequestHead, target: Target,
+                       policy: _Policy, match: Match, ctx: dict[str, Any]) -> None:
         try:
             framing = body_framing(head)
         except BadRequest as exc:
-            await self._refuse(stream, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
+            await self._refuse(conn, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
             return
         host = ctx["host"]
         authority = f"[{host}]" if ":" in host else host
         if target.port != 80:
             authority += f":{target.port}"
         self._log(ctx, "allow", match.reason)
-        await upstream.send(upstream_head(head, target, authority))
-        activity = Activity()
+        activity = Activity(policy.cfg.idle_timeout_s)
+        await upstream.send(upstream_head(head, target, authority), activity)
+        if framing[0] == "none":
+            await pump(upstream, conn, activity, self.metrics.download, eof=False)
+            return
         async with anyio.create_task_group() as tg:
-            tg.start_soon(activity.watch, policy.cfg.idle_timeout_s, tg.cancel_scope)
-
             async def upload() -> None:
                 try:
                     await relay_body(reader, upstream, framing, activity, self.metrics.upload)
-                except (BadRequest, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                except (BadRequest, IdleTimeout, anyio.EndOfStream, OSError):
                     tg.cancel_scope.cancel()  # a broken body: drop the exchange, never guess
 
             tg.start_soon(upload)
-            await pump(upstream, stream, activity, self.metrics.download, eof=False)
-            tg.cancel_scope.cancel()
-
-    async def _relay(self, a: ByteStream, b: ByteStream, policy: _Policy) -> None:
-        activity = Activity()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(activity.watch, policy.cfg.idle_timeout_s, tg.cancel_scope)
-            done = anyio.Event()
-            remaining = [2]
-
-            async def one(src: ByteStream, dst: ByteStream, counter: Any) -> None:
-                try:
-                    await pump(src, dst, activity, counter)
-                finally:
-                    remaining[0] -= 1
-                    if not remaining[0]:
-                        done.set()
-
-            tg.start_soon(one, a, b, self.metrics.upload)
-            tg.start_soon(one, b, a, self.metrics.download)
-            await done.wait()
+            await pump(upstream, conn, activity, self.metrics.download, eof=False)
             tg.cancel_scope.cancel()
 
     # -- answers and the decision log ----------------------------------------------------
-    async def _refuse(self, stream: ByteStream, ctx: dict[str, Any], refusal: Refusal) -> None:
+    async def _refuse(self, conn: Conn, ctx: dict[str, Any], refusal: Refusal) -> None:
         self._log(ctx, "deny", refusal.reason, refusal.detail)
         with anyio.move_on_after(1):
             try:
-                await stream.send(answer(refusal.status, refusal.reason, refusal.message))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await conn.send(answer(refusal.status, refusal.reason, refusal.message))
+            except OSError:
                 pass
 
     def _log(self, ctx: dict[str, Any], verdict: str, reason: str, detail: str = "") -> None:
