@@ -60,10 +60,14 @@ class FileStore:
         return (await self._fresh()).get(name)
 
     async def set(self, name: str, value: str) -> None:
-        await self._mutate(lambda data: data.__setitem__(name, value) or True)
+        await self.set_many({name: value})
 
     async def set_many(self, items: dict[str, str]) -> None:
-        await self._mutate(lambda data: data.update(items) or True)
+        def change(data: dict[str, str]) -> bool:
+            data.update(items)
+            return True
+
+        await self._mutate(change)
 
     async def delete(self, name: str) -> bool:
         return bool(await self._mutate(lambda data: data.pop(name, None) is not None))
