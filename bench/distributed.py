@@ -167,8 +167,8 @@ async def bench_postgres(ops: int, size: int) -> None:
         await admin.close()
     s, b = stats(sets), stats(bares)
     print(f"PostgreSQL: {ops} sets over {size} secrets, interleaved with the baseline (latency, µs)")
-    print(f"  {'risoluto-postgres set':<44} p50 {s['p50']:>8.0f}  mean {s['mean']:>8.0f}  p90 {s['p90']:>8.0f}")
-    print(f"  {'bare INSERT ON CONFLICT + commit':<44} p50 {b['p50']:>8.0f}  mean {b['mean']:>8.0f}  p90 {b['p90']:>8.0f}")
+    for name, st in (("risoluto-postgres set", s), ("bare INSERT ON CONFLICT + commit", b)):
+        print(f"  {name:<44} p50 {st['p50']:>8.0f}  mean {st['mean']:>8.0f}  p90 {st['p90']:>8.0f}")
     print(f"  ratio set / bare (p50)                       {s['p50'] / b['p50']:>10.2f}x  (target <= 1.5x)")
     print(f"  ratio set / bare (mean)                      {s['mean'] / b['mean']:>10.2f}x")
 

@@ -303,7 +303,8 @@ class PostgresStore:
                 raise
             except psycopg.OperationalError as exc:
                 await self._drop()
-                raise SecretStoreError(f"PostgreSQL at {self.location} is unreachable ({what}): {_first(exc)}") from None
+                raise SecretStoreError(
+                    f"PostgreSQL at {self.location} is unreachable ({what}): {_first(exc)}") from None
             except psycopg.Error as exc:
                 raise SecretStoreError(f"PostgreSQL at {self.location}: {what} failed: {_first(exc)}") from None
             except BaseException:  # cancelled mid-query: the connection's state is unknown

@@ -49,7 +49,8 @@ def pg_dsn() -> str:
     if not reachable(dsn) and os.geteuid() == 0 and script.exists():
         subprocess.run(["bash", str(script)], check=False, timeout=600)
     if not reachable(dsn):
-        reason = "no PostgreSQL answers at RISOLUTO_POSTGRES_DSN or the test DSN (run scripts/provision-services as root)"
+        reason = ("no PostgreSQL answers at RISOLUTO_POSTGRES_DSN or the test DSN "
+                  "(run scripts/provision-services as root)")
         if in_ci():
             pytest.fail(f"{reason}; CI=true: the PostgreSQL tests must run, not skip")
         pytest.skip(reason)

@@ -154,7 +154,8 @@ async def test_rows_are_interchangeable_with_the_sqlite_backend(tmp_path, schema
     try:
         await store.set("FROM_POSTGRES", "pg-value")
         con = sqlite3.connect(lite.path)
-        lite_row = con.execute("SELECT key, ciphertext, iv, auth_tag, updated_at, aad FROM encrypted_secrets").fetchone()
+        lite_row = con.execute(
+            "SELECT key, ciphertext, iv, auth_tag, updated_at, aad FROM encrypted_secrets").fetchone()
         db.execute("INSERT INTO encrypted_secrets VALUES (%s, %s, %s, %s, %s, %s)", lite_row)
         assert await store.get("FROM_SQLITE") == "lite-value"
         pg_row = next(r for r in rows(db) if r[0] == "FROM_POSTGRES")
@@ -245,7 +246,8 @@ async def test_rotation_is_one_transaction_and_fences_old_key_instances(tmp_path
     try:
         assert [await new.get(n) for n in ("A", "B")] == ["1", "2"] and await new.get("C") is None
         # a damaged row aborts a rotation before anything changes
-        db.execute("UPDATE encrypted_secrets SET auth_tag = %s WHERE key = 'B'", (base64.b64encode(bytes(16)).decode(),))
+        zero_tag = base64.b64encode(bytes(16)).decode()
+        db.execute("UPDATE encrypted_secrets SET auth_tag = %s WHERE key = 'B'", (zero_tag,))
         before = (rows(db), meta(db))
         with pytest.raises(SecretIntegrityError):
             await new.rotate("a third key")

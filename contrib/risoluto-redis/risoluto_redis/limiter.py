@@ -147,7 +147,7 @@ class RedisLimiter:
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:  # script cache flushed (restart, failover, SCRIPT FLUSH): load it, run those again
                 await self.redis.script_load(GCRA_LUA)
-                for i, r in zip(missing, await self._evalsha_all([batch[i] for i in missing])):
+                for i, r in zip(missing, await self._evalsha_all([batch[i] for i in missing]), strict=True):
                     results[i] = r
         except BaseException as exc:
             for *_, future in batch:
@@ -156,7 +156,7 @@ class RedisLimiter:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (*_, future), result in zip(batch, results):
+        for (*_, future), result in zip(batch, results, strict=True):
             if future.done():  # the request went away meanwhile
                 continue
             if isinstance(result, Exception):

@@ -135,7 +135,7 @@ def test_two_serve_processes_share_one_limit(tmp_path, redis_env):
     ports = free_port(), free_port()
     procs = [_serve(tmp_path, f"d{i}", port, env) for i, port in enumerate(ports)]
     try:
-        for port, proc in zip(ports, procs):
+        for port, proc in zip(ports, procs, strict=True):
             _wait_up(port, proc)
         a, b = (f"http://127.0.0.1:{p}/api/v1/runtime" for p in ports)
         statuses = [httpx.get(a, timeout=5).status_code for _ in range(6)]
