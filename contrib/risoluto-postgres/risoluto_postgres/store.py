@@ -149,7 +149,12 @@ class PostgresStore:
                     " ON CONFLICT (name) DO UPDATE SET value = excluded.value", (self._check,))
             self.damaged = found.damaged
 
-        await self._run("open", run)
+        try:
+            await self._run("open", run)
+        except BaseException:  # refused (wrong key, ...): keep no connection open
+            async with self._lock:
+                await self._drop()
+            raise
         self._opened = True
 
     async def list(self) -> list[str]:

@@ -12,6 +12,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
@@ -41,7 +43,9 @@ def _loopback(host: str) -> bool:
 
 def _probe(url: str, timeout: float = 1.0) -> str:
     """PING with the sync client (the doctor hook is synchronous); returns the server version."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    # no retries: the doctor runs inside request handling too, and must answer quickly
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                  retry=Retry(NoBackoff(), 0))
     try:
         client.ping()
         return str(client.info("server").get("redis_version", "?"))
