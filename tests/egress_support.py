@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 import struct
 from pathlib import Path
@@ -134,8 +135,12 @@ class DnsServer:
         self.queries: list[str] = []
         self.port = 0
 
-    async def start(self, tg: TaskGroup, host: str = "127.0.0.1") -> int:
-        sock = await anyio.create_udp_socket(local_host=host, local_port=0)
+    async def start(self, tg: TaskGroup, host: str = "127.0.0.1", raw: socket.socket | None = None) -> int:
+        """Serve on ``host`` (a free port), or on an already bound UDP socket ``raw``."""
+        from anyio.abc import UDPSocket
+
+        sock: Any = await UDPSocket.from_socket(raw) if raw is not None else await anyio.create_udp_socket(
+            local_host=host, local_port=0)
         self.port = sock.extra(SocketAttribute.local_port)
         tg.start_soon(self._serve, sock)
         return self.port
@@ -169,3 +174,108 @@ class DnsServer:
                 count += 1
         flags = 0x8180 if found else 0x8183
         return struct.pack("!HHHHHH", qid, flags, 1, count, 0, 0) + question + answers
+
+
+# -- a network namespace for targets the proxy may reach but workers may not -----------------
+CLONE_NEWNET = 0x40000000
+
+
+def _ip(*args: str, check: bool = True) -> None:
+    import subprocess
+
+    subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+class TargetNamespace:
+    """``ip netns`` + a veth pair: the host routes to ``ns_ip``; workers on an internal Docker
+    network have no route there (Docker drops forwarding out of an internal bridge).
+
+    Sockets are opened inside the namespace from a short-lived thread that enters it with
+    setns(2), then served by this test's own event loop.
+    """
+
+    def __init__(self) -> None:
+        import secrets
+
+        tag = secrets.token_hex(3)
+        octet = 100 + secrets.randbelow(100)
+        self.name = f"rsl-egr-{tag}"
+        self.host_if, self.ns_if = f"rvh{tag}", f"rvn{tag}"
+        self.host_ip, self.ns_ip = f"198.18.{octet}.1", f"198.18.{octet}.2"
+        self.cidr = f"198.18.{octet}.0/30"
+
+    def __enter__(self) -> TargetNamespace:
+        _ip("netns", "add", self.name)
+        try:
+            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+            _ip("link", "set", self.ns_if, "netns", self.name)
+            _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+            _ip("link", "set", self.host_if, "up")
+            for args in (("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if), ("link", "set", self.ns_if, "up"),
+                         ("link", "set", "lo", "up")):
+                _ip("netns", "exec", self.name, "ip", *args)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ip("link", "del", self.host_if, check=False)
+        _ip("netns", "del", self.name, check=False)
+
+    def sockets(self, specs: list[tuple[int, int]]) -> list[socket.socket]:
+        """Bound sockets inside the namespace: (socket type, port) -> listening/bound sockets."""
+        import ctypes
+        import os
+        import threading
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        out: list[Any] = []
+
+        def enter_and_bind() -> None:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+            try:
+                if libc.setns(target, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+                try:
+                    for kind, port in specs:
+                        sock = socket.socket(socket.AF_INET, kind)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        sock.bind((self.ns_ip, port))
+                        if kind == socket.SOCK_STREAM:
+                            sock.listen(128)
+                        sock.setblocking(False)
+                        out.append(sock)
+                finally:
+                    libc.setns(own, CLONE_NEWNET)  # this thread goes back before it ends
+            except BaseException as exc:  # reported to the caller
+                out.append(exc)
+            finally:
+                os.close(own)
+                os.close(target)
+
+        thread = threading.Thread(target=enter_and_bind)
+        thread.start()
+        thread.join()
+        errors = [o for o in out if isinstance(o, BaseException)]
+        if errors:
+            raise errors[0]
+        return out
+
+
+async def serve_origin(tg: TaskGroup, sock: socket.socket, label: str, tls: ssl.SSLContext | None = None) -> Origin:
+    """Serve an :class:`Origin` on an already bound, listening socket."""
+    from anyio.abc import SocketListener
+
+    origin = Origin(label)
+    listener: Any = await SocketListener.from_socket(sock)
+    if tls is not None:
+        listener = TLSListener(listener, tls, standard_compatible=False)
+
+    async def serve() -> None:
+        async with listener:
+            await listener.serve(origin.handle)
+
+    tg.start_soon(serve)
+    return origin
