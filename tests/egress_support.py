@@ -205,6 +205,14 @@ class TargetNamespace:
         self.cidr = f"198.18.{octet}.0/30"
 
     def __enter__(self) -> TargetNamespace:
+        for _ in range(5):  # another run may hold this /30: pick another
+            try:
+                return self._create()
+            except Exception:
+                self.__init__()  # type: ignore[misc]
+        return self._create()
+
+    def _create(self) -> TargetNamespace:
         _ip("netns", "add", self.name)
         try:
             _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)

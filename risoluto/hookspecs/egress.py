@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from .sandbox import ContainerSpec, LaunchRequest
 
 
+# Label the kernel puts on a spec once an enforcer attached to it (value: the enforcer's name).
+# A launch under an allowlist without it is refused.
+EGRESS_LABEL = "risoluto.egress"
+
+
 @attrs.frozen(kw_only=True)
 class EgressRequest:
     """One outbound attempt seen by the enforcer.

@@ -12,23 +12,28 @@ Names are compared case-insensitively, without a trailing dot, in IDNA (punycode
 The same normalisation is applied to the host a client asks for, so ``EXAMPLE.com.``
 and ``bücher.example`` / ``xn--bcher-kva.example`` match the way an operator expects.
 
-This module is also the plugin that reports the egress mode to the doctor.
+This module is also the plugin that reports the egress mode to the doctor, and the one that
+refuses a launch under an allowlist that no running enforcer attached to (fail closed, even
+when the enforcer plugins are disabled).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Generator, Iterable
 
 import attrs
 
-from risoluto.errors import ConfigError
+from risoluto.errors import ApiError, ConfigError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
+from risoluto.hookspecs.egress import EGRESS_LABEL
 
 if TYPE_CHECKING:
+    from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
     from risoluto.kernel import Kernel
+    from risoluto.settings import Settings
 
 DEFAULT_PORTS = frozenset({80, 443})
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -166,6 +171,26 @@ class Allowlist:
         if not isinstance(host, str):
             return Match(False, "ip_literal_not_allowed")
         return Match(False, "host_not_allowed")
+
+
+@hookimpl(wrapper=True)
+def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> Generator[Any, Any, Any]:
+    """Fail closed: under an allowlist, a spec no running enforcer attached to is refused.
+
+    A wrapper, so it judges the final spec after every contribution.
+    """
+    result = yield
+    if not settings.codex.sandbox.egress_allowlist:
+        return result
+    if not spec.labels.get(EGRESS_LABEL):
+        raise ApiError(503, "egress_unavailable",
+                       "An egress allowlist is configured but no egress enforcer is running "
+                       "(it starts with the server: restart after setting the allowlist).")
+    added = {c.upper().removeprefix("CAP_") for c in spec.cap_add} & {"ALL", "NET_ADMIN", "NET_RAW"}
+    if added:
+        raise ApiError(400, "egress_capability",
+                       f"A sandbox under the egress allowlist may not get {', '.join(sorted(added))}.")
+    return result
 
 
 @hookimpl

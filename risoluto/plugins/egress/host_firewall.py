@@ -19,11 +19,13 @@ This module is also the plugin that reports host protection to the doctor.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import anyio
 
@@ -35,8 +37,21 @@ if TYPE_CHECKING:
     from risoluto.kernel import Kernel
 
 CHAIN = "RISOLUTO-EGRESS"
-# The firewall is host-wide state shared by every kernel in this process: one editor at a time.
-_LOCK = threading.Lock()
+LOCK_FILE = "/run/risoluto-egress.lock"
+# The firewall is host-wide state shared by every kernel on the host: one editor at a time,
+# across threads (this lock) and processes (an flock on LOCK_FILE).
+_THREADS = threading.Lock()
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    with _THREADS:
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
 
 class FirewallError(Exception):
@@ -87,7 +102,7 @@ class HostFirewall:
         return ["-i", self.bridge, "-d", self.gateway, "-p", "tcp", "--dport", str(self.port), "-j", "ACCEPT"]
 
     def _install(self) -> None:
-        with _LOCK:
+        with _locked():
             for tool in ("iptables", "ip6tables"):
                 _run(tool, "-N", CHAIN, check=False)  # exists already: fine
                 for rule in self._shared():
@@ -98,7 +113,7 @@ class HostFirewall:
         self.installed = True
 
     def _remove(self) -> None:
-        with _LOCK:
+        with _locked():
             _delete("iptables", CHAIN, self._accept())
             listing = _run("iptables", "-S", CHAIN, check=False).stdout
             if any(f"-i {self.bridge} " in line and "--dport" in line for line in listing.splitlines()):
@@ -113,7 +128,7 @@ class HostFirewall:
 
     def present(self) -> bool:
         """Whether the rules are in the live firewall right now."""
-        with _LOCK:
+        with _locked():
             if _run("iptables", "-C", CHAIN, *self._accept(), check=False).returncode != 0:
                 return False
             return all(

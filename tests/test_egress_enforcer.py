@@ -1,0 +1,205 @@
+"""The egress service and the default enforcer on a real engine: network, bind, firewall, doctor.
+
+Launch paths that must fail closed are tried through the spec hooks every launch goes
+through; the worker-side behaviour is in test_egress_docker.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from risoluto.errors import ApiError, StartupError
+from risoluto.hookspecs.doctor import FAIL, PASS, WARN
+from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
+from risoluto.kernel import Kernel
+from risoluto.plugins.egress.host_firewall import CHAIN
+from risoluto.plugins.egress.network import NETWORK, DockerEgressEnforcer
+from risoluto.settings import build_settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+
+
+@pytest.fixture
+def docker_client():
+    try:
+        import docker
+
+        client = docker.from_env(timeout=60)
+        client.ping()
+        return client
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Docker engine unavailable under CI: {exc}")
+        pytest.skip(f"Docker engine unavailable: {exc}")
+
+
+def kernel_with(tmp_path: Path, allowlist: list[str], gvisor: bool = False, **extra) -> Kernel:
+    config = {"codex": {"sandbox": {"egressAllowlist": allowlist, "security": {"gvisor": gvisor}}}, **extra}
+    return Kernel(build_settings(config, None, {"DATA_DIR": str(tmp_path / "data")}))
+
+
+def iptables_rules() -> str:
+    out = ""
+    for tool in ("iptables", "ip6tables"):
+        out += subprocess.run([tool, "-w", "5", "-S"], capture_output=True, text=True).stdout
+    return out
+
+
+def checks(kernel: Kernel) -> dict[str, tuple[str, str]]:
+    from risoluto.doctor import run_checks
+
+    return {r.item: (r.status, r.reason) for r in run_checks(kernel) if "egress" in r.item}
+
+
+async def test_service_builds_network_binds_gateway_and_guards_host(tmp_path, docker_client):
+    kernel = kernel_with(tmp_path, ["allowed.test"])
+    async with kernel.running():
+        status = kernel.state["egress.enforcer"].status()
+        gateway, port = status["bind"].rsplit(":", 1)
+        network = next(n for n in docker_client.networks.list() if n.name == NETWORK)
+        network.reload()
+        assert network.attrs["Internal"] is True
+        assert network.attrs["Labels"]["risoluto.managed"] == "true"
+        assert network.attrs["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+        assert gateway == network.attrs["IPAM"]["Config"][0]["Gateway"]
+        # the proxy listens on the gateway only: not on loopback, not on a wildcard address
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert [line.split()[3] for line in listening.splitlines()] == [f"{gateway}:{port}"]
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
+        rules = iptables_rules()
+        bridge = status["bridge"]
+        assert f"-A INPUT -i {bridge} -j {CHAIN}" in rules
+        assert f"-A {CHAIN} -d {gateway}/32 -i {bridge} -p tcp -m tcp --dport {port} -j ACCEPT" in rules
+        assert f"-A {CHAIN} -i {bridge} -j DROP" in rules
+        assert rules.count(f"-A INPUT -i {bridge} -j {CHAIN}") == 2  # IPv4 and IPv6
+        found = checks(kernel)
+        assert found["egress proxy"][0] == PASS and status["bind"] in found["egress proxy"][1]
+        assert found["egress host protection"][0] == PASS
+        # every launch gets the internal network, the proxy and its own credential; nothing added back
+        specs = []
+        for _ in range(2):
+            spec = ContainerSpec(name="x", image="img")
+            kernel.hooks.sandbox_spec(spec, LaunchRequest(issue="i"), kernel.settings)
+            specs.append(spec)
+        assert all(s.network == NETWORK and s.labels["risoluto.egress"] == "docker-proxy" for s in specs)
+        assert specs[0].env["HTTPS_PROXY"] != specs[1].env["HTTPS_PROXY"]
+        assert specs[0].env["HTTPS_PROXY"].endswith(f"@{gateway}:{port}")
+        assert specs[0].env["https_proxy"] == specs[0].env["HTTP_PROXY"] == specs[0].env["http_proxy"]
+        assert "NO_PROXY" in specs[0].env and specs[0].cap_add == []
+    # stopped: this proxy's rule is gone and the port is closed
+    assert f"--dport {port} -j ACCEPT" not in iptables_rules()
+    assert kernel.pm.get_plugin("egress.attach") is None
+
+
+async def test_launch_fails_closed_without_a_running_enforcer(tmp_path):
+    kernel = kernel_with(tmp_path, ["allowed.test"])  # never started (e.g. allowlist set by overlay later)
+    spec = ContainerSpec(name="x", image="img")
+    with pytest.raises(ApiError) as err:
+        kernel.hooks.sandbox_spec(spec, LaunchRequest(issue="i"), kernel.settings)
+    assert err.value.status == 503 and err.value.code == "egress_unavailable"
+    assert "HTTPS_PROXY" not in spec.env
+    # no allowlist: nothing to enforce, the spec passes untouched
+    free = kernel_with(tmp_path, [])
+    spec = ContainerSpec(name="x", image="img")
+    free.hooks.sandbox_spec(spec, LaunchRequest(issue="i"), free.settings)
+    assert "HTTPS_PROXY" not in spec.env
+
+
+async def test_enforcer_disabled_refuses_to_start_and_doctor_fails(tmp_path):
+    kernel = kernel_with(tmp_path, ["allowed.test"], plugins={"disable": ["egress.network"]})
+    assert checks(kernel)["egress proxy"][0] == FAIL
+    with pytest.raises(StartupError, match="no egress enforcer"):
+        await kernel.start()
+
+
+async def test_invalid_entry_stops_startup_naming_it(tmp_path):
+    kernel = kernel_with(tmp_path, ["allowed.test", "*.com"])
+    with pytest.raises(StartupError, match=r"'\*\.com'"):
+        await kernel.start()
+    assert checks(kernel)["egress allowlist"][0] == FAIL
+
+
+async def test_network_capabilities_are_refused(tmp_path, docker_client):
+    from risoluto.hookspecs import hookimpl
+
+    class AddsNetAdmin:
+        @hookimpl
+        def risoluto_sandbox_spec(self, spec, request, settings):
+            spec.cap_add.append("NET_ADMIN")
+
+    settings = build_settings({"codex": {"sandbox": {"egressAllowlist": ["allowed.test"]}}}, None,
+                              {"DATA_DIR": str(tmp_path / "data")})
+    kernel = Kernel(settings, (("adds", AddsNetAdmin()),))
+    async with kernel.running():
+        with pytest.raises(ApiError) as err:
+            kernel.hooks.sandbox_spec(ContainerSpec(name="x", image="i"), LaunchRequest(issue="i"), kernel.settings)
+        assert err.value.code == "egress_capability"
+
+
+async def test_an_existing_non_internal_network_is_refused(tmp_path, docker_client):
+    name = f"rsl-egress-test-{os.urandom(3).hex()}"
+    docker_client.networks.create(name, driver="bridge", labels={"risoluto.test": "1"})
+    try:
+        kernel = kernel_with(tmp_path, ["allowed.test"])
+        enforcer = DockerEgressEnforcer(kernel.settings, network=name)
+        with pytest.raises(StartupError, match="not internal"):
+            await enforcer.start(kernel)
+        assert enforcer.proxy is None
+    finally:
+        docker_client.networks.get(name).remove()
+
+
+async def test_doctor_without_root_reports_exposed_host_services(tmp_path, docker_client):
+    """``risoluto doctor`` run as an unprivileged user cannot add firewall rules: FAIL, and says why."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="rsl-egress-doctor-"))  # pytest's own tmp is private to root
+    tmp.chmod(0o755)
+    try:
+        await _doctor_as_nobody(tmp)
+    finally:
+        shutil.rmtree(tmp)
+
+
+async def _doctor_as_nobody(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"codex": {"sandbox": {"egressAllowlist": ["allowed.test"]}}}))
+    config.chmod(0o644)
+    data = tmp_path / "nobody-data"
+    data.mkdir(mode=0o700)
+    os.chown(data, 65534, 65534)
+    env = {"PATH": os.environ["PATH"], "RISOLUTO_CONFIG": str(config), "DATA_DIR": str(data), "HOME": str(data)}
+    # third-party plugins are not what this test is about (and may not import for another user)
+    from importlib.metadata import entry_points
+
+    others = ",".join(ep.name for ep in entry_points(group="risoluto"))
+    if others:
+        env["RISOLUTO_DISABLE_PLUGINS"] = others
+    cli = str(Path(sys.executable).parent / "risoluto")
+    done = await anyio.run_process(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", cli, "doctor", "--json"],
+        env=env, check=False)
+    report = json.loads(done.stdout)
+    items = {i["item"]: i for i in report["items"]}
+    assert items["egress host protection"]["status"] == FAIL
+    assert "exposed" in items["egress host protection"]["reason"]
+    assert items["egress allowlist"]["status"] == PASS
+    assert done.returncode != 0
+
+
+async def test_doctor_warns_on_empty_allowlist_and_on_gvisor_hostinet(tmp_path, docker_client):
+    assert checks(kernel_with(tmp_path, []))["egress allowlist"][0] == WARN
+    gvisor = kernel_with(tmp_path, ["allowed.test"], gvisor=True)
+    runtimes = docker_client.info().get("Runtimes", {})
+    hostnet = "--network=host" in (runtimes.get("runsc", {}).get("runtimeArgs") or [])
+    assert checks(gvisor)["egress under gVisor"][0] == (WARN if hostnet else PASS)
