@@ -6,7 +6,7 @@ stops startup), and calls its ``attach`` for every sandbox launch (after every o
 ``risoluto_sandbox_spec`` contribution). A launch that no enforcer attached to is
 refused: an allowlist is never silently ignored.
 
-The default enforcer (``egress.enforcer``) is a forward proxy on an internal Docker
+The default enforcer (plugin ``egress.network``) is a forward proxy on an internal Docker
 network; for every request it sees, it calls ``risoluto_egress_decision`` before
 applying the sandbox's allowlist, so a plugin can add a rule.
 """
