@@ -466,3 +466,39 @@ async def test_doctor(risoluto_client):
     kernel.secret_store = None
     (result,) = [r for r in await anyio.to_thread.run_sync(run_checks, kernel) if r.item == "Webhook secrets"]
     assert result.status == "WARN"
+
+
+async def test_with_the_real_secret_store(risoluto_client):
+    """Secrets set through the secrets API are used by the next delivery, no restart."""
+    received = Received()
+    client = await risoluto_client(env={"MASTER_KEY": "webhook-test-master-key"}, plugins=(("received", received),))
+    body = linear_body()
+    status, data = await post(client, "/webhooks/linear", body, linear_headers(body, "s3cret"))
+    assert (status, err(data)) == (503, "webhook_not_configured")
+    response = await client.post("/api/v1/secrets/LINEAR_WEBHOOK_SECRET", json={"value": "s3cret"})
+    assert response.status_code == 204
+    status, data = await post(client, "/webhooks/linear", body, linear_headers(body, "s3cret"))
+    assert (status, data) == (200, {"ok": True, "duplicate": False})
+    assert len(received.deliveries) == 1
+
+
+def test_cli_doctor_reads_the_store(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RISOLUTO_")}
+    env.update({"DATA_DIR": str(tmp_path / "data"), "MASTER_KEY": "doctor-test-key"})
+
+    def doctor():
+        out = subprocess.run([sys.executable, "-m", "risoluto.cli", "doctor", "--json"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60).stdout
+        (item,) = [i for i in json.loads(out)["items"] if i["item"] == "Webhook secrets"]
+        return item
+
+    assert doctor()["status"] == "WARN" and not (tmp_path / "data").exists()  # the doctor created nothing
+    for name in ("LINEAR_WEBHOOK_SECRET", "GITHUB_WEBHOOK_SECRET"):
+        subprocess.run([sys.executable, "-m", "risoluto.cli", "secrets", "set", name], input="v4lue", env=env,
+                       cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60)
+    item = doctor()
+    assert item["status"] == "PASS" and "v4lue" not in json.dumps(item)

@@ -101,7 +101,7 @@ def _now() -> str:
 @hookimpl
 def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -> None:
     """Audit every mutating request that passed the guard (SPEC 2.1), whatever its outcome."""
-    if not info.extra.get(_PASSED):
+    if not info.extra.get(_PASSED) or "refused" in info.extra:  # refused by a guard called after us
         return
     entry = {
         "at": _now(), "method": info.method, "path": info.path, "status": status,

@@ -135,15 +135,47 @@ def risoluto_app_services(kernel: Any) -> list[Any]:
 
 
 def _stored_names(kernel: Any) -> set[str] | None:
-    """Secret names in the live store; None when it cannot be asked from here."""
-    store = kernel.secret_store
-    if store is None:
-        return None
-    try:
-        import anyio.from_thread
+    """Secret names (never values) in the store; None when it cannot be asked from here.
 
-        return set(anyio.from_thread.run(store.list))  # the doctor runs in a worker thread
+    In the app the doctor runs in a worker thread: ask the live store on the app's loop.
+    From the CLI (no loop, no started services) open the store read-only for a moment
+    when MASTER_KEY is in the environment.
+    """
+    import asyncio
+
+    import anyio.from_thread
+
+    store = kernel.secret_store
+    try:
+        if store is not None:
+            return set(anyio.from_thread.run(store.list))
+        if not kernel.settings.master_key or not kernel.settings.data_path.is_dir():
+            return None  # nothing to read, and a doctor must not create the data directory
+        asyncio.get_running_loop()
+        return None  # a loop runs in this thread: we cannot block on it
+    except RuntimeError:
+        pass
     except Exception:
+        return None
+    return _names_from_cli(kernel)
+
+
+def _names_from_cli(kernel: Any) -> set[str] | None:
+    import asyncio
+
+    async def run() -> set[str]:
+        cold = kernel.hooks.secret_store(kernel.settings, kernel.settings.master_key)
+        if cold is None:
+            raise LookupError("no secret store backend")
+        await cold.open()  # must not write before the key is verified (SecretStore protocol)
+        try:
+            return set(await cold.list())
+        finally:
+            await cold.close()
+
+    try:
+        return asyncio.run(run())
+    except Exception:  # wrong key, missing data, ...: the secrets plugin's own check says why
         return None
 
 
@@ -161,7 +193,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                             reason="the secret store is not open here: webhook routes answer 503 "
                                    "webhook_not_configured",
                             fix="set MASTER_KEY and the webhook secrets (risoluto secrets set ...)")]
-    missing = [p for p, secrets in wanted.items() if secrets and not any(s in names for s in secrets)]
+    missing = [p for p, secrets in wanted.items()
+               if secrets and not any(n in names for s in secrets for n in (s, f"{s}_PREVIOUS"))]
     if missing:
         return [CheckResult(item=item, status=WARN,
                             reason=f"no signing secret for: {', '.join(missing)} (503 webhook_not_configured)",
