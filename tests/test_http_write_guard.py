@@ -297,3 +297,20 @@ def test_doctor_write_token(risoluto_settings, env, status):
     result = checks(risoluto_settings(env=env), "Write token")
     assert result.status == status, result
     assert TOKEN not in result.reason and READ not in result.reason
+
+
+async def test_write_refused_by_a_later_guard_is_not_audited(risoluto_client, risoluto_data_dir):
+    from risoluto import hookimpl
+    from risoluto.errors import ApiError
+
+    class LateGuard:
+        @hookimpl(trylast=True)
+        def risoluto_request_authorize(self, info, settings):
+            if info.mutating:
+                return ApiError(403, "maintenance", "Writes are paused.")
+            return None
+
+    client = await risoluto_client(plugins=(*ECHO, ("late", LateGuard())))
+    status, body, _ = await call(client, "POST")
+    assert (status, code(body)) == (403, "maintenance")
+    assert audit_lines(risoluto_data_dir) == []
