@@ -21,6 +21,10 @@ class RequestInfo:
     server). ``route`` is the matched rule (``/api/v1/secrets/<key>``) or None for a
     404/405. ``client`` is decided once by the client-address hook and used by every
     guard, the limiter and the logs. ``principal`` is set by the authorizing guard.
+
+    ``extra`` keys set by the kernel: ``norm_path`` (the matched rule, or the normalised
+    path of an unmatched request: what guards and rate rules judge), ``rate_bucket``,
+    ``rate_limited`` (True on a 429), ``refused`` (the code of an authorization refusal).
     """
 
     method: str
