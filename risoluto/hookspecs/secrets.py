@@ -81,6 +81,8 @@ def risoluto_secret_store(settings: Settings, master_key: str) -> SecretStore | 
     Called at startup when a master key is available (from ``MASTER_KEY`` or
     ``<DATA_DIR>/master.key``); firstresult. The kernel then awaits ``open()``. Without a
     master key this hook is not called and secret routes answer 503 ``secrets_locked``.
+    ``risoluto secrets`` (CLI) and the doctor call it too: building the store must do no
+    I/O. No plugin returning a store for ``secrets.backend`` is a startup error naming it.
 
     Example::
 
