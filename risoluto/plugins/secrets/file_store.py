@@ -212,5 +212,7 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     except OSError as exc:
         return [CheckResult(item=item, status=FAIL, reason=f"{store.path}: {exc.strerror}",
                             fix="make the file readable by the kernel's user")]
-    what = f"{len(data)} secret(s) in {store.path}" if sig else f"no {FILE_NAME} yet"
-    return [CheckResult(item=item, status=PASS, reason=f"file backend, AES-256-GCM: {what}, key matches")]
+    if sig is None:
+        return [CheckResult(item=item, status=PASS, reason=f"file backend, AES-256-GCM: no {FILE_NAME} yet")]
+    return [CheckResult(item=item, status=PASS,
+                        reason=f"file backend, AES-256-GCM: {len(data)} secret(s) in {store.path}, key matches")]
