@@ -128,7 +128,7 @@ class Sandbox:
         self.container = await anyio.to_thread.run_sync(lambda: self.world.docker.containers.create(
             spec.image, spec.command, name=spec.name, environment=spec.env, network=spec.network,
             labels=spec.labels, user="1000:1000", cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            runtime=self.runtime, dns=spec.host_config.get("dns"),
+            runtime=self.runtime, dns=[self.world.ns.ns_ip],  # a leak would reach our DNS server
         ))
         for callback in spec.on_created:
             await callback(self.container.id)

@@ -11,14 +11,14 @@ At app start (only with a non-empty ``codex.sandbox.egressAllowlist``) it:
 
 Per launch, ``attach`` moves the worker onto the internal network, gives it
 ``HTTP(S)_PROXY`` with a credential of its own (registered with the proxy once the
-container exists, removed with it, valid only from that container's address) and points
-the container's DNS at the gateway, where nothing answers it.
+container exists, removed with it, valid only from that container's address).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -176,9 +176,6 @@ class DockerEgressEnforcer:
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
             spec.env[name] = url
         spec.env["NO_PROXY"] = spec.env["no_proxy"] = NO_PROXY
-        # Docker's embedded resolver forwards unknown names upstream; make that upstream the
-        # gateway, where the host firewall drops it (never the host's own resolver).
-        spec.host_config["dns"] = [self.gateway]
         proxy = self.proxy
 
         async def created(container_id: str) -> None:
@@ -212,19 +209,57 @@ def risoluto_egress_enforcer(settings: Settings) -> DockerEgressEnforcer | None:
 @hookimpl
 def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     sandbox = kernel.settings.codex.sandbox
-    if not (sandbox.egress_allowlist and sandbox.security.gvisor):
+    if not sandbox.egress_allowlist:
         return []
-    item = "egress under gVisor"
     try:
         info = docker_client().info()
     except Exception as exc:  # noqa: BLE001 - any engine failure is reported, not raised
-        return [CheckResult(item=item, status=FAIL, reason=f"Docker engine not reachable: {type(exc).__name__}",
-                            fix="start the Docker engine")]
+        return [CheckResult(item="egress network", status=FAIL, fix="start the Docker engine",
+                            reason=f"Docker engine not reachable: {type(exc).__name__}")]
+    results = [_embedded_dns_check(info)]
+    if sandbox.security.gvisor:
+        results.append(_gvisor_check(info))
+    return results
+
+
+def _engine_fixed(version: str) -> bool:
+    """Whether this engine has the fix for CVE-2024-29018 (26.0.0, 25.0.5, 23.0.11)."""
+    parts = [int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3]] + [0, 0, 0]
+    major, minor, patch = parts[:3]
+    return (major, minor, patch) >= (26, 0, 0) or (major == 25 and patch >= 5) or (major == 23 and patch >= 11)
+
+
+def _loopback_resolvers(path: str = "/etc/resolv.conf") -> list[str]:
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        return []
+    found = [line.split()[1] for line in lines if line.startswith("nameserver") and len(line.split()) > 1]
+    return [ns for ns in found if ns.startswith("127.") or ns == "::1"]
+
+
+def _embedded_dns_check(info: dict[str, Any]) -> CheckResult:
+    item = "egress DNS"
+    version = str(info.get("ServerVersion", ""))
+    loopback = _loopback_resolvers()
+    if loopback and not _engine_fixed(version):
+        return CheckResult(
+            item=item, status=FAIL,
+            reason=f"Docker {version} with a loopback resolver ({loopback[0]}) answers workers' DNS from the "
+                   "host namespace (CVE-2024-29018): names can leak out of the internal network",
+            fix="upgrade the engine (>= 26.0) or give Docker a non-loopback resolver",
+        )
+    return CheckResult(item=item, status=PASS, reason="Docker's embedded DNS cannot forward workers' queries out "
+                       "of the internal network")
+
+
+def _gvisor_check(info: dict[str, Any]) -> CheckResult:
+    item = "egress under gVisor"
     if hostnet_runtime(info, "runsc"):
-        return [CheckResult(
+        return CheckResult(
             item=item, status=WARN,
             reason="runsc is registered with --network=host: gVisor hands network calls to the host kernel, "
                    "inside the container's own network namespace; egress is still confined by the internal network",
             fix="register runsc without --network=host where gVisor's own network stack works (docs/egress.md)",
-        )]
-    return [CheckResult(item=item, status=PASS, reason="runsc uses gVisor's own network stack on the internal network")]
+        )
+    return CheckResult(item=item, status=PASS, reason="runsc uses gVisor's own network stack on the internal network")
