@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 import attrs
 
@@ -22,10 +22,16 @@ class LaunchRequest:
     env: dict[str, str] = attrs.field(factory=dict)
     secrets: tuple[str, ...] = ()
     timeout_s: float | None = None
+    # True when the spec is built only to show the effective policy
+    # (``GET /api/v1/sandbox/policy``): contributions must not touch the host then.
+    dry_run: bool = False
 
 
 @attrs.define(kw_only=True)
 class Mount:
+    """A mount of the container. Volume labels ``risoluto.scope: attempt`` mark a volume the
+    runtime creates for one launch and removes with the container; other volumes persist."""
+
     target: str
     source: str = ""  # host path (bind), volume name (volume), empty for tmpfs
     type: str = "bind"  # bind | volume | tmpfs
@@ -78,14 +84,26 @@ class SandboxEvent:
 
 
 class SandboxRuntime(Protocol):
-    """Runs ContainerSpecs. Every method is async and may raise ApiError."""
+    """Runs ContainerSpecs. Every method is async and may raise ApiError.
+
+    Records are plain dicts (``id``, ``name``, ``issue``, ``status``, ``exit_code``,
+    ``oom_killed``, ...) and never carry environment values.
+    """
 
     name: str
 
     async def check(self) -> None:
         """Raise with a clear message if the runtime cannot run the current policy."""
 
-    async def launch(self, spec: ContainerSpec, timeout_s: float) -> dict[str, Any]: ...
+    async def launch(self, spec: ContainerSpec, timeout_s: float) -> dict[str, Any]:
+        """Create, fill, start; return the record once started. The wait for exit (and
+        the stop at ``timeout_s``, then removal) runs in the background."""
+
+    async def wait(self, sandbox_id: str) -> dict[str, Any]:
+        """Block until the sandbox has exited and been cleaned up; return its record."""
+
+    def stream_logs(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        """Output of a sandbox as it is produced, until it exits."""
 
     async def list(self) -> list[dict[str, Any]]: ...
 
@@ -93,9 +111,11 @@ class SandboxRuntime(Protocol):
 
     async def logs(self, sandbox_id: str) -> str: ...
 
-    async def remove(self, sandbox_id: str) -> None: ...
+    async def remove(self, sandbox_id: str) -> dict[str, Any]:
+        """Stop (with grace) and remove; return the final record."""
 
-    async def cleanup_orphans(self) -> int: ...
+    async def cleanup_orphans(self) -> int:
+        """Remove containers (and per-attempt volumes) left by a crash of this instance."""
 
     async def close(self) -> None: ...
 

@@ -1,0 +1,172 @@
+"""Docker SDK plumbing shared by the runtime and the doctor checks (not a plugin itself).
+
+Only the SDK's low-level ``APIClient`` is used: no docker CLI, and no call that could pull an
+image (``create_container`` never pulls; the high-level ``containers.run`` would).
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+import time
+from typing import Any, Mapping
+
+import docker
+import requests
+
+from ...errors import ApiError
+from ...hookspecs.sandbox import ContainerSpec, Mount
+
+API_TIMEOUT_S = 60.0
+FACTS_TTL_S = 5.0
+START_HINT = (
+    "Start Docker (for example `systemctl start docker`; on a test machine `scripts/provision-docker`) "
+    "or point DOCKER_HOST at a running engine, then retry."
+)
+
+
+def docker_host(environ: Mapping[str, str]) -> str:
+    return environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def connect(environ: Mapping[str, str], timeout: float = API_TIMEOUT_S, pool: int = 10) -> docker.APIClient:
+    """A connected client, or 503 ``sandbox_runtime_unavailable`` with what to do."""
+    try:
+        client = docker.from_env(environment=dict(environ), timeout=int(timeout), max_pool_size=pool).api
+        client.ping()
+        return client
+    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+        raise unavailable(environ, exc) from None
+
+
+def unavailable(environ: Mapping[str, str], exc: BaseException | None = None) -> ApiError:
+    why = f" ({type(exc).__name__})" if exc is not None else ""
+    return ApiError(
+        503, "sandbox_runtime_unavailable",
+        f"The Docker engine is not reachable at {docker_host(environ)}{why}. {START_HINT}",
+    )
+
+
+def engine_facts(kernel: Any) -> dict[str, Any]:
+    """Reachability and registered runtimes, for the doctor; cached a few seconds per kernel."""
+    cached = kernel.state.get("sandbox.engine_facts")
+    if cached and time.monotonic() - cached["at"] < FACTS_TTL_S:
+        return cached
+    facts: dict[str, Any] = {"at": time.monotonic(), "ok": False, "error": "", "runtimes": {}, "networks": {}}
+    try:
+        client = docker.from_env(environment=dict(kernel.environ), timeout=3).api
+        info = client.info()
+        facts.update(ok=True, runtimes=info.get("Runtimes") or {}, version=info.get("ServerVersion", ""))
+        facts["networks"] = {n["Name"]: n for n in client.networks()}
+        client.close()
+    except Exception as exc:  # the doctor reports, never raises
+        facts["error"] = f"not reachable at {docker_host(kernel.environ)} ({type(exc).__name__})"
+    kernel.state["sandbox.engine_facts"] = facts
+    return facts
+
+
+def runtime_is_gvisor(entry: Mapping[str, Any]) -> bool:
+    return "runsc" in posixpath.basename(str(entry.get("path", "")))
+
+
+def seccomp_filters_enforced(entry: Mapping[str, Any]) -> bool:
+    """runsc ignores the OCI seccomp profile unless it runs with ``--oci-seccomp``."""
+    if not runtime_is_gvisor(entry):
+        return True
+    args = entry.get("runtimeArgs") or []
+    return any(a in ("--oci-seccomp", "--oci-seccomp=true") for a in args)
+
+
+def _mount(m: Mount) -> dict[str, Any]:
+    out: dict[str, Any] = {"Type": m.type, "Target": m.target, "ReadOnly": m.read_only}
+    if m.type == "bind":
+        out["Source"] = m.source
+        out["BindOptions"] = {"Propagation": "rprivate"}
+    elif m.type == "volume":
+        out["Source"] = m.source
+        out["VolumeOptions"] = {"NoCopy": False, "Labels": dict(m.labels)}
+    elif m.type == "tmpfs":
+        out["TmpfsOptions"] = {"SizeBytes": m.tmpfs_size, "Mode": 0o1777}
+    return out
+
+
+def create_kwargs(spec: ContainerSpec, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The arguments of ``APIClient.create_container`` for a final spec."""
+    host_config: dict[str, Any] = {
+        "CapDrop": list(spec.cap_drop) or None,
+        "CapAdd": list(spec.cap_add) or None,
+        "SecurityOpt": list(spec.security_opt) or None,
+        "ReadonlyRootfs": spec.read_only_rootfs,
+        "Mounts": [_mount(m) for m in spec.mounts],
+        "NetworkMode": spec.network or "default",
+        "Init": False,
+        **spec.host_config,
+    }
+    if spec.runtime:
+        host_config["Runtime"] = spec.runtime
+    return {
+        "image": spec.image,
+        "command": list(spec.command) or None,
+        "user": spec.user or None,
+        "environment": [f"{k}={v}" for k, v in spec.env.items()],
+        "labels": dict(labels),
+        "working_dir": spec.working_dir or None,
+        "host_config": host_config,
+        "name": spec.name,
+        "detach": True,
+    }
+
+
+def put_groups(spec: ContainerSpec) -> dict[str, dict[str, bytes]]:
+    """Files grouped by where they are put: the shallowest writable mount that holds them
+    (so directories below it can be created with the container user as owner), else ``/``."""
+    targets = sorted(
+        (m.target.rstrip("/") for m in spec.mounts if m.type in ("volume", "bind") and not m.read_only),
+        key=len,
+    )
+    groups: dict[str, dict[str, bytes]] = {}
+    for path, data in spec.files.items():
+        root = next((t for t in targets if path.startswith(t + "/")), "/")
+        groups.setdefault(root, {})[path] = data
+    return groups
+
+
+def build_archive(root: str, files: Mapping[str, bytes], uid: int, gid: int) -> bytes:
+    """A tar of ``files`` relative to ``root``; a path ending in ``/`` is a directory.
+
+    Directories are 0700 and files 0600, owned by the container user: ``auth.json`` is a
+    credential and only the agent may read it.
+    """
+    buf = io.BytesIO()
+    now = time.time()
+    seen: set[str] = set()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(files):
+            rel = posixpath.relpath(path.rstrip("/"), root)
+            if rel.startswith(".."):
+                raise ValueError(f"{path} is not below {root}")
+            parts = rel.split("/")
+            is_dir = path.endswith("/")
+            for depth in range(1, len(parts) + (1 if is_dir else 0)):
+                name = "/".join(parts[:depth])
+                if name not in seen:
+                    seen.add(name)
+                    tar.addfile(_info(name, tarfile.DIRTYPE, 0o700, uid, gid, now))
+            if not is_dir:
+                data = files[path]
+                info = _info(rel, tarfile.REGTYPE, 0o600, uid, gid, now)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _info(name: str, kind: bytes, mode: int, uid: int, gid: int, mtime: float) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, gid, mtime
+    return info
+
+
+def parse_user(user: str) -> tuple[int, int]:
+    uid, _, gid = user.partition(":")
+    return (int(uid), int(gid or uid)) if uid.isdigit() and (gid or uid).isdigit() else (0, 0)

@@ -1,0 +1,144 @@
+"""From a launch request to a running sandbox: validate, resolve secrets, build the spec
+through ``risoluto_sandbox_spec``, check it one last time, hand it to the runtime.
+
+Used by the HTTP API and the CLI (not a plugin itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+from ...errors import ApiError
+from ...hookspecs.sandbox import ContainerSpec, LaunchRequest
+from ._guard import check_spec
+from ._naming import LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, validate_issue
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+_FIELDS = {"issue", "command", "image", "env", "secrets", "timeout_s", "wait"}
+_RESERVED_ENV = {"HOME", "CODEX_HOME"}
+
+
+def bad(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def parse_launch(data: dict[str, Any]) -> tuple[LaunchRequest, bool]:
+    """The JSON body of ``POST /api/v1/sandboxes`` -> (request, wait); 400 on anything odd."""
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise bad(f"unknown field(s): {', '.join(unknown)}.")
+    issue = validate_issue(data.get("issue"))
+    command = data.get("command", [])
+    if not isinstance(command, list) or len(command) > 1000 or not all(
+        isinstance(a, str) and "\x00" not in a and len(a) <= 65536 for a in command
+    ):
+        raise bad("command must be a list of at most 1000 strings (argv; no shell is added).")
+    image = data.get("image", "")
+    if not isinstance(image, str) or (image and not _IMAGE.match(image)):
+        raise bad("image must be an image reference such as risoluto-codex:latest.", "invalid_image")
+    env = data.get("env", {})
+    if not isinstance(env, dict) or len(env) > 256:
+        raise bad("env must be an object of at most 256 NAME: value strings.")
+    for key, value in env.items():
+        if not _ENV_KEY.match(key) or key in _RESERVED_ENV:
+            raise bad(f"env name {key[:64]!r} is not allowed (letters, digits, _; not HOME or CODEX_HOME).")
+        if not isinstance(value, str) or "\x00" in value or len(value) > 32768:
+            raise bad(f"env value of {key} must be a string without NUL, at most 32 KiB.")
+    secrets = data.get("secrets", [])
+    if not isinstance(secrets, list) or not all(isinstance(s, str) and _SECRET_NAME.match(s) for s in secrets):
+        raise bad("secrets must be a list of secret names (^[A-Za-z0-9_.:-]{1,256}$).")
+    if len(set(secrets)) != len(secrets) or set(secrets) & (set(env) | _RESERVED_ENV):
+        raise bad("a secret is named twice, or also given in env.")
+    timeout = data.get("timeout_s")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S
+    ):
+        raise bad(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}].")
+    wait = data.get("wait", False)
+    if not isinstance(wait, bool):
+        raise bad("wait must be true or false.")
+    request = LaunchRequest(issue=issue, command=tuple(command), image=image, env=dict(env),
+                            secrets=tuple(secrets), timeout_s=float(timeout) if timeout is not None else None)
+    return request, wait
+
+
+async def resolve_secrets(kernel: Any, names: tuple[str, ...]) -> dict[str, str]:
+    if not names:
+        return {}
+    store = kernel.secret_store
+    if store is None:
+        raise ApiError(503, "secrets_locked", f"The secret store is locked: {kernel.secrets_locked_reason}.")
+    values: dict[str, str] = {}
+    for name in names:
+        value = await store.get(name)
+        if value is None:
+            raise ApiError(400, "secret_not_found", f"No secret named {name!r}.")
+        values[name] = value
+    return values
+
+
+def policy_digest(policy: dict[str, Any]) -> str:
+    canonical = json.dumps(policy, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def build_spec(kernel: Any, request: LaunchRequest, secret_values: dict[str, str]) -> ContainerSpec:
+    settings = kernel.settings
+    key = "preview" if request.dry_run else issue_key(request.issue)
+    spec = ContainerSpec(name=container_name(key), image=request.image or settings.codex.sandbox.image,
+                         command=list(request.command))
+    spec.env.update(request.env)
+    spec.env.update(secret_values)
+    spec.labels[LABEL_ISSUE] = request.issue
+    kernel.hooks.sandbox_spec(spec, request, settings)
+    # Again after every contribution: a trylast plugin registered earlier than the guard runs after it.
+    check_spec(spec, settings, kernel.environ)
+    spec.policy["mounts"] = sorted(
+        ({"target": m.target, "type": m.type, "readOnly": m.read_only} for m in spec.mounts),
+        key=lambda m: m["target"],
+    )
+    _no_secret_outside_env(spec, secret_values)
+    spec.labels[LABEL_POLICY] = policy_digest(spec.policy)
+    return spec
+
+
+def _no_secret_outside_env(spec: ContainerSpec, secret_values: dict[str, str]) -> None:
+    """Secrets travel only as environment entries: never in argv, labels or the name."""
+    visible = [spec.name, *spec.command, *spec.labels.values(), *spec.labels.keys()]
+    for name, value in secret_values.items():
+        if len(value) >= 4 and any(value in text for text in visible):
+            raise ApiError(400, "secret_exposed", f"the value of secret {name!r} appears in the command line "
+                           "or a label; secrets are passed only as environment entries.")
+
+
+def effective_policy(kernel: Any) -> dict[str, Any]:
+    """The policy a launch would get now (``GET /api/v1/sandbox/policy``); touches nothing."""
+    request = LaunchRequest(issue="preview", dry_run=True)
+    try:
+        spec = build_spec(kernel, request, {})
+    except ApiError as err:
+        return {"launchable": False, "error": err.body()["error"]}
+    return {"launchable": True, "policy": spec.policy, "policy_digest": spec.labels[LABEL_POLICY]}
+
+
+async def launch(kernel: Any, request: LaunchRequest, wait: bool = False) -> dict[str, Any]:
+    runtime = kernel.runtime
+    if runtime is None:
+        raise ApiError(503, "sandbox_runtime_unavailable",
+                       f"No sandbox runtime {kernel.settings.sandbox.runtime!r} is loaded; check sandbox.runtime "
+                       "and that its plugin is enabled, and that Docker is running.")
+    secret_values = await resolve_secrets(kernel, request.secrets)
+    spec = build_spec(kernel, request, secret_values)
+    timeout = request.timeout_s or kernel.settings.codex.sandbox.timeout_s
+    record = await runtime.launch(spec, timeout)
+    if wait:
+        record = await runtime.wait(record["id"])
+    return {**record, "policy": spec.policy}

@@ -1,0 +1,97 @@
+"""Names, labels and the container user shared by the sandbox plugins (not a plugin itself).
+
+Issue identifiers come from outside (trackers, API callers): they are sanitised before they
+become part of a path, a container name or a volume name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets as _random
+from pathlib import Path
+
+from ...errors import ApiError
+from ...settings import Settings
+
+LABEL_ISSUE = "risoluto.issue"
+LABEL_WORKSPACE = "risoluto.workspace"
+LABEL_STARTED = "risoluto.started-at"
+LABEL_POLICY = "risoluto.policy"
+LABEL_INSTANCE = "risoluto.instance"  # which kernel (DATA_DIR) manages the object
+LABEL_MANAGED = "risoluto.managed"
+LABEL_SCOPE = "risoluto.scope"  # volumes: "attempt" (removed with the container) | "issue"
+
+CONTAINER_HOME = "/home/agent"
+CODEX_HOME = "/home/agent/.codex-runtime"
+WORKSPACE = "/workspace"
+
+MAX_ISSUE_CHARS = 200  # longer identifiers are refused with 400 invalid_issue
+_KEY_CHARS = 64  # the readable part of a sanitised key
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_USER = re.compile(r"^([0-9]{1,10}):([0-9]{1,10})$")
+
+
+def validate_issue(issue: object) -> str:
+    """The issue identifier as given, or 400 ``invalid_issue``."""
+    if not isinstance(issue, str) or not issue.strip():
+        raise ApiError(400, "invalid_issue", "issue must be a non-empty string.")
+    if len(issue) > MAX_ISSUE_CHARS:
+        raise ApiError(400, "invalid_issue", f"issue is longer than {MAX_ISSUE_CHARS} characters.")
+    if _CONTROL.search(issue):
+        raise ApiError(400, "invalid_issue", "issue must not contain control characters.")
+    return issue
+
+
+def issue_key(issue: str) -> str:
+    """``[^A-Za-z0-9._-]`` -> ``_``, no leading dot (so never ``.``/``..``), bounded length.
+
+    When sanitising changed anything, a short digest of the original is appended so two
+    different issues (``a/b`` and ``a_b``) never share a workspace or a HOME volume.
+    """
+    key = _UNSAFE.sub("_", issue)
+    stripped = key.lstrip(".")
+    key = "_" * (len(key) - len(stripped)) + stripped
+    if key != issue or len(key) > _KEY_CHARS:
+        digest = hashlib.sha256(issue.encode("utf-8")).hexdigest()[:10]
+        key = f"{key[:_KEY_CHARS]}-{digest}"
+    return key
+
+
+def container_name(key: str) -> str:
+    """A valid Docker name (``[a-zA-Z0-9][a-zA-Z0-9_.-]+``), unique per attempt."""
+    return f"risoluto-{key}-{_random.token_hex(4)}"
+
+
+def home_volume(key: str) -> str:
+    return f"risoluto-home-{key}"
+
+
+def instance_id(settings: Settings) -> str:
+    """Stable id of this kernel: a digest of its DATA_DIR, so two kernels on one engine
+    never clean up each other's containers."""
+    return hashlib.sha256(str(settings.data_path).encode("utf-8")).hexdigest()[:16]
+
+
+def container_user(settings: Settings) -> tuple[int, int]:
+    """``codex.sandbox.user`` (``uid:gid``) or the kernel process's own uid:gid."""
+    configured = settings.codex.sandbox.user.strip()
+    if not configured:
+        return os.getuid(), os.getgid()
+    match = _USER.match(configured)
+    if not match:
+        raise ApiError(
+            503, "sandbox_misconfigured",
+            f"codex.sandbox.user must be numeric uid:gid such as 1000:1000, got {configured!r}.",
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def workspace_root(settings: Settings) -> Path:
+    return Path(settings.workspace.root).expanduser().absolute()
+
+
+def auth_dir(settings: Settings) -> Path:
+    return Path(settings.codex.auth_dir).expanduser().absolute()

@@ -1,0 +1,120 @@
+"""The sandbox HTTP API (SPEC section 4) and the service that selects the runtime.
+
+``POST /api/v1/sandboxes`` answers 201 once the container has started; the wait for its
+exit, the stop at ``timeout_s`` and the removal run in the background. ``"wait": true``
+makes the request return after the exit instead (for short jobs). The service never fails
+app startup when Docker is absent: sandbox routes then answer 503
+``sandbox_runtime_unavailable`` until the engine answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from quart import Blueprint
+
+from ...errors import ApiError
+from ...hookspecs import hookimpl
+from ...requests import json_object
+from ._launcher import effective_policy, launch, parse_launch
+from ._metrics import metrics_for
+
+log = logging.getLogger("risoluto.sandbox")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SKIP_CLEANUP = "sandbox.skip_orphan_cleanup"
+
+
+class SandboxService:
+    """Chooses the runtime (``risoluto_sandbox_runtime``), sets ``kernel.runtime``, cleans up
+    what a crashed run of this DATA_DIR left behind, and stops running sandboxes on shutdown."""
+
+    name = "sandbox.runtime"
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+
+    async def start(self) -> None:
+        kernel = self.kernel
+        runtime = kernel.hooks.sandbox_runtime(kernel.settings)
+        if runtime is None:
+            log.warning("no sandbox runtime for sandbox.runtime=%r; sandbox routes answer 503",
+                        kernel.settings.sandbox.runtime)
+            return
+        metrics = metrics_for(kernel)
+
+        def observe(event: Any) -> None:
+            metrics.observe(event)
+            kernel.hooks.sandbox_event(event)
+
+        if hasattr(runtime, "attach"):
+            runtime.attach(kernel, observe)
+        kernel.runtime = runtime
+        if kernel.state.get(SKIP_CLEANUP):
+            return
+        try:
+            await runtime.cleanup_orphans()
+        except ApiError as err:  # Docker absent: start anyway, report on use and in the doctor
+            log.warning("sandbox runtime not usable yet: %s", err.message)
+
+    async def stop(self) -> None:
+        runtime, self.kernel.runtime = self.kernel.runtime, None
+        if runtime is not None:
+            await runtime.close()
+
+
+def _runtime(kernel: Any) -> Any:
+    if kernel.runtime is None:
+        raise ApiError(503, "sandbox_runtime_unavailable",
+                       "No sandbox runtime is available; start Docker and check sandbox.runtime.")
+    return kernel.runtime
+
+
+def _checked_id(sandbox_id: str) -> str:
+    if not _ID.match(sandbox_id):
+        raise ApiError(404, "sandbox_not_found", "No sandbox with that id.")
+    return sandbox_id
+
+
+def blueprint(kernel: Any) -> Blueprint:
+    bp = Blueprint("risoluto_sandbox", __name__)
+
+    @bp.post("/api/v1/sandboxes")
+    async def create() -> Any:
+        request, wait = parse_launch(await json_object())
+        return await launch(kernel, request, wait=wait), 201
+
+    @bp.get("/api/v1/sandboxes")
+    async def index() -> Any:
+        return {"sandboxes": await _runtime(kernel).list()}
+
+    @bp.get("/api/v1/sandboxes/<sandbox_id>")
+    async def show(sandbox_id: str) -> Any:
+        return await _runtime(kernel).inspect(_checked_id(sandbox_id))
+
+    @bp.get("/api/v1/sandboxes/<sandbox_id>/logs")
+    async def logs(sandbox_id: str) -> Any:
+        runtime = _runtime(kernel)
+        text = await runtime.logs(_checked_id(sandbox_id))
+        return {"id": sandbox_id, "logs": text}
+
+    @bp.delete("/api/v1/sandboxes/<sandbox_id>")
+    async def remove(sandbox_id: str) -> Any:
+        return await _runtime(kernel).remove(_checked_id(sandbox_id))
+
+    @bp.get("/api/v1/sandbox/policy")
+    async def policy() -> Any:
+        return effective_policy(kernel)
+
+    return bp
+
+
+@hookimpl
+def risoluto_app_blueprints(kernel: Any) -> list[Any]:
+    return [blueprint(kernel)]
+
+
+@hookimpl
+def risoluto_app_services(kernel: Any) -> list[Any]:
+    return [SandboxService(kernel)]

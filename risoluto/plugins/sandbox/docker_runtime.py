@@ -1,0 +1,432 @@
+"""The ``docker`` sandbox runtime: a final ContainerSpec -> Docker Engine API calls.
+
+Lifecycle of a launch: check the runtime and image -> network -> volumes -> create ->
+``on_created`` callbacks -> put files -> start; then, in the background: wait (up to the
+timeout, then stop with grace) -> record exit code, OOM flag and output -> remove the
+container and its per-attempt volumes -> ``on_removed`` callbacks. Blocking SDK calls run
+in worker threads. Every object carries ``risoluto.instance`` (a digest of DATA_DIR), so a
+restarted kernel removes what its crashed predecessor left, and nothing of another kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Callable, Mapping
+
+import anyio
+import docker
+import requests
+
+from ...errors import ApiError
+from ...hookspecs import hookimpl
+from ...hookspecs.doctor import FAIL, PASS, CheckResult
+from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
+from . import _engine as engine
+from ._guard import exposed
+from ._naming import LABEL_INSTANCE, LABEL_ISSUE, LABEL_MANAGED, LABEL_SCOPE, LABEL_STARTED, instance_id
+from ._records import Record, docker_record
+
+log = logging.getLogger("risoluto.sandbox")
+INFO_TTL_S = 10.0
+KEEP_FINISHED = 200
+ATTEMPT = "attempt"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class DockerRuntime:
+    name = "docker"
+
+    def __init__(self, settings: Any, environ: Mapping[str, str] | None = None):
+        self._settings = settings
+        self._kernel: Any = None
+        self._environ = dict(os.environ if environ is None else environ)
+        self.instance = instance_id(settings)
+        self._client: docker.APIClient | None = None
+        self._records: dict[str, Record] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active = 0
+        self._info: tuple[float, dict[str, Any]] = (0.0, {})
+        self._lock = anyio.Lock()
+        self._waits: anyio.CapacityLimiter | None = None
+        self.observer: Callable[[SandboxEvent], None] | None = None
+
+    def attach(self, kernel: Any, observer: Callable[[SandboxEvent], None] | None = None) -> None:
+        """Follow the kernel's live settings and environment; report events to ``observer``."""
+        self._kernel, self._environ, self.observer = kernel, dict(kernel.environ), observer
+
+    @property
+    def settings(self) -> Any:
+        return self._kernel.settings if self._kernel is not None else self._settings
+
+    # --- engine access ------------------------------------------------------------
+    async def _api(self, call: Callable[[docker.APIClient], Any], limiter: Any = None) -> Any:
+        if self._client is None:
+            pool = self.settings.codex.sandbox.max_concurrent * 2 + 8
+            self._client = await anyio.to_thread.run_sync(functools.partial(engine.connect, self._environ, pool=pool))
+        client = self._client
+        try:
+            return await anyio.to_thread.run_sync(call, client, limiter=limiter, abandon_on_cancel=True)
+        except docker.errors.APIError:
+            raise
+        except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+            self._client = None  # reconnect next time
+            raise engine.unavailable(self._environ, exc) from None
+
+    async def check(self) -> None:
+        await self._api(lambda c: c.ping())
+
+    async def _engine_info(self) -> dict[str, Any]:
+        at, info = self._info
+        if time.monotonic() - at > INFO_TTL_S:
+            info = await self._api(lambda c: c.info())
+            self._info = (time.monotonic(), info)
+        return info
+
+    # --- launch ---------------------------------------------------------------------
+    async def launch(self, spec: ContainerSpec, timeout_s: float) -> dict[str, Any]:
+        limit = self.settings.codex.sandbox.max_concurrent
+        if self._active >= limit:
+            raise ApiError(503, "sandbox_busy", f"{limit} sandboxes are already running "
+                           "(codex.sandbox.maxConcurrent); retry later.", {"Retry-After": "5"})
+        self._active += 1
+        rec: Record | None = None
+        volumes: list[str] = []
+        created: list[str] = []
+        try:
+            await self._preflight(spec)
+            await self._ensure_network(spec.network)
+            volumes = await self._ensure_volumes(spec)
+            labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
+            kwargs = engine.create_kwargs(spec, labels)
+            cid = (await self._api(lambda c: c.create_container(**kwargs)))["Id"]
+            created.append(cid)
+            rec = Record.from_spec(cid, spec, timeout_s, labels[LABEL_STARTED])
+            self._records[cid] = rec
+            self._emit("created", rec)
+            for callback in spec.on_created:
+                await callback(cid)
+            uid, gid = engine.parse_user(spec.user)
+            for root, files in engine.put_groups(spec).items():
+                archive = engine.build_archive(root, files, uid, gid)
+                await self._api(lambda c, r=root, a=archive: c.put_archive(cid, r, a))
+            await self._api(lambda c: c.start(cid))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._discard(created, volumes, spec, rec, exc)
+            self._active -= 1
+            raise self._launch_error(exc, spec) from None
+        rec.status, rec.started_at, rec.started_mono = "running", _now(), time.monotonic()
+        self._emit("started", rec)
+        task = asyncio.get_running_loop().create_task(self._watch(rec, spec, volumes, timeout_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return rec.public()
+
+    async def _preflight(self, spec: ContainerSpec) -> None:
+        runtimes = (await self._engine_info()).get("Runtimes") or {}
+        if spec.runtime and spec.runtime not in runtimes:
+            raise ApiError(503, "sandbox_runtime_missing",
+                           f"runtime {spec.runtime!r} is not registered in the Docker engine (it has: "
+                           f"{', '.join(sorted(runtimes)) or 'none'}). Install runsc and register it in "
+                           "/etc/docker/daemon.json, or set codex.sandbox.security.gvisor: false. "
+                           "The launch is refused; there is no fallback to runc.")
+        entry = runtimes.get(spec.runtime or "runc") or {}
+        if any(o.startswith("seccomp=") for o in spec.security_opt) and not engine.seccomp_filters_enforced(entry):
+            raise ApiError(503, "seccomp_unsupported",
+                           f"runtime {spec.runtime!r} is registered without --oci-seccomp and would ignore "
+                           "the seccomp profile; add it to runtimeArgs in /etc/docker/daemon.json.")
+        try:
+            await self._api(lambda c: c.inspect_image(spec.image))
+        except docker.errors.NotFound:
+            raise ApiError(400, "image_not_found", f"image {spec.image!r} is not on the Docker engine; build "
+                           "or load it first (images are never pulled).") from None
+
+    async def _ensure_network(self, name: str) -> None:
+        if name in ("", "none", "bridge", "default"):
+            return
+        async with self._lock:  # two first launches must not create two networks
+            try:
+                await self._api(lambda c: c.inspect_network(name))
+                return
+            except docker.errors.NotFound:
+                pass
+            if name != self.settings.codex.sandbox.network:
+                raise ApiError(503, "sandbox_network_missing", f"network {name!r} does not exist on the engine.")
+            labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: self.instance}
+            # A plain bridge with inter-container traffic off: sandboxes cannot reach each other.
+            options = {"com.docker.network.bridge.enable_icc": "false"}
+            await self._api(lambda c: c.create_network(name, driver="bridge", labels=labels, options=options,
+                                                       check_duplicate=True))
+            log.info("created sandbox network %s", name)
+
+    async def _ensure_volumes(self, spec: ContainerSpec) -> list[str]:
+        attempt: list[str] = []
+        for m in spec.mounts:
+            if m.type != "volume":
+                continue
+            labels = {**m.labels, LABEL_MANAGED: "true", LABEL_INSTANCE: self.instance}
+            if m.labels.get(LABEL_SCOPE) != ATTEMPT:
+                try:
+                    vol = await self._api(lambda c, name=m.source: c.inspect_volume(name))
+                    device = (vol.get("Options") or {}).get("device")
+                    if device and exposed(device, self.settings, self._environ):
+                        raise ApiError(403, "sandbox_policy_violation",
+                                       f"volume {m.source} is a bind of {device}; refused.")
+                    continue
+                except docker.errors.NotFound:
+                    pass
+            await self._api(lambda c, name=m.source, lb=labels: c.create_volume(name, labels=lb))
+            if m.labels.get(LABEL_SCOPE) == ATTEMPT:
+                attempt.append(m.source)
+        return attempt
+
+    def _launch_error(self, exc: BaseException, spec: ContainerSpec) -> BaseException:
+        if isinstance(exc, (ApiError, anyio.get_cancelled_exc_class())):
+            return exc
+        if isinstance(exc, docker.errors.APIError):
+            text = str(exc.explanation or exc)
+            for value in spec.env.values():  # never echo an environment value back
+                if len(value) >= 4:
+                    text = text.replace(value, "***")
+            return ApiError(502, "sandbox_launch_failed", f"the Docker engine refused the launch: {text[:400]}")
+        log.error("sandbox launch failed: %s", type(exc).__name__)
+        return ApiError(502, "sandbox_launch_failed", f"the launch failed ({type(exc).__name__}).")
+
+    async def _discard(self, created: list[str], volumes: list[str], spec: ContainerSpec,
+                       rec: Record | None, exc: BaseException) -> None:
+        for cid in created:
+            await self._quietly(lambda c, i=cid: c.remove_container(i, force=True))
+            for callback in spec.on_removed:
+                await self._quietly_call(callback, cid)
+        for name in volumes:
+            await self._quietly(lambda c, n=name: c.remove_volume(n, force=True))
+        if rec is not None:
+            rec.status, rec.reason, rec.finished_at = "failed", f"launch failed ({type(exc).__name__})", _now()
+            rec.done.set()
+        self._emit("failed", rec, spec=spec, reason=type(exc).__name__)
+
+    # --- after start -------------------------------------------------------------------
+    async def _watch(self, rec: Record, spec: ContainerSpec, volumes: list[str], timeout_s: float) -> None:
+        try:
+            await self._wait_exit(rec, timeout_s)
+        except Exception as exc:  # engine gone, container removed behind our back
+            rec.status = "failed"
+            rec.reason = "lost contact with the Docker engine" if isinstance(exc, ApiError) else type(exc).__name__
+            log.warning("sandbox %s: %s", rec.name, rec.reason)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(rec, spec, volumes)
+
+    async def _wait_exit(self, rec: Record, timeout_s: float) -> None:
+        if self._waits is None:
+            self._waits = anyio.CapacityLimiter(1)
+        self._waits.total_tokens = self.settings.codex.sandbox.max_concurrent + 4
+        with anyio.move_on_after(timeout_s) as scope:
+            await self._api(lambda c: c.wait(rec.id), limiter=self._waits)
+        if scope.cancelled_caught:
+            rec.timed_out, rec.reason = True, "timeout"
+            await self._stop(rec.id)
+        state = (await self._api(lambda c: c.inspect_container(rec.id)))["State"]
+        rec.exit_code, rec.oom_killed = state.get("ExitCode"), bool(state.get("OOMKilled"))
+        rec.set_logs(await self._api(lambda c: c.logs(rec.id, tail=Record.LOG_TAIL_LINES)))
+        rec.status = "timed_out" if rec.timed_out else "stopped" if rec.stop_requested else "exited"
+
+    async def _stop(self, cid: str) -> None:
+        grace = max(1, int(self.settings.codex.sandbox.stop_grace_s))
+        await self._api(lambda c: c.stop(cid, timeout=grace))
+
+    async def _finish(self, rec: Record, spec: ContainerSpec, volumes: list[str]) -> None:
+        rec.finished_at = _now()
+        seconds = time.monotonic() - rec.started_mono
+        self._emit("exited", rec, seconds=seconds)
+        await self._quietly(lambda c: c.remove_container(rec.id, force=True))
+        for name in volumes:
+            await self._quietly(lambda c, n=name: c.remove_volume(n, force=True))
+        for callback in spec.on_removed:
+            await self._quietly_call(callback, rec.id)
+        rec.removed = True
+        self._active -= 1
+        rec.done.set()
+        self._emit("removed", rec, seconds=seconds)
+        self._trim()
+
+    async def _quietly(self, call: Callable[[docker.APIClient], Any]) -> None:
+        try:
+            await self._api(call)
+        except docker.errors.NotFound:
+            pass
+        except Exception as exc:  # cleanup continues; leftovers go at the next start
+            log.warning("sandbox cleanup step failed: %s", type(exc).__name__)
+
+    @staticmethod
+    async def _quietly_call(callback: Any, cid: str) -> None:
+        try:
+            await callback(cid)
+        except Exception:
+            log.exception("sandbox on_removed callback failed")
+
+    def _emit(self, kind: str, rec: Record | None, spec: ContainerSpec | None = None, seconds: float = 0.0,
+              reason: str = "") -> None:
+        if self.observer is None:
+            return
+        issue = rec.issue if rec else (spec.labels.get(LABEL_ISSUE, "") if spec else "")
+        event = SandboxEvent(
+            kind=kind, id=rec.id if rec else "", issue=issue, exit_code=rec.exit_code if rec else None,
+            oom_killed=rec.oom_killed if rec else False, seconds=seconds, reason=reason or (rec.reason if rec else ""),
+        )
+        try:
+            self.observer(event)
+        except Exception:
+            log.exception("sandbox event observer failed")
+
+    def _trim(self) -> None:
+        finished = [r for r in self._records.values() if r.done.is_set()]
+        for rec in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            self._records.pop(rec.id, None)
+
+    # --- queries -----------------------------------------------------------------------
+    def _find(self, sandbox_id: str) -> Record | None:
+        for rec in self._records.values():
+            if sandbox_id in (rec.id, rec.name) or (len(sandbox_id) >= 12 and rec.id.startswith(sandbox_id)):
+                return rec
+        return None
+
+    async def _foreign(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+        """Containers of this instance this process did not launch (e.g. from the CLI)."""
+        filters = {"label": [f"{LABEL_INSTANCE}={self.instance}"]}
+        rows = await self._api(lambda c: c.containers(all=True, filters=filters))
+        out = [docker_record(row) for row in rows if row["Id"] not in self._records]
+        if sandbox_id is not None:
+            out = [r for r in out if sandbox_id in (r["id"], r["name"])
+                   or (len(sandbox_id) >= 12 and r["id"].startswith(sandbox_id))]
+        return out
+
+    async def list(self) -> list[dict[str, Any]]:
+        return [r.public() for r in self._records.values()] + await self._foreign()
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        rec = self._find(sandbox_id)
+        if rec is not None:
+            return rec.public()
+        found = await self._foreign(sandbox_id)
+        if not found:
+            raise ApiError(404, "sandbox_not_found", "No sandbox with that id.")
+        return found[0]
+
+    async def logs(self, sandbox_id: str) -> str:
+        rec = self._find(sandbox_id)
+        if rec is not None and rec.done.is_set():
+            return rec.logs.decode("utf-8", "replace")
+        cid = rec.id if rec is not None else (await self.inspect(sandbox_id))["id"]
+        try:
+            data = await self._api(lambda c: c.logs(cid, tail=Record.LOG_TAIL_LINES))
+        except docker.errors.NotFound:
+            data = rec.logs if rec is not None else b""
+        return data.decode("utf-8", "replace")
+
+    async def wait(self, sandbox_id: str) -> dict[str, Any]:
+        rec = self._find(sandbox_id)
+        if rec is None:
+            raise ApiError(404, "sandbox_not_found", "No sandbox with that id (or it was not launched here).")
+        await rec.done.wait()
+        return rec.public()
+
+    async def stream_logs(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        rec = self._find(sandbox_id)
+        if rec is None:
+            raise ApiError(404, "sandbox_not_found", "No sandbox with that id (or it was not launched here).")
+        send, receive = anyio.create_memory_object_stream[bytes](64)
+
+        def pump(client: docker.APIClient) -> None:
+            with send:
+                try:
+                    for chunk in client.logs(rec.id, stream=True, follow=True):
+                        anyio.from_thread.run(send.send, chunk)
+                except (docker.errors.NotFound, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
+
+        task = asyncio.get_running_loop().create_task(self._api(pump))
+        streamed = 0
+        try:
+            async with receive:
+                async for chunk in receive:
+                    streamed += len(chunk)
+                    yield chunk
+            await rec.done.wait()
+            if len(rec.logs) > streamed and not rec.logs_truncated:
+                yield rec.logs[streamed:]  # the stream ended early (container removed first)
+        finally:
+            task.cancel()
+
+    # --- stop, cleanup ---------------------------------------------------------------------
+    async def remove(self, sandbox_id: str) -> dict[str, Any]:
+        rec = self._find(sandbox_id)
+        if rec is not None:
+            if not rec.done.is_set():
+                rec.stop_requested = True
+                try:
+                    await self._stop(rec.id)
+                except docker.errors.NotFound:
+                    pass
+                await rec.done.wait()
+            return rec.public()
+        target = await self.inspect(sandbox_id)
+        await self._api(lambda c: c.remove_container(target["id"], force=True))
+        return {**target, "status": "removed", "removed": True}
+
+    async def cleanup_orphans(self) -> int:
+        mine = f"{LABEL_INSTANCE}={self.instance}"
+        rows = await self._api(lambda c: c.containers(all=True, filters={"label": [mine]}))
+        count = 0
+        for row in rows:
+            if row["Id"] not in self._records:
+                await self._quietly(lambda c, i=row["Id"]: c.remove_container(i, force=True))
+                count += 1
+        vols = await self._api(lambda c: c.volumes(filters={"label": [mine, f"{LABEL_SCOPE}={ATTEMPT}"]}))
+        for vol in vols.get("Volumes") or []:
+            await self._quietly(lambda c, n=vol["Name"]: c.remove_volume(n, force=True))
+            count += 1
+        if count:
+            log.warning("removed %d container(s)/volume(s) left over by a previous run", count)
+        return count
+
+    async def close(self) -> None:
+        running = [r for r in self._records.values() if not r.done.is_set()]
+        for rec in running:
+            rec.stop_requested = True
+            await self._quietly(lambda c, i=rec.id: c.stop(i, timeout=2))
+        with anyio.move_on_after(15):
+            for rec in running:
+                await rec.done.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await anyio.to_thread.run_sync(client.close)
+
+
+@hookimpl
+def risoluto_sandbox_runtime(settings: Any) -> DockerRuntime | None:
+    return DockerRuntime(settings) if settings.sandbox.runtime == "docker" else None
+
+
+@hookimpl
+def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
+    if kernel.settings.sandbox.runtime != "docker":
+        return []
+    facts = engine.engine_facts(kernel)
+    if not facts["ok"]:
+        return [CheckResult(item="sandbox docker", status=FAIL, reason=f"Docker engine {facts['error']}",
+                            fix=engine.START_HINT)]
+    return [CheckResult(item="sandbox docker", status=PASS,
+                        reason=f"Docker engine {facts.get('version', '')} reachable; runtimes: "
+                               f"{', '.join(sorted(facts['runtimes']))}")]
+

@@ -1,0 +1,42 @@
+"""Checklist rows "Host paths" / "Container paths": the last word on every sandbox spec.
+
+Runs ``trylast`` so it sees what the other contributions built, and refuses (403
+``sandbox_policy_violation``) a spec that mounts DATA_DIR, master.key, the Docker socket or
+``~/.codex``, widens the container past the checklist, or lacks an item that is switched on.
+The launcher runs the same check once more after every hook, so a contribution that
+happens to run after this one (another ``trylast``) cannot slip past it either.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ...hookspecs import hookimpl
+from ...hookspecs.doctor import FAIL, PASS, CheckResult
+from ._guard import check_spec, exposed
+from ._naming import workspace_root
+
+ITEM = "sandbox mounts"
+
+
+@hookimpl(trylast=True)
+def risoluto_sandbox_spec(spec: Any, request: Any, settings: Any) -> None:
+    check_spec(spec, settings, os.environ)
+
+
+@hookimpl
+def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
+    root = workspace_root(kernel.settings)
+    hit = exposed(str(root), kernel.settings, kernel.environ)
+    if hit:
+        return [CheckResult(
+            item=ITEM, status=FAIL,
+            reason=f"workspace.root {root} overlaps {hit}: every launch would be refused",
+            fix="set workspace.root to a directory outside DATA_DIR, ~/.codex and /var/run",
+        )]
+    return [CheckResult(
+        item=ITEM, status=PASS,
+        reason="only /workspace (bind), /home/agent (volume), CODEX_HOME (volume) and /tmp (tmpfs) "
+               "are mounted; DATA_DIR, master.key, the Docker socket and ~/.codex never are",
+    )]
