@@ -217,3 +217,35 @@ async def test_sqlite_set_does_not_rewrite_other_rows(risoluto_data_dir, risolut
     await store.set("B", "b2")
     assert row(risoluto_data_dir / "risoluto.db", "A") == before
     await store.close()
+
+
+@pytest.mark.parametrize("backend", ["file", "sqlite"])
+async def test_writes_racing_a_rotation_never_mix_keys(backend, risoluto_settings):
+    import asyncio
+
+    from risoluto.plugins.secrets.file_store import FileStore
+
+    settings = risoluto_settings({"secrets": {"backend": backend}})
+    store = (FileStore if backend == "file" else SqliteStore)(settings, KEY)
+    await store.open()
+    await store.set_many({f"OLD{i}": f"old{i}" for i in range(50)})
+
+    async def writer(i: int) -> str | None:
+        try:
+            await store.set(f"NEW{i}", f"new{i}")
+            return f"NEW{i}"
+        except SecretStoreError:
+            return None  # refused because the key changed under it: acceptable, nothing written
+
+    results = await asyncio.gather(*[writer(i) for i in range(20)], store.rotate("rotated key"),
+                                   *[writer(i) for i in range(20, 40)])
+    await store.close()
+    acknowledged = {r for r in results if r}
+    fresh = (FileStore if backend == "file" else SqliteStore)(settings, "rotated key")
+    await fresh.open()
+    assert getattr(fresh, "damaged", {}) == {}  # every row decrypts with the new key
+    names = set(await fresh.list())
+    assert names >= acknowledged | {f"OLD{i}" for i in range(50)}
+    for name in names:
+        assert await fresh.get(name) in (f"old{name[3:]}", f"new{name[3:]}")
+    await fresh.close()

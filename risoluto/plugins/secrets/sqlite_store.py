@@ -20,7 +20,6 @@ import sqlite3
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-import anyio
 import attrs
 
 from risoluto.fsutil import ensure_private_dir
@@ -78,8 +77,9 @@ class SqliteStore:
         self._key = derive_key(master_key)
         self._check = key_check(self._key)
         self._conn: sqlite3.Connection | None = None
-        self._thread: WorkerThread | None = None  # owns the connection; runs every query in order
-        self._lock = anyio.Lock()  # mutations, in order
+        # owns the connection and runs every query in submission order, one at a time: that
+        # queue is what serializes mutations (no extra lock, no extra trip round the loop)
+        self._thread: WorkerThread | None = None
         self.damaged: dict[str, str] = {}  # name -> reason, for rows failing authentication
 
     # -- protocol --------------------------------------------------------------------------
@@ -111,30 +111,36 @@ class SqliteStore:
             ) from None
 
     async def set(self, name: str, value: str) -> None:
-        s = seal_value(self._key, name, value)
+        # sealed here, off the connection thread; the job carries the check of the key it was
+        # sealed with, so a rotation queued in between makes it refuse, never mix keys
+        key, check = self._key, self._check
+        s = seal_value(key, name, value)
         row = (name, s.ciphertext, s.iv, s.auth_tag, _now())
-        async with self._lock:
-            await self._worker().run(self._set_sync, row)
+        await self._worker().run(self._set_sync, row, check)
         self.damaged.pop(name, None)
 
-    def _set_sync(self, row: tuple[str, ...]) -> None:
-        """The common case in one statement (one GIL hand-off, one implicit transaction)."""
+    def _set_sync(self, row: tuple[str, ...], check: str) -> None:
+        """The common case in one statement (one implicit transaction, one trip into SQLite)."""
         conn = self._need_conn()
         try:
-            if conn.execute(_GUARDED_UPSERT, (*row, self._check)).rowcount == 1:
+            if conn.execute(_GUARDED_UPSERT, (*row, check)).rowcount == 1:
                 return
         except sqlite3.OperationalError:
             pass  # busy (another writer on the file): the statement did nothing; take the slow path
+        except sqlite3.DatabaseError:
+            with self._errors("write"):
+                raise
         # key_check missing or not ours, or busy: the transaction path waits, repairs or refuses
-        self._write_sync(lambda c: c.execute(_UPSERT, row))
+        self._write_sync(lambda c: c.execute(_UPSERT, row), check)
 
     async def set_many(self, items: dict[str, str]) -> None:
+        key, check = self._key, self._check
         now = _now()
         rows = []
-        for name, value in items.items():  # encrypt before taking any lock
-            s = seal_value(self._key, name, value)
+        for name, value in items.items():
+            s = seal_value(key, name, value)
             rows.append((name, s.ciphertext, s.iv, s.auth_tag, now))
-        await self._write(lambda c: c.executemany(_UPSERT, rows))
+        await self._worker().run(self._write_sync, lambda c: c.executemany(_UPSERT, rows), check)
         for name in items:
             self.damaged.pop(name, None)
 
@@ -145,8 +151,13 @@ class SqliteStore:
 
     async def rotate(self, new_master_key: str) -> None:
         new_key = derive_key(new_master_key)
-        await self._write(lambda c: self._reencrypt(c, new_key))
-        self._key, self._check = new_key, key_check(new_key)
+
+        def job() -> None:
+            self._write_sync(lambda c: self._reencrypt(c, new_key), self._check)
+            # swapped on the connection thread, after COMMIT and before any later job runs
+            self._key, self._check = new_key, key_check(new_key)
+
+        await self._worker().run(job)
         with contextlib.suppress(Exception):  # drop old-key pages from the WAL; best effort
             await self._read(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
@@ -274,15 +285,14 @@ class SqliteStore:
         return await self._worker().run(run)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        async with self._lock:
-            return await self._worker().run(self._write_sync, fn)
+        return await self._worker().run(lambda: self._write_sync(fn, self._check))  # check read in the thread
 
-    def _write_sync(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    def _write_sync(self, fn: Callable[[sqlite3.Connection], Any], check: str) -> Any:
         with self._errors("write"):
             conn = self._need_conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                self._check_key(conn)
+                self._check_key(conn, check)
                 result = fn(conn)
                 conn.execute("COMMIT")
             except BaseException:
@@ -291,15 +301,15 @@ class SqliteStore:
                 raise
             return result
 
-    def _check_key(self, conn: sqlite3.Connection) -> None:
+    def _check_key(self, conn: sqlite3.Connection, check: str) -> None:
         row = conn.execute("SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check'").fetchone()
-        if row is not None and row[0] != self._check:
+        if row is not None and row[0] != check:
             raise SecretStoreError(
-                f"{self.path} was re-keyed by another process (rotate-key?); restart with the new master key. "
-                "Nothing was changed."
+                f"{self.path} was re-keyed (rotate-key) while this write was pending or by another process; "
+                "retry, or restart with the new master key. Nothing was changed."
             )
         if row is None:
-            conn.execute("INSERT INTO encrypted_secrets_meta (name, value) VALUES ('key_check', ?)", (self._check,))
+            conn.execute("INSERT INTO encrypted_secrets_meta (name, value) VALUES ('key_check', ?)", (check,))
 
     def _reencrypt(self, conn: sqlite3.Connection, new_key: bytes) -> None:
         """Every row under ``new_key`` (bound to its name), inside the caller's transaction."""
