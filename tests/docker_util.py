@@ -156,6 +156,18 @@ async def logs(client: Any, sandbox_id: str) -> str:
     return (await response.get_json())["logs"]
 
 
+async def wait_for_log(client: Any, sandbox_id: str, text: str, timeout: float = 30.0) -> str:
+    """Poll the logs of a running sandbox until ``text`` shows up."""
+    import anyio
+
+    with anyio.fail_after(timeout):
+        while True:
+            out = await logs(client, sandbox_id)
+            if text in out:
+                return out
+            await anyio.sleep(0.2)
+
+
 async def probe(client: Any, issue: str = "PROBE-1", **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run PROBE in a sandbox: (launch record, facts the container's kernel reported)."""
     record = await run(client, {"issue": issue, "command": ["python3", "-c", PROBE], **extra})
