@@ -1,0 +1,268 @@
+"""Lifecycle against the real engine: timeout, stop, OOM, pids, limits, crash cleanup, bad input."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from docker_util import docker_engine, logs, run, sandbox_world, wait_for_log  # noqa: F401
+
+from risoluto.hookspecs import hookimpl
+
+pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+
+
+def mine(world, **filters):
+    label = [f"risoluto.instance={world.instance}"]
+    return world.docker.containers(all=True, filters={"label": label, **filters})
+
+
+async def test_timeout_stops_reports_and_removes(sandbox_world):
+    client, _ = await sandbox_world.app()
+    started = time.monotonic()
+    record = await run(client, {"issue": "T-1", "command": ["sleep", "100"], "timeout_s": 2})
+    assert time.monotonic() - started < 15
+    assert record["status"] == "timed_out" and record["timed_out"] is True and record["reason"] == "timeout"
+    assert record["exit_code"] is not None and record["removed"] is True
+    assert mine(sandbox_world) == []
+    shown = await (await client.get(f"/api/v1/sandboxes/{record['id']}")).get_json()
+    assert shown["status"] == "timed_out"
+
+
+async def test_background_launch_logs_and_delete(sandbox_world):
+    client, _ = await sandbox_world.app()
+    response = await client.post("/api/v1/sandboxes", json={
+        "issue": "BG-1", "command": ["sh", "-c", "echo started; exec sleep 300"]})
+    created = await response.get_json()
+    assert response.status_code == 201 and created["status"] == "running"
+    assert set(created) >= {"id", "name", "status", "policy"}
+    await wait_for_log(client, created["id"], "started")
+    listed = await (await client.get("/api/v1/sandboxes")).get_json()
+    assert [s["id"] for s in listed["sandboxes"]] == [created["id"]]
+    response = await client.delete(f"/api/v1/sandboxes/{created['id']}")
+    final = await response.get_json()
+    assert response.status_code == 200 and final["status"] == "stopped" and final["removed"] is True
+    assert mine(sandbox_world) == []
+    assert "started" in await logs(client, created["id"])  # kept after removal
+    response = await client.delete(f"/api/v1/sandboxes/{'f' * 64}")
+    assert response.status_code == 404 and (await response.get_json())["error"]["code"] == "sandbox_not_found"
+
+
+async def test_exit_code_and_oom_are_reported(sandbox_world):
+    client, _ = await sandbox_world.app({"codex": {"sandbox": {"resources": {
+        "memory": "64m", "memorySwap": "64m", "memoryReservation": "32m"}}}})
+    record = await run(client, {"issue": "X-1", "command": ["sh", "-c", "exit 7"]})
+    assert record["exit_code"] == 7 and record["oom_killed"] is False and record["status"] == "exited"
+    hog = "b = []\nwhile True: b.append(bytearray(8 * 1024 * 1024))"
+    record = await run(client, {"issue": "OOM-1", "command": ["python3", "-c", hog]})
+    assert record["oom_killed"] is True and record["exit_code"] == 137
+    assert mine(sandbox_world) == []
+
+
+async def test_pids_exhaustion_is_contained(sandbox_world):
+    client, _ = await sandbox_world.app({"codex": {"sandbox": {"resources": {"pidsLimit": 40}}}})
+    script = """
+import subprocess
+procs = []
+try:
+    for _ in range(200):
+        procs.append(subprocess.Popen(["sleep", "30"]))
+except OSError as e:
+    print("refused after", len(procs), e.strerror)
+for p in procs:
+    p.kill()
+"""
+    record = await run(client, {"issue": "PID-1", "command": ["python3", "-c", script]})
+    out = await logs(client, record["id"])
+    assert "refused after" in out, out
+    assert int(out.split("refused after")[1].split()[0]) < 40
+    assert record["status"] == "exited" and mine(sandbox_world) == []
+
+
+async def test_concurrency_limit_answers_busy(sandbox_world):
+    client, _ = await sandbox_world.app({"codex": {"sandbox": {"maxConcurrent": 2}}})
+    ids = []
+    for n in range(2):
+        response = await client.post("/api/v1/sandboxes", json={"issue": f"C-{n}", "command": ["sleep", "300"]})
+        assert response.status_code == 201
+        ids.append((await response.get_json())["id"])
+    response = await client.post("/api/v1/sandboxes", json={"issue": "C-3", "command": ["true"]})
+    assert response.status_code == 503 and (await response.get_json())["error"]["code"] == "sandbox_busy"
+    assert response.headers["Retry-After"]
+    assert len(mine(sandbox_world)) == 2
+    for sandbox_id in ids:
+        assert (await client.delete(f"/api/v1/sandboxes/{sandbox_id}")).status_code == 200
+    record = await run(client, {"issue": "C-3", "command": ["true"]})  # the slots are free again
+    assert record["exit_code"] == 0
+
+
+async def test_unknown_image_is_a_400_and_never_pulled(sandbox_world):
+    client, _ = await sandbox_world.app()
+    response = await client.post("/api/v1/sandboxes", json={"issue": "I-1", "image": "risoluto-no-such-image:1"})
+    body = await response.get_json()
+    assert response.status_code == 400 and body["error"]["code"] == "image_not_found"
+    with pytest.raises(Exception):
+        sandbox_world.docker.inspect_image("risoluto-no-such-image:1")
+    assert mine(sandbox_world) == []
+
+
+@pytest.mark.parametrize("issue", ["../../etc", "a/b", "with space", "ünïcødé-✓", ".", "..", "-lead", "x" * 200])
+async def test_hostile_issue_ids_stay_inside_the_workspace_root(sandbox_world, issue):
+    client, _ = await sandbox_world.app()
+    record = await run(client, {"issue": issue, "command": ["sh", "-c", "touch /workspace/mark"]})
+    assert record["exit_code"] == 0 and record["issue"] == issue
+    root = sandbox_world.ws_root.resolve()
+    marks = list(root.glob("*/mark"))
+    assert len(marks) == 1 and marks[0].parent.parent == root
+    name = marks[0].parent.name
+    assert not name.startswith(".") and len(name) <= 80 and all(c.isalnum() or c in "._-" for c in name)
+    assert record["name"].startswith("risoluto-") and len(record["name"]) < 128
+
+
+async def test_overlong_or_control_issue_ids_are_refused(sandbox_world):
+    client, _ = await sandbox_world.app()
+    for issue in ["x" * 300, "a\nb", "", 5, None]:
+        response = await client.post("/api/v1/sandboxes", json={"issue": issue})
+        assert response.status_code == 400 and (await response.get_json())["error"]["code"] == "invalid_issue"
+    assert not sandbox_world.ws_root.exists() or list(sandbox_world.ws_root.iterdir()) == []
+
+
+async def test_similar_ids_never_share_a_workspace(sandbox_world):
+    client, _ = await sandbox_world.app()
+    for issue in ("a/b", "a_b"):
+        await run(client, {"issue": issue, "command": ["sh", "-c", f"echo {issue} > /workspace/who"]})
+    names = sorted(p.parent.name for p in sandbox_world.ws_root.glob("*/who"))
+    assert len(names) == 2 and names[0] != names[1]
+
+
+async def test_missing_workspace_root_is_created_and_a_file_root_is_a_clear_error(sandbox_world):
+    deep = sandbox_world.tmp / "not" / "yet" / "there"
+    client, _ = await sandbox_world.app({"workspace": {"root": str(deep)}})
+    await run(client, {"issue": "W-1", "command": ["true"]})
+    assert (deep / "W-1").is_dir()
+    blocker = sandbox_world.tmp / "a-file"
+    blocker.write_text("")
+    client, _ = await sandbox_world.app({"workspace": {"root": str(blocker)}})
+    response = await client.post("/api/v1/sandboxes", json={"issue": "W-2"})
+    body = await response.get_json()
+    assert response.status_code == 503 and body["error"]["code"] == "workspace_unavailable"
+    assert str(blocker) in body["error"]["message"]
+
+
+async def test_workspace_symlink_is_refused(sandbox_world):
+    sandbox_world.ws_root.mkdir()
+    (sandbox_world.ws_root / "LINK-1").symlink_to(sandbox_world.data)
+    client, _ = await sandbox_world.app()
+    response = await client.post("/api/v1/sandboxes", json={"issue": "LINK-1"})
+    assert response.status_code == 409 and (await response.get_json())["error"]["code"] == "workspace_invalid"
+
+
+async def test_crash_leftovers_are_cleaned_at_startup_and_only_ours(sandbox_world):
+    api = sandbox_world.docker
+    ours = api.create_container("risoluto-test:latest", ["sleep", "300"], labels={
+        "risoluto.instance": sandbox_world.instance, "risoluto.managed": "true", "risoluto.issue": "CRASH-1"})
+    api.start(ours["Id"])
+    attempt_volume = api.create_volume(f"rsl-test-{sandbox_world.instance}-codex", labels={
+        "risoluto.instance": sandbox_world.instance, "risoluto.scope": "attempt"})
+    other_instance = {"risoluto.instance": "0123456789abcdef-other", "risoluto.managed": "true"}
+    theirs = api.create_container("risoluto-test:latest", ["sleep", "300"], labels=other_instance)
+    try:
+        await sandbox_world.app()
+        with pytest.raises(Exception):
+            api.inspect_container(ours["Id"])
+        with pytest.raises(Exception):
+            api.inspect_volume(attempt_volume["Name"])
+        assert api.inspect_container(theirs["Id"])["Id"] == theirs["Id"]  # another kernel's: untouched
+    finally:
+        api.remove_container(theirs["Id"], force=True)
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    @hookimpl
+    def risoluto_sandbox_event(self, event):
+        self.events.append(event)
+
+
+async def test_events_and_metrics(sandbox_world):
+    recorder = Recorder()
+    client, _ = await sandbox_world.app(plugins=(("test.recorder", recorder),))
+    record = await run(client, {"issue": "M-1", "command": ["sh", "-c", "exit 3"]})
+    kinds = [e.kind for e in recorder.events if e.id == record["id"]]
+    assert kinds == ["created", "started", "exited", "removed"]
+    assert recorder.events[2].exit_code == 3 and recorder.events[2].issue == "M-1"
+    text = await (await client.get("/metrics")).get_data(as_text=True)
+    assert 'risoluto_sandbox_launches_total{result="started"} 1.0' in text
+    assert 'risoluto_sandbox_exits_total{code="3",oom_killed="false",timed_out="false"} 1.0' in text
+    assert "risoluto_sandbox_duration_seconds_count 1.0" in text
+
+
+async def test_policy_endpoint_matches_the_launch_digest(sandbox_world):
+    client, _ = await sandbox_world.app()
+    policy = await (await client.get("/api/v1/sandbox/policy")).get_json()
+    record = await run(client, {"issue": "P-1", "command": ["true"]})
+    assert policy["launchable"] is True and policy["policy_digest"] == record["policy_digest"]
+    assert policy["policy"] == record["policy"]
+
+
+async def test_docker_absent_does_not_stop_startup(sandbox_world, tmp_path: Path):
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    client, _ = await sandbox_world.app(env=env)
+    response = await client.post("/api/v1/sandboxes", json={"issue": "D-1", "command": ["true"]})
+    body = await response.get_json()
+    assert response.status_code == 503 and body["error"]["code"] == "sandbox_runtime_unavailable"
+    assert "Start Docker" in body["error"]["message"]
+    assert (await client.get("/api/v1/sandboxes")).status_code == 503
+    assert (await client.get("/api/v1/sandbox/policy")).status_code == 200
+
+
+class SocketRelay:
+    """A unix socket in front of the engine that the test can cut mid-run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.scope = anyio.CancelScope()
+
+    async def serve(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        with self.scope:
+            listener = await anyio.create_unix_listener(self.path)
+            task_status.started()
+            async with listener:
+                await listener.serve(self.relay)
+
+    async def relay(self, client) -> None:
+        async with client, await anyio.connect_unix("/var/run/docker.sock") as upstream:
+            async with anyio.create_task_group() as tg:
+                async def pipe(src, dst):
+                    async for chunk in src:
+                        await dst.send(chunk)
+                    tg.cancel_scope.cancel()
+                tg.start_soon(pipe, client, upstream)
+                tg.start_soon(pipe, upstream, client)
+
+
+async def test_engine_going_away_mid_run_is_a_reported_failure(sandbox_world, tmp_path: Path):
+    relay = SocketRelay(tmp_path / "engine.sock")
+    async with anyio.create_task_group() as tg:
+        await tg.start(relay.serve)
+        client, _ = await sandbox_world.app(env={"DOCKER_HOST": f"unix://{relay.path}"})
+        response = await client.post("/api/v1/sandboxes", json={"issue": "GONE-1", "command": ["sleep", "300"]})
+        created = await response.get_json()
+        assert response.status_code == 201
+        relay.scope.cancel()  # the engine "goes away"
+        os.unlink(relay.path)
+        with anyio.fail_after(20):
+            while True:
+                shown = await (await client.get(f"/api/v1/sandboxes/{created['id']}")).get_json()
+                if shown["status"] != "running":
+                    break
+                await anyio.sleep(0.2)
+        assert shown["status"] == "failed" and "Docker engine" in shown["reason"]
+    # the next start of this DATA_DIR (engine back) removes what was left
+    await sandbox_world.app()
+    assert mine(sandbox_world) == []
