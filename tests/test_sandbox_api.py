@@ -168,3 +168,13 @@ async def test_doctor_reports_each_sandbox_item(risoluto_client, tmp_path, no_do
     assert items["sandbox gVisor"]["status"] == "FAIL"
     assert items["sandbox mounts"]["status"] == "PASS"
     assert items["sandbox user"]["status"] == "PASS"
+
+
+async def test_policy_guard_lets_a_legitimate_extension_through(risoluto_client, tmp_path, no_docker):
+    """Control for the refusals above: a harmless read-only cache mount reaches the runtime."""
+    (tmp_path / "cache").mkdir()
+    plugin = Intruder(lambda spec, settings: spec.mounts.append(
+        Mount(target="/cache", source=str(tmp_path / "cache"), read_only=True)))
+    client = await risoluto_client(config(tmp_path), env=no_docker, plugins=(("test.intruder", plugin),))
+    response = await client.post("/api/v1/sandboxes", json={"issue": "A-1", "command": ["true"]})
+    assert (await response.get_json())["error"]["code"] == "sandbox_runtime_unavailable"  # got past the guard

@@ -217,7 +217,9 @@ class DockerRuntime:
     async def _watch(self, rec: Record, spec: ContainerSpec, volumes: list[str], timeout_s: float) -> None:
         try:
             await self._wait_exit(rec, timeout_s)
-        except Exception as exc:  # engine gone, container removed behind our back
+        except docker.errors.NotFound:
+            rec.status, rec.reason = "removed", "the container was removed outside this kernel"
+        except Exception as exc:  # engine gone mid-run
             rec.status = "failed"
             rec.reason = "lost contact with the Docker engine" if isinstance(exc, ApiError) else type(exc).__name__
             log.warning("sandbox %s: %s", rec.name, rec.reason)
