@@ -10,8 +10,9 @@ attempted from inside and must fail, while allowed names work.
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import socket
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
@@ -19,57 +20,26 @@ import anyio.abc
 import attrs
 import pytest
 
+from docker_util import docker_engine, logs, run, sandbox_world, wait_for_log  # noqa: F401
 from egress_support import CA, DnsServer, TargetNamespace, serve_origin
 from risoluto.kernel import Kernel
-from risoluto.settings import Settings, build_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
-IMAGE = os.environ.get("RISOLUTO_TEST_IMAGE", "risoluto-test:latest")
 ALLOW = ["allowed.test", "*.wild.test", "private.test", "pinned.test"]
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def _docker() -> Any:
-    try:
-        import docker
-
-        client = docker.from_env(timeout=60)
-        client.ping()
-        client.images.get(IMAGE)
-        return client
-    except Exception as exc:  # noqa: BLE001
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Docker engine or image {IMAGE} unavailable under CI: {exc}")
-        pytest.skip(f"Docker engine or image {IMAGE} unavailable: {exc}")
-
-
 @attrs.define
-class World:
-    kernel: Kernel
+class Targets:
     ns: TargetNamespace
     ca: CA
     dns: DnsServer
     origins: dict[str, Any]
-    gateway: str
-    host_service_port: int
-    host_service_hits: list[str]
-    docker: Any
-
-    def settings(self, allowlist: list[str]) -> Settings:
-        base = self.kernel.settings
-        sandbox = attrs.evolve(base.codex.sandbox, egress_allowlist=allowlist)
-        return attrs.evolve(base, codex=attrs.evolve(base.codex, sandbox=sandbox))
 
 
-@pytest.fixture(scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    client = _docker()
-    tmp = tmp_path_factory.mktemp("egress")
+@contextlib.asynccontextmanager
+async def targets(tmp: Path) -> AsyncIterator[Targets]:
+    """HTTP (80, 8080), TLS (443) and DNS (53) servers inside a network namespace of the test."""
     ca = CA(tmp)
     with TargetNamespace() as ns:
         socks = ns.sockets([(socket.SOCK_STREAM, 80), (socket.SOCK_STREAM, 443), (socket.SOCK_STREAM, 8080),
@@ -80,84 +50,69 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
                 "https": await serve_origin(tg, socks[1], "https", ca.server_context()),
                 "alt": await serve_origin(tg, socks[2], "alt"),
             }
-            dns = DnsServer({name: [ns.ns_ip] for name in ("allowed.test", "a.wild.test", "other.test",
-                                                          "unlisted.test")} | {"private.test": ["10.77.0.1"]})
+            names = ("allowed.test", "a.wild.test", "other.test", "unlisted.test")
+            dns = DnsServer({name: [ns.ns_ip] for name in names} | {"private.test": ["10.77.0.1"]})
             await dns.start(tg, raw=socks[3])
-            config = {
-                "codex": {"sandbox": {"egressAllowlist": ALLOW, "image": IMAGE}},
-                "egress": {"resolver": f"{ns.ns_ip}:53", "allowPrivateNetworks": [ns.cidr],
-                           "hosts": {"pinned.test": ns.ns_ip}, "idleTimeoutS": 5.0, "maxConnections": 40},
-            }
-            kernel = Kernel(build_settings(config, None, {"DATA_DIR": str(tmp / "data")}))
-            async with kernel.running():
-                gateway = kernel.state["egress.enforcer"].status()["bind"].rsplit(":", 1)[0]
-                hits: list[str] = []
-                service = await anyio.create_tcp_listener(local_host=gateway, local_port=0)
-
-                async def record(stream: Any) -> None:
-                    hits.append("connection")
-                    await stream.aclose()
-
-                async def serve_service() -> None:
-                    async with service:
-                        await service.serve(record)
-
-                tg.start_soon(serve_service)
-                yield World(kernel, ns, ca, dns, origins, gateway, service.extra(anyio.abc.SocketAttribute.local_port),
-                            hits, client)
+            yield Targets(ns, ca, dns, origins)
             tg.cancel_scope.cancel()
 
 
-class Sandbox:
-    """A sandbox launched the way the runtime does: spec from the hooks, lifecycle callbacks."""
+@attrs.define
+class Env:
+    client: Any
+    kernel: Kernel
+    docker: Any
+    targets: Targets
+    gateway: str
+    host_service_port: int
+    host_service_hits: list[str]
 
-    def __init__(self, world: World, allowlist: list[str], runtime: str, command: str, env: dict[str, str]):
-        self.world, self.runtime = world, runtime
-        self.settings = world.settings(allowlist)
-        self.command, self.env = command, env
-        self.container: Any = None
-        self.spec: Any = None
+    async def set_allowlist(self, allowlist: list[str]) -> None:
+        """The operator's way: PUT the config overlay (applies to the next launches)."""
+        response = await self.client.put("/api/v1/config/overlay",
+                                         json={"codex": {"sandbox": {"egressAllowlist": allowlist}}})
+        assert response.status_code == 200, await response.get_json()
 
-    async def start(self) -> None:
-        from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
+    async def launch(self, issue: str, script: str, env: dict[str, str] | None = None,
+                     wait: bool = False) -> dict[str, Any]:
+        return await run(self.client, {"issue": issue, "command": ["sh", "-c", script], "env": env or {},
+                                       "wait": wait})
 
-        spec = ContainerSpec(name=f"rsl-egress-test-{os.urandom(4).hex()}", image=IMAGE,
-                             command=["sh", "-c", self.command], env=dict(self.env))
-        self.world.kernel.hooks.sandbox_spec(spec, LaunchRequest(issue="egress-test"), self.settings)
-        self.spec = spec
-        self.container = await anyio.to_thread.run_sync(lambda: self.world.docker.containers.create(
-            spec.image, spec.command, name=spec.name, environment=spec.env, network=spec.network,
-            labels=spec.labels, user="1000:1000", cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            runtime=self.runtime, dns=[self.world.ns.ns_ip],  # a leak would reach our DNS server
-        ))
-        for callback in spec.on_created:
-            await callback(self.container.id)
-        await anyio.to_thread.run_sync(self.container.start)
+    async def output(self, record: dict[str, Any], until: str) -> dict[str, str]:
+        return results(await wait_for_log(self.client, record["id"], until, timeout=150))
 
-    async def wait(self, timeout: float = 120) -> str:
-        await anyio.to_thread.run_sync(lambda: self.container.wait(timeout=timeout))
-        return (await anyio.to_thread.run_sync(self.container.logs)).decode()
-
-    async def remove(self) -> None:
-        await anyio.to_thread.run_sync(lambda: self.container.remove(force=True))
-        for callback in self.spec.on_removed:
-            await callback(self.container.id)
-
-    def proxy_url(self) -> str:
-        env = dict(e.split("=", 1) for e in self.world.docker.containers.get(self.container.id).attrs["Config"]["Env"])
+    def proxy_url(self, record: dict[str, Any]) -> str:
+        env = dict(e.split("=", 1) for e in self.docker.inspect_container(record["id"])["Config"]["Env"])
         return env["HTTPS_PROXY"]
 
 
 @contextlib.asynccontextmanager
-async def sandbox(world: World, runtime: str, command: str, allowlist: list[str] | None = None,
-                  env: dict[str, str] | None = None) -> AsyncIterator[Sandbox]:
-    box = Sandbox(world, ALLOW if allowlist is None else allowlist, runtime, command, env or {})
-    try:
-        await box.start()
-        yield box
-    finally:
-        if box.container is not None:
-            await box.remove()
+async def egress_env(world: Any, runtime: str) -> AsyncIterator[Env]:
+    async with targets(world.tmp) as t, anyio.create_task_group() as tg:
+        overrides = {
+            "codex": {"sandbox": {"egressAllowlist": ALLOW, "security": {"gvisor": runtime == "runsc"}}},
+            "egress": {"resolver": f"{t.ns.ns_ip}:53", "allowPrivateNetworks": [t.ns.cidr],
+                       "hosts": {"pinned.test": t.ns.ns_ip}, "idleTimeoutS": 5.0, "maxConnections": 40},
+        }
+        # the same config as a file, so that overlay changes merge over it as in production
+        config_file = world.tmp / "config.yaml"
+        config_file.write_text(json.dumps(world.config(overrides)))
+        client, kernel = await world.app(overrides, env={"RISOLUTO_CONFIG": str(config_file)})
+        gateway = kernel.state["egress.enforcer"].status()["bind"].rsplit(":", 1)[0]
+        hits: list[str] = []
+        service = await anyio.create_tcp_listener(local_host=gateway, local_port=0)
+
+        async def record(stream: Any) -> None:
+            hits.append("connection")
+            await stream.aclose()
+
+        async def serve_service() -> None:
+            async with service:
+                await service.serve(record)
+
+        tg.start_soon(serve_service)
+        yield Env(client, kernel, world.docker, t, gateway, service.extra(anyio.abc.SocketAttribute.local_port), hits)
+        tg.cancel_scope.cancel()
 
 
 def results(logs: str) -> dict[str, str]:
@@ -203,9 +158,9 @@ except OSError:
 """
 
 
-def probe_script(world: World) -> str:
-    ip, gw = world.ns.ns_ip, world.gateway
-    ca = world.ca.ca_path.read_text()
+def probe_script(env: Env) -> str:
+    ip, gw = env.targets.ns.ns_ip, env.gateway
+    ca = env.targets.ca.ca_path.read_text()
     lines = [
         f"cat > /tmp/ca.pem <<'EOF'\n{ca}EOF",
         f"cat > /tmp/sni.py <<'EOF'\n{SNI_PY}EOF",
@@ -229,7 +184,7 @@ def probe_script(world: World) -> str:
         "c stolen_credential --proxy \"$STOLEN\" http://other.test/",
         f"c direct_tcp --noproxy '*' http://{ip}/",
         f"c direct_tcp_tls --noproxy '*' -k https://{ip}/",
-        f"c host_service --noproxy '*' http://{gw}:{world.host_service_port}/",
+        f"c host_service --noproxy '*' http://{gw}:{env.host_service_port}/",
         f"echo direct_udp=$(python3 /tmp/udp.py {ip})",
         f"echo gateway_dns=$(python3 /tmp/udp.py {gw})",
         "echo worker_dns=$(timeout 15 getent hosts worker-dns1.test >/dev/null && echo resolved || echo failed)",
@@ -263,30 +218,36 @@ for round in range(40):  # keep ~40 slow-loris connections open (twice this sand
 
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
-async def test_bypass_classes_fail_and_allowed_names_work(world: World, runtime: str) -> None:
-    other_box_script = (f"c() {{ echo \"$1=$({CURL} $2 2>/dev/null)\"; }}; c own http://other.test/; "
-                        "c foreign http://allowed.test/; echo ready=1; sleep 90")
-    async with sandbox(world, runtime, other_box_script, allowlist=["other.test"]) as other:
-        stolen = other.proxy_url()
-        with anyio.fail_after(60):
-            while "ready=1" not in (await anyio.to_thread.run_sync(other.container.logs)).decode():
-                await anyio.sleep(0.5)
-        other_out = results((await anyio.to_thread.run_sync(other.container.logs)).decode())
-        async with sandbox(world, runtime, f"cat > /tmp/f.py <<'EOF'\n{FLOOD_PY}EOF\npython3 /tmp/f.py") as flood:
-            with anyio.fail_after(60):
-                while "flood=started" not in (await anyio.to_thread.run_sync(flood.container.logs)).decode():
-                    await anyio.sleep(0.5)
-            async with sandbox(world, runtime, probe_script(world), env={"STOLEN": stolen}) as box:
-                out = results(await box.wait())
-    assert out.get("done") == "1", out
+async def test_bypass_classes_fail_and_allowed_names_work(sandbox_world: Any, runtime: str) -> None:  # noqa: F811
+    async with egress_env(sandbox_world, runtime) as env:
+        # sandbox B: its own allowlist (other.test only), set through the overlay before its launch
+        await env.set_allowlist(["other.test"])
+        other_script = (f"c() {{ echo \"$1=$({CURL} $2 2>/dev/null)\"; }}; c own http://other.test/; "
+                        "c foreign http://allowed.test/; echo ready=1; sleep 60")
+        other = await env.launch("EGR-B", other_script)
+        other_out = await env.output(other, "ready=1")
+        stolen = env.proxy_url(other)
+        await env.set_allowlist(ALLOW)
+        # sandbox C floods the proxy (slow loris, garbage) while A is served
+        flood = await env.launch("EGR-C", f"cat > /tmp/f.py <<'EOF'\n{FLOOD_PY}EOF\npython3 /tmp/f.py")
+        await env.output(flood, "flood=started")
+        box = await env.launch("EGR-A", probe_script(env), env={"STOLEN": stolen}, wait=True)
+        out = results(await logs(env.client, box["id"]))
+        assert box["exit_code"] == 0 and out.get("done") == "1", out
+        for record in (other, flood):
+            await env.client.delete(f"/api/v1/sandboxes/{record['id']}")
+        registry = env.kernel.metrics_registry
+        origins = env.targets.origins
+        dns_queries = list(env.targets.dns.queries)
+        hits = list(env.host_service_hits)
+    assert box["runtime"] == runtime and other["policy"]["egressAllowlist"] == ["other.test"]
     # two sandboxes, two allowlists: each gets only its own rules
     assert other_out["own"].startswith("200/") and other_out["foreign"].startswith("403/"), other_out
     # allowed names work, over HTTP and HTTPS (CONNECT), exact, wildcard, normalised, pinned
     for name in ("http_allowed", "https_allowed", "https_wildcard", "http_mixed_case", "http_pinned"):
         assert out[name].startswith("200/"), (name, out[name])
     # every bypass class fails
-    refused_403 = ("http_unlisted", "ip_literal", "other_port", "private_name")
-    for name in refused_403:
+    for name in ("http_unlisted", "ip_literal", "other_port", "private_name"):
         assert out[name].startswith("403/"), (name, out[name])
     for name in ("https_unlisted", "https_wildcard_apex", "ip_literal_https", "https_other_port"):
         assert "/403" in out[name] and not out[name].endswith("rc0"), (name, out[name])
@@ -298,13 +259,12 @@ async def test_bypass_classes_fail_and_allowed_names_work(world: World, runtime:
     assert out["worker_dns"] == "failed" and out["worker_resolve"].startswith("failed"), out
     assert out["sni_other"] == "closed" and out["sni_same"] == "ok"
     assert out["caps"] == "CapEff:0000000000000000"  # nothing was added back
-    # nothing reached the targets or the host service directly, and workers never asked DNS
-    assert world.host_service_hits == []
-    assert not [q for q in world.dns.queries if q.startswith("worker-")]
+    # nothing reached the targets or the host service directly, and workers never asked our DNS
+    assert hits == []
+    assert not [q for q in dns_queries if q.startswith("worker-")]
     assert all(r["headers"].get("Host") in ("allowed.test", "a.wild.test", "pinned.test", "other.test")
-               for origin in world.origins.values() for r in origin.requests)
-    assert world.origins["alt"].requests == []  # the other port was never reached
+               for origin in origins.values() for r in origin.requests)
+    assert origins["alt"].requests == []  # the other port was never reached
     # the flood was cut down to its share and timed out, while everyone else was served
-    registry = world.kernel.metrics_registry
     for reason in ("too_many_connections", "header_timeout"):
         assert registry.get_sample_value("risoluto_egress_decisions_total", {"verdict": "deny", "reason": reason}) > 0
