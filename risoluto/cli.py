@@ -36,11 +36,12 @@ def check_bind_safe(settings: Settings) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import anyio
+    import asyncio
+
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from .app import create_app
+    from .app import create_app, kernel_of
 
     settings: Settings = args.settings
     check_bind_safe(settings)
@@ -54,17 +55,20 @@ def _serve(args: argparse.Namespace) -> int:
     config.graceful_timeout = 10
     config.h11_max_incomplete_size = 64 * 1024  # huge headers are refused with 431/400
 
-    import asyncio
+    kernel = kernel_of(app)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        print(f"risoluto {__version__} listening on http://{config.bind[0]}", file=sys.stderr, flush=True)
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await kernel.start()  # a StartupError here is one clean line, not a lifespan traceback
+        try:
+            print(f"risoluto {__version__} listening on http://{config.bind[0]}", file=sys.stderr, flush=True)
+            await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        finally:
+            await kernel.stop()
 
-    del anyio
     asyncio.run(main())
     return 0
 

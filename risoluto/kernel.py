@@ -47,9 +47,17 @@ class Kernel:
         self.runtime: SandboxRuntime | None = None
         self.state: dict[str, Any] = {}
         self._started: list[Any] = []
+        self._running = False
 
     async def start(self) -> None:
-        """Start every plugin service in load order; a failure stops what started and raises."""
+        """Start every plugin service in load order; a failure stops what started and raises.
+
+        Idempotent: ``risoluto serve`` starts the kernel before hypercorn (so a startup error is
+        one clean line), then Quart's ``before_serving`` calls this again.
+        """
+        if self._running:
+            return
+        self._running = True
         for service in self.hooks.app_services(self):
             try:
                 await service.start()
@@ -63,6 +71,7 @@ class Kernel:
 
     async def stop(self) -> None:
         """Stop started services in reverse order; one failing stop does not skip the rest."""
+        self._running = False
         while self._started:
             service = self._started.pop()
             try:

@@ -164,5 +164,6 @@ async def test_serve_with_the_wrong_key_exits_and_changes_nothing(backend, risol
             stop_server(proc)
     assert proc.returncode != 0
     assert str(data) in err and "does not match" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert hashlib.sha256(data.read_bytes()).hexdigest() == before
     assert await fresh_values(settings, backend) == {"A": "a"}

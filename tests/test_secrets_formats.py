@@ -18,7 +18,8 @@ from risoluto.plugins.secrets.file_store import FileStore
 
 pytestmark = pytest.mark.anyio
 
-VECTORS = Path("/work/shared/vectors")
+# ../shared/vectors beside the checkout (CI lays a copy of shared/ there too)
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 VECTOR_KEY = "vector-master-key-do-not-use"
 VECTOR_PLAINTEXT = {"OPENAI_API_KEY": "sk-vector-0000", "LINEAR_WEBHOOK_SECRET": "lin_wh_vector",
                     "unicode.key:1": "välue ✓"}
