@@ -388,3 +388,70 @@ async def test_never_binds_a_wildcard(tmp_path):
     for host in ("0.0.0.0", "::"):
         with pytest.raises(ValueError):
             await proxy.serve(host)
+
+
+def _hello(extensions: list[tuple[int, bytes]]) -> bytes:
+    """A minimal TLS 1.2-framed ClientHello handshake message with the given extensions."""
+    import struct
+
+    exts = b"".join(struct.pack("!HH", t, len(d)) + d for t, d in extensions)
+    suites, compression = b"\x00\x02\x13\x01", b"\x01\x00"
+    body = b"\x03\x03" + b"\x00" * 32 + b"\x00" + suites + compression + struct.pack("!H", len(exts)) + exts
+    return b"\x01" + len(body).to_bytes(3, "big") + body
+
+
+def _sni(*names: str) -> bytes:
+    import struct
+
+    entries = b"".join(b"\x00" + struct.pack("!H", len(n)) + n.encode() for n in names)
+    return struct.pack("!H", len(entries)) + entries
+
+
+def _records(message: bytes, split: int | None = None) -> bytes:
+    parts = [message] if split is None else [message[:split], message[split:]]
+    return b"".join(b"\x16\x03\x01" + len(p).to_bytes(2, "big") + p for p in parts)
+
+
+def test_client_hello_parser():
+    from risoluto.plugins.egress import _tls
+
+    # a real ClientHello from Python's own TLS stack
+    outgoing = ssl.MemoryBIO()
+    obj = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="Allowed.Test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    real = outgoing.read()
+    message, complete = _tls.handshake_bytes(real)
+    assert complete and _tls.parse_client_hello(message).server_name == "allowed.test"
+    # split over two records, and cut short: complete only once everything is there
+    hello = _hello([(0, _sni("a.test"))])
+    two = _records(hello, split=10)
+    assert _tls.handshake_bytes(two[:-3])[1] is False
+    message, complete = _tls.handshake_bytes(two)
+    assert complete and _tls.parse_client_hello(message) == _tls.Hello(server_name="a.test", ech=False)
+    assert _tls.parse_client_hello(_hello([(0xFE0D, b"\x00" * 8), (0, _sni("a.test"))])).ech is True
+    assert _tls.parse_client_hello(_hello([])).server_name is None
+    for bad in (_hello([(0, _sni("a.test", "b.test"))]), _hello([(0, _sni("a.test")), (0, _sni("a.test"))]),
+                _hello([(0, b"\x00\x09\x00")]), b"\x02" + hello[1:], hello[:20]):
+        with pytest.raises(_tls.HelloError):
+            _tls.parse_client_hello(bad)
+    with pytest.raises(_tls.HelloError):
+        _tls.handshake_bytes(b"GET / HTTP/1.1\r\n")
+
+
+async def test_encrypted_client_hello_is_refused(tmp_path):
+    async with proxy_env(tmp_path) as env:
+        raw = f"CONNECT allowed.test:443 HTTP/1.1\r\n{auth()}\r\n".encode()
+        raw += _records(_hello([(0, _sni("allowed.test")), (0xFE0D, b"\x00" * 16)]))
+        out = await exchange(env.port, raw)
+        assert out.count(b"HTTP/1.1") == 1 and env.origins["https"].requests == []
+        assert env.metric("risoluto_egress_decisions_total", verdict="deny", reason="ech_not_allowed") == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_proxy_is_plain_anyio_and_runs_under_trio(tmp_path, anyio_backend):
+    async with proxy_env(tmp_path) as env:
+        assert status_of(await get(env.port, "http://allowed.test/", auth()))[0] == 200
+        assert status_of(await get(env.port, "http://unlisted.test/", auth())) == (403, "host_not_allowed")
+        status, _, out = await connect_tls(env.port, "allowed.test:443", "allowed.test", env.ca.client_context())
+        assert status == 200 and b"200 OK" in out
