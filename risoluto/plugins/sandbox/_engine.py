@@ -84,7 +84,8 @@ def _mount(m: Mount) -> dict[str, Any]:
         out["Source"] = m.source
         out["BindOptions"] = {"Propagation": "rprivate"}
     elif m.type == "volume":
-        out["Source"] = m.source
+        if m.source:  # empty: an anonymous volume, created with the container, removed with it
+            out["Source"] = m.source
         out["VolumeOptions"] = {"NoCopy": False, "Labels": dict(m.labels)}
     elif m.type == "tmpfs":
         out["TmpfsOptions"] = {"SizeBytes": m.tmpfs_size, "Mode": 0o1777}

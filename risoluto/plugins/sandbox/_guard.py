@@ -96,7 +96,7 @@ def _check_mounts(spec: ContainerSpec, settings: Settings, environ: Mapping[str,
             if hit:
                 raise refuse(f"a plugin asked to mount {m.source} at {m.target}, which exposes {hit}; "
                              "DATA_DIR, master.key, the Docker socket and ~/.codex are never mounted.")
-        elif m.type == "volume" and not _VOLUME_NAME.match(m.source):
+        elif m.type == "volume" and m.source and not _VOLUME_NAME.match(m.source):
             raise refuse(f"volume name {m.source!r} is not a valid Docker volume name.")
 
 

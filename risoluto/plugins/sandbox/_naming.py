@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets as _random
 from pathlib import Path
 
 from ...errors import ApiError
@@ -62,7 +61,7 @@ def issue_key(issue: str) -> str:
 
 def container_name(key: str) -> str:
     """A valid Docker name (``[a-zA-Z0-9][a-zA-Z0-9_.-]+``), unique per attempt."""
-    return f"risoluto-{key}-{_random.token_hex(4)}"
+    return f"risoluto-{key}-{os.urandom(4).hex()}"
 
 
 def home_volume(key: str) -> str:

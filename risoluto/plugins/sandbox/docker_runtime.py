@@ -37,6 +37,25 @@ KEEP_FINISHED = 200
 ATTEMPT = "attempt"
 
 
+async def gather(*aws: Any) -> list[Any]:
+    """Await concurrently; results in order; the first failure is re-raised as itself."""
+    results: list[Any] = [None] * len(aws)
+    errors: list[BaseException] = []
+
+    async def one(i: int, aw: Any) -> None:
+        try:
+            results[i] = await aw
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i, aw in enumerate(aws):
+            tg.start_soon(one, i, aw)
+    if errors:
+        raise errors[0]
+    return results
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -101,9 +120,10 @@ class DockerRuntime:
         volumes: list[str] = []
         created: list[str] = []
         try:
+            # Independent look-ups in parallel: each is an engine round trip on the launch path.
             await self._preflight(spec)
-            await self._ensure_network(spec.network)
-            volumes = await self._ensure_volumes(spec)
+            _, _, volumes = await gather(self._check_image(spec.image), self._ensure_network(spec.network),
+                                         self._ensure_volumes(spec))
             labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
             kwargs = engine.create_kwargs(spec, labels)
             cid = (await self._api(lambda c: c.create_container(**kwargs)))["Id"]
@@ -143,10 +163,12 @@ class DockerRuntime:
             raise ApiError(503, "seccomp_unsupported",
                            f"runtime {spec.runtime!r} is registered without --oci-seccomp and would ignore "
                            "the seccomp profile; add it to runtimeArgs in /etc/docker/daemon.json.")
+
+    async def _check_image(self, image: str) -> None:
         try:
-            await self._api(lambda c: c.inspect_image(spec.image))
+            await self._api(lambda c: c.inspect_image(image))
         except docker.errors.NotFound:
-            raise ApiError(400, "image_not_found", f"image {spec.image!r} is not on the Docker engine; build "
+            raise ApiError(400, "image_not_found", f"image {image!r} is not on the Docker engine; build "
                            "or load it first (images are never pulled).") from None
 
     async def _ensure_network(self, name: str) -> None:
@@ -168,11 +190,16 @@ class DockerRuntime:
             log.info("created sandbox network %s", name)
 
     async def _ensure_volumes(self, spec: ContainerSpec) -> list[str]:
+        """Create named volumes; anonymous ones (no source) are created by the engine with the
+        container and removed with it. Returns the named per-attempt volumes to remove later."""
         attempt: list[str] = []
         for m in spec.mounts:
             if m.type != "volume":
                 continue
             labels = {**m.labels, LABEL_MANAGED: "true", LABEL_INSTANCE: self.instance}
+            m.labels = labels
+            if not m.source:
+                continue
             if m.labels.get(LABEL_SCOPE) != ATTEMPT:
                 try:
                     vol = await self._api(lambda c, name=m.source: c.inspect_volume(name))
@@ -203,7 +230,7 @@ class DockerRuntime:
     async def _discard(self, created: list[str], volumes: list[str], spec: ContainerSpec,
                        rec: Record | None, exc: BaseException) -> None:
         for cid in created:
-            await self._quietly(lambda c, i=cid: c.remove_container(i, force=True))
+            await self._quietly(lambda c, i=cid: c.remove_container(i, force=True, v=True))
             for callback in spec.on_removed:
                 await self._quietly_call(callback, cid)
         for name in volumes:
@@ -236,9 +263,10 @@ class DockerRuntime:
         if scope.cancelled_caught:
             rec.timed_out, rec.reason = True, "timeout"
             await self._stop(rec.id)
-        state = (await self._api(lambda c: c.inspect_container(rec.id)))["State"]
-        rec.exit_code, rec.oom_killed = state.get("ExitCode"), bool(state.get("OOMKilled"))
-        rec.set_logs(await self._api(lambda c: c.logs(rec.id, tail=Record.LOG_TAIL_LINES)))
+        info, output = await gather(self._api(lambda c: c.inspect_container(rec.id)),
+                                    self._api(lambda c: c.logs(rec.id, tail=Record.LOG_TAIL_LINES)))
+        rec.exit_code, rec.oom_killed = info["State"].get("ExitCode"), bool(info["State"].get("OOMKilled"))
+        rec.set_logs(output)
         rec.status = "timed_out" if rec.timed_out else "stopped" if rec.stop_requested else "exited"
 
     async def _stop(self, cid: str) -> None:
@@ -249,7 +277,7 @@ class DockerRuntime:
         rec.finished_at = _now()
         seconds = time.monotonic() - rec.started_mono
         self._emit("exited", rec, seconds=seconds)
-        await self._quietly(lambda c: c.remove_container(rec.id, force=True))
+        await self._quietly(lambda c: c.remove_container(rec.id, force=True, v=True))  # + anonymous volumes
         for name in volumes:
             await self._quietly(lambda c, n=name: c.remove_volume(n, force=True))
         for callback in spec.on_removed:
@@ -381,7 +409,7 @@ class DockerRuntime:
                 await rec.done.wait()
             return rec.public()
         target = await self.inspect(sandbox_id)
-        await self._api(lambda c: c.remove_container(target["id"], force=True))
+        await self._api(lambda c: c.remove_container(target["id"], force=True, v=True))
         return {**target, "status": "removed", "removed": True}
 
     async def cleanup_orphans(self) -> int:
@@ -390,7 +418,7 @@ class DockerRuntime:
         count = 0
         for row in rows:
             if row["Id"] not in self._records:
-                await self._quietly(lambda c, i=row["Id"]: c.remove_container(i, force=True))
+                await self._quietly(lambda c, i=row["Id"]: c.remove_container(i, force=True, v=True))
                 count += 1
         vols = await self._api(lambda c: c.volumes(filters={"label": [mine, f"{LABEL_SCOPE}={ATTEMPT}"]}))
         for vol in vols.get("Volumes") or []:
