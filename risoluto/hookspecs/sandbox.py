@@ -124,7 +124,10 @@ class SandboxRuntime(Protocol):
 def risoluto_sandbox_runtime(settings: Settings) -> SandboxRuntime | None:
     """Return the runtime backend named by ``sandbox.runtime`` (``docker``, ``remote``), or None.
 
-    Called once at startup; firstresult.
+    Called once at startup by the ``sandbox.api`` service, which sets ``kernel.runtime``, calls
+    the runtime's ``attach(kernel, observer)`` if it has one (live settings, events, metrics)
+    and ``cleanup_orphans()``; firstresult. Construct without connecting: the app must start
+    when the engine is down (routes then answer 503 ``sandbox_runtime_unavailable``).
 
     Example::
 
@@ -141,6 +144,12 @@ def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings:
     Called once per launch, for every plugin (collected), in registration order:
     default plugins by module name, then third-party plugins. Raise
     :class:`~risoluto.errors.ApiError` to refuse the launch (a policy check).
+    ``sandbox.policy_guard`` (``trylast``) then refuses any spec that mounts DATA_DIR,
+    master.key, the Docker socket or ``~/.codex``, sets ``host_config`` keys beyond
+    resources and logs, shares the host network, or lacks an enabled checklist item; the
+    launcher repeats that check after the hook returns. Record what you enforce in
+    ``spec.policy`` (its digest becomes the ``risoluto.policy`` label). A ``Mount`` of type
+    ``volume`` with an empty ``source`` is anonymous: created with the container, removed with it.
 
     Example::
 
