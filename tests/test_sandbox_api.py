@@ -178,3 +178,31 @@ async def test_policy_guard_lets_a_legitimate_extension_through(risoluto_client,
     client = await risoluto_client(config(tmp_path), env=no_docker, plugins=(("test.intruder", plugin),))
     response = await client.post("/api/v1/sandboxes", json={"issue": "A-1", "command": ["true"]})
     assert (await response.get_json())["error"]["code"] == "sandbox_runtime_unavailable"  # got past the guard
+
+
+async def test_routes_are_declared_in_openapi(risoluto_client, tmp_path, no_docker):
+    client = await risoluto_client(config(tmp_path), env=no_docker)
+    doc = await (await client.get("/api/v1/openapi.json")).get_json()
+    ops = [(path, method, op) for path, item in doc["paths"].items() for method, op in item.items()
+           if "sandbox" in path]
+    assert {(p, m) for p, m, _ in ops} == {
+        ("/api/v1/sandboxes", "post"), ("/api/v1/sandboxes", "get"), ("/api/v1/sandboxes/{sandbox_id}", "get"),
+        ("/api/v1/sandboxes/{sandbox_id}", "delete"), ("/api/v1/sandboxes/{sandbox_id}/logs", "get"),
+        ("/api/v1/sandbox/policy", "get")}
+    assert not any(op.get("x-risoluto-undeclared") for _, _, op in ops)
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "failed"), ("", "skipped")])
+def test_docker_tests_fail_under_ci_without_an_engine(tmp_path, ci, outcome):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CI": ci, "DOCKER_HOST": f"unix://{tmp_path}/absent.sock"}
+    target = "tests/test_sandbox_hardening.py::test_workspace_read_mounts_the_workspace_read_only"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
+    summary = done.stdout.strip().splitlines()[-1]
+    assert f"1 {outcome}" in summary or (outcome == "failed" and "1 error" in summary), done.stdout
+    if ci:
+        assert done.returncode != 0 and "need an engine under CI=true" in done.stdout
