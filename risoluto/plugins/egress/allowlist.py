@@ -136,7 +136,7 @@ def parse_entry(entry: str) -> Rule:
         norm = normalise_host(host)
         if wildcard and not isinstance(norm, str):
             raise HostError("a wildcard cannot cover an IP address")
-        if wildcard and "." not in norm:
+        if wildcard and "." not in str(norm):
             raise HostError("a wildcard over a whole top-level domain is not allowed")
     except HostError as exc:
         raise ConfigError(f"codex.sandbox.egressAllowlist: invalid entry {entry!r}: {exc}") from None
