@@ -31,7 +31,7 @@ from ._http import MAX_HEAD, BadRequest, RequestHead, Target, answer, body_frami
 from ._http import upstream_head
 from ._metrics import EgressMetrics
 from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection, pump, relay_body
-from .allowlist import DEFAULT_PORTS, Allowlist, HostError, IPAddress, Match, normalise_host
+from .allowlist import Allowlist, HostError, IPAddress, Match, normalise_host
 
 log = logging.getLogger("risoluto.egress")
 
@@ -192,6 +192,7 @@ class EgressProxy:
             except HostError:
                 raise Refusal(400, "malformed_host", "The host is not a valid name or IP literal.") from None
             ctx.update(host=str(host), port=target.port)
+            framing = body_framing(head) if head.method != "CONNECT" else ("none", 0)
             match = self._decide_one(client, head, target, host)
             upstream = await self._connect(policy, host, target.port, ctx)
         except BadRequest as exc:
@@ -204,7 +205,7 @@ class EgressProxy:
             if head.method == "CONNECT":
                 await self._tunnel(conn, reader, upstream, policy, host, match, ctx)
             else:
-                await self._forward(conn, reader, upstream, head, target, policy, match, ctx)
+                await self._forward(conn, reader, upstream, head, target, framing, policy, match, ctx)
         finally:
             upstream.close()
 
@@ -312,9 +313,8 @@ class EgressProxy:
     async def _client_hello(self, reader: Reader, policy: _Policy, host: str | IPAddress,
                             raw_ok: bool) -> tuple[bytes, str]:
         """(bytes read, refusal reason or ""). Reads the first flight and checks its SNI."""
-        wait = SERVER_FIRST_WAIT_S if raw_ok else policy.head_timeout
         if raw_ok and not reader.buffer:
-            with anyio.move_on_after(wait):
+            with anyio.move_on_after(SERVER_FIRST_WAIT_S):
                 await reader.fill()
             if not reader.buffer:
                 return b"", ""  # a server-speaks-first protocol on an explicitly listed port
@@ -344,12 +344,7 @@ class EgressProxy:
         return reader.take_all(), ""
 
     async def _forward(self, conn: Conn, reader: Reader, upstream: Conn, head: RequestHead, target: Target,
-                       policy: _Policy, match: Match, ctx: dict[str, Any]) -> None:
-        try:
-            framing = body_framing(head)
-        except BadRequest as exc:
-            await self._refuse(conn, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
-            return
+                       framing: tuple[str, int], policy: _Policy, match: Match, ctx: dict[str, Any]) -> None:
         host = ctx["host"]
         authority = f"[{host}]" if ":" in host else host
         if target.port != 80:
@@ -390,4 +385,4 @@ class EgressProxy:
         )
 
 
-__all__ = ["Client", "EgressProxy", "address_refusal", "DEFAULT_PORTS"]
+__all__ = ["Client", "EgressProxy", "address_refusal"]
