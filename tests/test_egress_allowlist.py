@@ -14,10 +14,10 @@ from risoluto.settings import build_settings
 
 
 @pytest.mark.parametrize("entry, host, wildcard, port", [
-    ("example.com", "example.com", False, None),
-    ("EXAMPLE.Com.", "example.com", False, None),
-    ("*.example.com", "example.com", True, None),
-    ("*.Example.COM.:8443", "example.com", True, 8443),
+    ("example.test", "example.test", False, None),
+    ("EXAMPLE.Test.", "example.test", False, None),
+    ("*.example.test", "example.test", True, None),
+    ("*.Example.TEST.:8443", "example.test", True, 8443),
     ("bücher.example", "xn--bcher-kva.example", False, None),
     ("xn--bcher-kva.example", "xn--bcher-kva.example", False, None),
     ("203.0.113.7", ipaddress.ip_address("203.0.113.7"), False, None),
@@ -34,21 +34,21 @@ def test_valid_entries(entry, host, wildcard, port):
     ("", "not a host name"),
     ("*", "wildcard"),
     ("*.com", "top-level"),
-    ("a.*.example.com", "wildcard"),
+    ("a.*.example.test", "wildcard"),
     ("*.203.0.113.7", "IP address"),
     ("2001:db8::7", "brackets"),
     ("[2001:db8::zz]", "IPv6"),
-    ("example.com:0", "port"),
-    ("example.com:65536", "port"),
-    ("example.com:http", "port"),
+    ("example.test:0", "port"),
+    ("example.test:65536", "port"),
+    ("example.test:http", "port"),
     ("exa mple.com", "label"),
-    ("-bad.example.com", "label"),
-    ("a..example.com", "IDNA"),
+    ("-bad.example.test", "label"),
+    ("a..example.test", "IDNA"),
     ("127.1", "IPv4"),
     ("0x7f.0.0.1", "IPv4"),
     ("2130706433", "IPv4"),
-    ("user@example.com", "label"),
-    ("a" * 64 + ".example.com", "IDNA"),
+    ("user@example.test", "label"),
+    ("a" * 64 + ".example.test", "IDNA"),
 ])
 def test_invalid_entries_name_the_entry(entry, why):
     with pytest.raises(ConfigError) as err:
@@ -58,17 +58,17 @@ def test_invalid_entries_name_the_entry(entry, why):
 
 
 def test_matching_rules():
-    allow = Allowlist(["example.com", "*.wild.example", "git.example.org:22", "203.0.113.7", "[2001:db8::7]:8443"])
-    assert allow.match("example.com", 443).allowed
-    assert allow.match("example.com", 80).allowed
-    assert allow.match("example.com", 8080).reason == "port_not_allowed"
-    assert allow.match("www.example.com", 443).reason == "host_not_allowed"  # exact means exact
+    allow = Allowlist(["example.test", "*.wild.example", "git.example.test:22", "203.0.113.7", "[2001:db8::7]:8443"])
+    assert allow.match("example.test", 443).allowed
+    assert allow.match("example.test", 80).allowed
+    assert allow.match("example.test", 8080).reason == "port_not_allowed"
+    assert allow.match("www.example.test", 443).reason == "host_not_allowed"  # exact means exact
     assert allow.match("a.wild.example", 443).allowed
     assert allow.match("a.b.wild.example", 80).allowed
     assert allow.match("wild.example", 443).reason == "host_not_allowed"  # subdomains only
     assert allow.match("evilwild.example", 443).reason == "host_not_allowed"
-    assert allow.match("git.example.org", 22).allowed
-    assert allow.match("git.example.org", 443).reason == "port_not_allowed"  # explicit port replaces defaults
+    assert allow.match("git.example.test", 22).allowed
+    assert allow.match("git.example.test", 443).reason == "port_not_allowed"  # explicit port replaces defaults
     assert allow.match(ipaddress.ip_address("203.0.113.7"), 443).allowed
     assert allow.match(ipaddress.ip_address("203.0.113.8"), 443).reason == "ip_literal_not_allowed"
     assert allow.match(ipaddress.ip_address("2001:db8::7"), 8443).allowed
@@ -76,7 +76,7 @@ def test_matching_rules():
 
 
 def test_requested_hosts_are_normalised_like_entries():
-    assert normalise_host("ExAmPle.COM.") == "example.com"
+    assert normalise_host("ExAmPle.TEST.") == "example.test"
     assert normalise_host("Bücher.example") == "xn--bcher-kva.example"
     assert normalise_host("[::1]") == ipaddress.ip_address("::1")
     for bad in ("::1", "127.1", "0x7f000001", "exa_mple..com", "a/b.com", ""):
@@ -100,6 +100,6 @@ def _check(tmp_path, allowlist):
 def test_doctor_reports_egress_mode(tmp_path):
     empty = _check(tmp_path, [])
     assert empty.status == WARN and "unrestricted" in empty.reason
-    assert _check(tmp_path, ["example.com"]).status == PASS
-    bad = _check(tmp_path, ["example.com", "*.com"])
+    assert _check(tmp_path, ["example.test"]).status == PASS
+    bad = _check(tmp_path, ["example.test", "*.com"])
     assert bad.status == FAIL and "'*.com'" in bad.reason

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from docker_util import docker_engine  # noqa: F401
 
 from risoluto.errors import ApiError, StartupError
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN
@@ -25,20 +26,6 @@ from risoluto.plugins.egress.network import NETWORK, DockerEgressEnforcer
 from risoluto.settings import build_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
-
-
-@pytest.fixture
-def docker_client():
-    try:
-        import docker
-
-        client = docker.from_env(timeout=60)
-        client.ping()
-        return client
-    except Exception as exc:  # noqa: BLE001
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Docker engine unavailable under CI: {exc}")
-        pytest.skip(f"Docker engine unavailable: {exc}")
 
 
 def kernel_with(tmp_path: Path, allowlist: list[str], gvisor: bool = False, **extra) -> Kernel:
@@ -59,17 +46,17 @@ def checks(kernel: Kernel) -> dict[str, tuple[str, str]]:
     return {r.item: (r.status, r.reason) for r in run_checks(kernel) if "egress" in r.item}
 
 
-async def test_service_builds_network_binds_gateway_and_guards_host(tmp_path, docker_client):
+async def test_service_builds_network_binds_gateway_and_guards_host(tmp_path, docker_engine):  # noqa: F811
     kernel = kernel_with(tmp_path, ["allowed.test"])
     async with kernel.running():
         status = kernel.state["egress.enforcer"].status()
         gateway, port = status["bind"].rsplit(":", 1)
-        network = next(n for n in docker_client.networks.list() if n.name == NETWORK)
-        network.reload()
-        assert network.attrs["Internal"] is True
-        assert network.attrs["Labels"]["risoluto.managed"] == "true"
-        assert network.attrs["Options"]["com.docker.network.bridge.enable_icc"] == "false"
-        assert gateway == network.attrs["IPAM"]["Config"][0]["Gateway"]
+        (network,) = [docker_engine.inspect_network(n["Id"]) for n in docker_engine.networks(names=[NETWORK])
+                      if n["Name"] == NETWORK]
+        assert network["Internal"] is True
+        assert network["Labels"]["risoluto.managed"] == "true"
+        assert network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+        assert gateway == network["IPAM"]["Config"][0]["Gateway"]
         # the proxy listens on the gateway only: not on loopback, not on a wildcard address
         listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert [line.split()[3] for line in listening.splitlines()] == [f"{gateway}:{port}"]
@@ -128,7 +115,7 @@ async def test_invalid_entry_stops_startup_naming_it(tmp_path):
     assert checks(kernel)["egress allowlist"][0] == FAIL
 
 
-async def test_network_capabilities_are_refused(tmp_path, docker_client):
+async def test_network_capabilities_are_refused(tmp_path, docker_engine):  # noqa: F811
     from risoluto.hookspecs import hookimpl
 
     class AddsNetAdmin:
@@ -146,9 +133,9 @@ async def test_network_capabilities_are_refused(tmp_path, docker_client):
         assert err.value.code in ("egress_capability", "sandbox_policy_violation")
 
 
-async def test_an_existing_non_internal_network_is_refused(tmp_path, docker_client):
+async def test_an_existing_non_internal_network_is_refused(tmp_path, docker_engine):  # noqa: F811
     name = f"rsl-egress-test-{os.urandom(3).hex()}"
-    docker_client.networks.create(name, driver="bridge", labels={"risoluto.test": "1"})
+    created = docker_engine.create_network(name, driver="bridge", labels={"risoluto.test": "1"})
     try:
         kernel = kernel_with(tmp_path, ["allowed.test"])
         enforcer = DockerEgressEnforcer(kernel.settings, network=name)
@@ -156,10 +143,10 @@ async def test_an_existing_non_internal_network_is_refused(tmp_path, docker_clie
             await enforcer.start(kernel)
         assert enforcer.proxy is None
     finally:
-        docker_client.networks.get(name).remove()
+        docker_engine.remove_network(created["Id"])
 
 
-async def test_doctor_without_root_reports_exposed_host_services(tmp_path, docker_client):
+async def test_doctor_without_root_reports_exposed_host_services(tmp_path, docker_engine):  # noqa: F811
     """``risoluto doctor`` run as an unprivileged user cannot add firewall rules: FAIL, and says why."""
     import shutil
     import tempfile
@@ -198,15 +185,15 @@ async def _doctor_as_nobody(tmp_path: Path) -> None:
     assert done.returncode != 0
 
 
-async def test_doctor_warns_on_empty_allowlist_and_on_gvisor_hostinet(tmp_path, docker_client):
+async def test_doctor_warns_on_empty_allowlist_and_on_gvisor_hostinet(tmp_path, docker_engine):  # noqa: F811
     assert checks(kernel_with(tmp_path, []))["egress allowlist"][0] == WARN
     gvisor = kernel_with(tmp_path, ["allowed.test"], gvisor=True)
-    runtimes = docker_client.info().get("Runtimes", {})
+    runtimes = docker_engine.info().get("Runtimes", {})
     hostnet = "--network=host" in (runtimes.get("runsc", {}).get("runtimeArgs") or [])
     assert checks(gvisor)["egress under gVisor"][0] == (WARN if hostnet else PASS)
 
 
-def test_embedded_dns_leak_check(tmp_path):
+def test_embedded_dns_leak_check(tmp_path, docker_engine):  # noqa: F811
     """CVE-2024-29018: an old engine with a loopback resolver answers workers from the host namespace."""
     from risoluto.plugins.egress.network import _engine_fixed, _loopback_resolvers
 
@@ -218,11 +205,5 @@ def test_embedded_dns_leak_check(tmp_path):
     assert not _engine_fixed("20.10.24+dfsg1") and not _engine_fixed("25.0.4")
     assert _engine_fixed("26.0.0") and _engine_fixed("25.0.5") and _engine_fixed("23.0.11")
     kernel = kernel_with(tmp_path, ["allowed.test"])
-    expected = FAIL if _loopback_resolvers() and not _engine_fixed(_docker_version()) else PASS
+    expected = FAIL if _loopback_resolvers() and not _engine_fixed(docker_engine.version()["Version"]) else PASS
     assert checks(kernel)["egress DNS"][0] == expected
-
-
-def _docker_version() -> str:
-    import docker
-
-    return docker.from_env().version()["Version"]
