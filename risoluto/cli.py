@@ -123,12 +123,25 @@ def _doctor(args: argparse.Namespace) -> int:
     from .kernel import Kernel
 
     kernel = Kernel(args.settings)
-    return report(run_checks(kernel), args.json)
+    results = run_checks(kernel)
+    if args.probe:
+        import anyio
+
+        from .doctor import run_probes
+
+        async def probe() -> list[Any]:
+            async with kernel.running():
+                return await run_probes(kernel)
+
+        results += anyio.run(probe)
+    return report(results, args.json)
 
 
 def _core_commands(sub: Any) -> dict[str, Any]:
     doctor = sub.add_parser("doctor", help="evaluate every hardening checklist item (exit 1 on FAIL)")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--probe", action="store_true",
+                        help="also launch a canary sandbox under the live policy and prove each item from inside")
     doctor.set_defaults(func=_doctor)
     serve = sub.add_parser("serve", help="run the HTTP API (hypercorn)")
     serve.set_defaults(func=_serve)

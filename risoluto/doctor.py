@@ -93,3 +93,81 @@ def doctor_blueprint(kernel: Kernel) -> Blueprint:
         return summary(results)
 
     return bp
+
+
+PROBE_ISSUE = "risoluto-doctor-probe"
+_MARK = "::risoluto-probe"
+
+
+def _canary_script(count: int) -> str:
+    """Run each probe's snippet (passed as env RISOLUTO_PROBE_<i>) and fence its output."""
+    return (
+        f'i=0; while [ "$i" -lt {count} ]; do '
+        f'eval "snippet=\\$RISOLUTO_PROBE_$i"; echo "{_MARK}-begin $i"; sh -c "$snippet" 2>&1; '
+        f'echo "{_MARK}-end $i $?"; i=$((i+1)); done'
+    )
+
+
+def _split_output(text: str, count: int) -> list[tuple[str, int] | None]:
+    found: list[tuple[str, int] | None] = [None] * count
+    current, lines = -1, list[str]()
+    for line in text.splitlines():
+        if line.startswith(f"{_MARK}-begin "):
+            current, lines = int(line.split()[1]), []
+        elif line.startswith(f"{_MARK}-end ") and current >= 0:
+            _, index, rc = line.split()
+            if int(index) == current < count:
+                found[current] = ("\n".join(lines), int(rc))
+            current = -1
+        elif current >= 0:
+            lines.append(line)
+    return found
+
+
+async def run_probes(kernel: Kernel, timeout_s: float = 180.0) -> list[CheckResult]:
+    """Launch one canary sandbox under the live policy and judge every probe from inside it."""
+    import contextlib
+
+    from .errors import ApiError
+    from .hookspecs.sandbox import LaunchRequest
+
+    probes = kernel.hooks.doctor_probes(kernel)
+    if not probes:
+        return [CheckResult(item="probe", status=FAIL, reason="no plugin contributes a probe",
+                            fix="enable the default sandbox plugins")]
+    if kernel.launch_sandbox is None or kernel.runtime is None:
+        return [CheckResult(item="probe", status=FAIL, reason="no sandbox runtime: the canary cannot launch",
+                            fix="start Docker (see the Docker item) and check sandbox.runtime")]
+    env: dict[str, str] = {f"RISOLUTO_PROBE_{i}": p.script for i, p in enumerate(probes)}
+    async with contextlib.AsyncExitStack() as stack:
+        for probe in probes:
+            if probe.context is not None:
+                env.update(await stack.enter_async_context(probe.context(kernel)))
+        request = LaunchRequest(issue=PROBE_ISSUE, command=("sh", "-c", _canary_script(len(probes))),
+                                env=env, timeout_s=timeout_s)
+        try:
+            record = await kernel.launch_sandbox(request, True)
+        except ApiError as err:
+            return [CheckResult(item="probe", status=FAIL, reason=f"the canary did not run: {err.message}",
+                                fix="fix the launch error above, then re-run the probe")]
+        try:
+            output = await kernel.runtime.logs(record["id"])
+        finally:
+            with contextlib.suppress(Exception):
+                await kernel.runtime.remove(record["id"])
+    return _judge_all(probes, _split_output(output, len(probes)))
+
+
+def _judge_all(probes: list[Any], outputs: list[tuple[str, int] | None]) -> list[CheckResult]:
+    results = []
+    for probe, out in zip(probes, outputs):
+        if out is None:
+            results.append(CheckResult(item=probe.item, status=FAIL, reason="the probe produced no result "
+                                       "(the canary stopped early)", fix="re-run; check the canary's logs"))
+            continue
+        try:
+            results.append(probe.judge(*out))
+        except Exception as exc:  # a broken judge is a FAIL, never a silent PASS
+            results.append(CheckResult(item=probe.item, status=FAIL, reason=f"judge raised {exc!r}",
+                                       fix="report this as a bug in the plugin"))
+    return results

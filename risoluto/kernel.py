@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import pluggy
 from prometheus_client import CollectorRegistry
 
 from .hooks import Hooks
 from .hookspecs.ratelimit import RateLimiter, RateRule
-from .hookspecs.sandbox import SandboxRuntime
+from .hookspecs.sandbox import LaunchRequest, SandboxRuntime
 from .hookspecs.secrets import SecretStore
 from .errors import StartupError
 from .manager import PluginInfo, build_plugin_manager
@@ -45,6 +45,8 @@ class Kernel:
         self.limiter: RateLimiter | None = None
         self.rate_rules: list[RateRule] = []
         self.runtime: SandboxRuntime | None = None
+        # set by the sandbox API plugin: (LaunchRequest, wait) -> record; used by doctor --probe
+        self.launch_sandbox: Callable[[LaunchRequest, bool], Awaitable[dict[str, Any]]] | None = None
         self.state: dict[str, Any] = {}
         self._started: list[Any] = []
         self._running = False

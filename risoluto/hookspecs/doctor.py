@@ -47,13 +47,18 @@ class Probe:
     """A proof run inside a live canary sandbox by ``risoluto doctor --probe``.
 
     ``script`` is a POSIX shell snippet run in the canary (as the sandbox user, under the
-    live policy); its stdout and exit status go to ``judge``, which returns the result.
-    Snippets run one after another in one canary; each gets a fresh shell.
+    live policy); its output (stdout and stderr) and exit status go to ``judge``, which
+    returns the result. Snippets run one after another in one canary; each gets a fresh
+    ``sh -c``. The canary image must have a POSIX shell (the test and worker images do).
     """
 
     item: str
     script: str
     judge: Any  # Callable[[str, int], CheckResult]
+    # Optional async context manager factory ``context(kernel)`` entered around the canary run:
+    # it starts host-side targets (listeners the canary must NOT reach) and yields a dict of
+    # environment entries the script can read (addresses, ports).
+    context: Any = None
 
 
 @hookspec
