@@ -56,6 +56,13 @@ async def gather(*aws: Any) -> list[Any]:
     return results
 
 
+class NotFound(ApiError):
+    """The engine has no such object (container, image, network, volume)."""
+
+    def __init__(self, detail: str):
+        super().__init__(404, "sandbox_not_found", f"No such object on the Docker engine ({detail}).")
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -86,15 +93,24 @@ class DockerRuntime:
         return self._kernel.settings if self._kernel is not None else self._settings
 
     # --- engine access ------------------------------------------------------------
-    async def _api(self, call: Callable[[docker.APIClient], Any], limiter: Any = None) -> Any:
+    async def _api(self, call: Callable[[docker.APIClient], Any], limiter: Any = None,
+                   mask: tuple[str, ...] = ()) -> Any:
+        """Run one SDK call in a worker thread. Engine errors become ApiErrors: 404 ->
+        :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine -> 503."""
         if self._client is None:
             pool = self.settings.codex.sandbox.max_concurrent * 2 + 8
             self._client = await anyio.to_thread.run_sync(functools.partial(engine.connect, self._environ, pool=pool))
         client = self._client
         try:
             return await anyio.to_thread.run_sync(call, client, limiter=limiter, abandon_on_cancel=True)
-        except docker.errors.APIError:
-            raise
+        except docker.errors.NotFound as exc:
+            raise NotFound(str(exc.explanation or exc)[:300]) from None
+        except docker.errors.APIError as exc:
+            text = str(exc.explanation or exc)
+            for value in mask:  # never echo an environment value back
+                if len(value) >= 4:
+                    text = text.replace(value, "***")
+            raise ApiError(502, "sandbox_engine_error", f"the Docker engine refused: {text[:400]}") from None
         except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
             self._client = None  # reconnect next time
             raise engine.unavailable(self._environ, exc) from None
@@ -126,8 +142,9 @@ class DockerRuntime:
                                          self._ensure_volumes(spec))
             labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
             kwargs = engine.create_kwargs(spec, labels)
-            cid = (await self._api(lambda c: c.create_container(**kwargs)))["Id"]
-            created.append(cid)
+            with anyio.CancelScope(shield=True):  # a cancelled request must not orphan the container
+                cid = (await self._api(lambda c: c.create_container(**kwargs), mask=tuple(spec.env.values())))["Id"]
+                created.append(cid)
             rec = Record.from_spec(cid, spec, timeout_s, labels[LABEL_STARTED])
             self._records[cid] = rec
             self._emit("created", rec)
@@ -167,7 +184,7 @@ class DockerRuntime:
     async def _check_image(self, image: str) -> None:
         try:
             await self._api(lambda c: c.inspect_image(image))
-        except docker.errors.NotFound:
+        except NotFound:
             raise ApiError(400, "image_not_found", f"image {image!r} is not on the Docker engine; build "
                            "or load it first (images are never pulled).") from None
 
@@ -178,7 +195,7 @@ class DockerRuntime:
             try:
                 await self._api(lambda c: c.inspect_network(name))
                 return
-            except docker.errors.NotFound:
+            except NotFound:
                 pass
             if name != self.settings.codex.sandbox.network:
                 raise ApiError(503, "sandbox_network_missing", f"network {name!r} does not exist on the engine.")
@@ -208,7 +225,7 @@ class DockerRuntime:
                         raise ApiError(403, "sandbox_policy_violation",
                                        f"volume {m.source} is a bind of {device}; refused.")
                     continue
-                except docker.errors.NotFound:
+                except NotFound:
                     pass
             await self._api(lambda c, name=m.source, lb=labels: c.create_volume(name, labels=lb))
             if m.labels.get(LABEL_SCOPE) == ATTEMPT:
@@ -216,14 +233,12 @@ class DockerRuntime:
         return attempt
 
     def _launch_error(self, exc: BaseException, spec: ContainerSpec) -> BaseException:
+        if isinstance(exc, NotFound):
+            return ApiError(502, "sandbox_launch_failed", f"the Docker engine refused the launch: {exc.message}")
+        if isinstance(exc, ApiError) and exc.code == "sandbox_engine_error":
+            return ApiError(502, "sandbox_launch_failed", exc.message)
         if isinstance(exc, (ApiError, anyio.get_cancelled_exc_class())):
             return exc
-        if isinstance(exc, docker.errors.APIError):
-            text = str(exc.explanation or exc)
-            for value in spec.env.values():  # never echo an environment value back
-                if len(value) >= 4:
-                    text = text.replace(value, "***")
-            return ApiError(502, "sandbox_launch_failed", f"the Docker engine refused the launch: {text[:400]}")
         log.error("sandbox launch failed: %s", type(exc).__name__)
         return ApiError(502, "sandbox_launch_failed", f"the launch failed ({type(exc).__name__}).")
 
@@ -244,11 +259,14 @@ class DockerRuntime:
     async def _watch(self, rec: Record, spec: ContainerSpec, volumes: list[str], timeout_s: float) -> None:
         try:
             await self._wait_exit(rec, timeout_s)
-        except docker.errors.NotFound:
+        except NotFound:
             rec.status, rec.reason = "removed", "the container was removed outside this kernel"
-        except Exception as exc:  # engine gone mid-run
+        except Exception as exc:  # engine gone mid-run, or it refused a step
             rec.status = "failed"
-            rec.reason = "lost contact with the Docker engine" if isinstance(exc, ApiError) else type(exc).__name__
+            if isinstance(exc, ApiError) and exc.code == "sandbox_runtime_unavailable":
+                rec.reason = "lost contact with the Docker engine"
+            else:
+                rec.reason = exc.message if isinstance(exc, ApiError) else type(exc).__name__
             log.warning("sandbox %s: %s", rec.name, rec.reason)
         finally:
             with anyio.CancelScope(shield=True):
@@ -258,6 +276,8 @@ class DockerRuntime:
         if self._waits is None:
             self._waits = anyio.CapacityLimiter(1)
         self._waits.total_tokens = self.settings.codex.sandbox.max_concurrent + 4
+        if rec.stop_requested:  # DELETE arrived while the launch was still in progress
+            await self._stop(rec.id)
         with anyio.move_on_after(timeout_s) as scope:
             await self._api(lambda c: c.wait(rec.id), limiter=self._waits)
         if scope.cancelled_caught:
@@ -291,7 +311,7 @@ class DockerRuntime:
     async def _quietly(self, call: Callable[[docker.APIClient], Any]) -> None:
         try:
             await self._api(call)
-        except docker.errors.NotFound:
+        except NotFound:
             pass
         except Exception as exc:  # cleanup continues; leftovers go at the next start
             log.warning("sandbox cleanup step failed: %s", type(exc).__name__)
@@ -358,7 +378,7 @@ class DockerRuntime:
         cid = rec.id if rec is not None else (await self.inspect(sandbox_id))["id"]
         try:
             data = await self._api(lambda c: c.logs(cid, tail=Record.LOG_TAIL_LINES))
-        except docker.errors.NotFound:
+        except NotFound:
             data = rec.logs if rec is not None else b""
         return data.decode("utf-8", "replace")
 
@@ -376,12 +396,13 @@ class DockerRuntime:
         send, receive = anyio.create_memory_object_stream[bytes](64)
 
         def pump(client: docker.APIClient) -> None:
-            with send:
-                try:
-                    for chunk in client.logs(rec.id, stream=True, follow=True):
-                        anyio.from_thread.run(send.send, chunk)
-                except (docker.errors.NotFound, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass
+            try:
+                for chunk in client.logs(rec.id, stream=True, follow=True):
+                    anyio.from_thread.run(send.send, chunk)
+            except (docker.errors.NotFound, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            finally:
+                anyio.from_thread.run_sync(send.close)  # on the event loop: streams are not thread-safe
 
         task = asyncio.get_running_loop().create_task(self._api(pump))
         streamed = 0
@@ -404,7 +425,7 @@ class DockerRuntime:
                 rec.stop_requested = True
                 try:
                     await self._stop(rec.id)
-                except docker.errors.NotFound:
+                except NotFound:
                     pass
                 await rec.done.wait()
             return rec.public()
