@@ -89,8 +89,9 @@ def container_user(settings: Settings) -> tuple[int, int]:
 
 
 def workspace_root(settings: Settings) -> Path:
-    return Path(settings.workspace.root).expanduser().absolute()
+    """Relative to the kernel's working directory, normalised (no ``..`` left)."""
+    return Path(os.path.abspath(os.path.expanduser(settings.workspace.root)))
 
 
 def auth_dir(settings: Settings) -> Path:
-    return Path(settings.codex.auth_dir).expanduser().absolute()
+    return Path(os.path.abspath(os.path.expanduser(settings.codex.auth_dir)))
