@@ -29,7 +29,7 @@ from pathlib import Path
 import anyio
 
 ROOT = Path(__file__).resolve().parents[1]
-# bench/secrets.py would shadow the standard library's ``secrets`` (redis-py imports it)
+# keep bench/ itself off sys.path: scripts here must never shadow a library module
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 for contrib in ("risoluto-redis", "risoluto-postgres"):

@@ -33,7 +33,7 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-# bench/ holds a secrets.py of its own: keep it from shadowing the standard library's.
+# keep bench/ itself off sys.path: scripts here must never shadow a library module
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
