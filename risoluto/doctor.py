@@ -139,10 +139,14 @@ async def run_probes(kernel: Kernel, timeout_s: float = 180.0) -> list[CheckResu
         return [CheckResult(item="probe", status=FAIL, reason="no sandbox runtime: the canary cannot launch",
                             fix="start Docker (see the Docker item) and check sandbox.runtime")]
     env: dict[str, str] = {f"RISOLUTO_PROBE_{i}": p.script for i, p in enumerate(probes)}
+    broken: dict[int, str] = {}
     async with contextlib.AsyncExitStack() as stack:
-        for probe in probes:
+        for i, probe in enumerate(probes):
             if probe.context is not None:
-                env.update(await stack.enter_async_context(probe.context(kernel)))
+                try:
+                    env.update(await stack.enter_async_context(probe.context(kernel)))
+                except Exception as exc:  # its targets are missing: that probe FAILs, the others still run
+                    broken[i] = f"its context failed ({type(exc).__name__}: {exc})"
         request = LaunchRequest(issue=PROBE_ISSUE, command=("sh", "-c", _canary_script(len(probes))),
                                 env=env, timeout_s=timeout_s)
         try:
@@ -155,7 +159,11 @@ async def run_probes(kernel: Kernel, timeout_s: float = 180.0) -> list[CheckResu
         finally:
             with contextlib.suppress(Exception):
                 await kernel.runtime.remove(record["id"])
-    return _judge_all(probes, _split_output(output, len(probes)))
+    results = _judge_all(probes, _split_output(output, len(probes)))
+    for i, why in broken.items():
+        results[i] = CheckResult(item=probes[i].item, status=FAIL, reason=why[:300],
+                                 fix="report this as a bug in the plugin")
+    return results
 
 
 def _judge_all(probes: list[Any], outputs: list[tuple[str, int] | None]) -> list[CheckResult]:

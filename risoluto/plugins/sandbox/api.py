@@ -9,6 +9,7 @@ app startup when Docker is absent: sandbox routes then answer 503
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Any
@@ -77,6 +78,8 @@ class SandboxService:
         if hasattr(runtime, "attach"):
             runtime.attach(kernel, observe)
         kernel.runtime = runtime
+        # What `doctor --probe` launches its canary with: the same path as the API.
+        kernel.launch_sandbox = functools.partial(launch, kernel)
         if kernel.state.get(SKIP_CLEANUP):
             return
         try:
@@ -85,6 +88,7 @@ class SandboxService:
             log.warning("sandbox runtime not usable yet: %s", err.message)
 
     async def stop(self) -> None:
+        self.kernel.launch_sandbox = None
         runtime, self.kernel.runtime = self.kernel.runtime, None
         if runtime is not None:
             await runtime.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...hookspecs import hookimpl
-from ...hookspecs.doctor import FAIL, PASS, CheckResult
+from ...hookspecs.doctor import FAIL, PASS, CheckResult, Probe
+from ._probes import HAS_PY, failed, facts, not_proven, passed, probe, seen
 
 ITEM = "sandbox no-new-privileges"
 OPT = "no-new-privileges"
@@ -28,3 +29,34 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
         item=ITEM, status=FAIL, reason="noNewPrivileges is off: setuid binaries in the image can raise privileges",
         fix="set codex.sandbox.security.noNewPrivileges: true",
     )]
+
+
+# gVisor's /proc/self/status has no NoNewPrivs line: ask prctl(PR_GET_NO_NEW_PRIVS = 39) too.
+SCRIPT = (
+    "grep '^NoNewPrivs:' /proc/self/status || echo 'NoNewPrivs: absent'; "
+    f"if {HAS_PY}; then python3 -c 'import ctypes; print(\"prctl=%d\" % "
+    "ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))'; else echo prctl=no-python3; fi"
+)
+FIX = "set codex.sandbox.security.noNewPrivileges: true"
+
+
+def judge_nnp(out: str, rc: int) -> CheckResult:
+    found = facts(out)
+    status, prctl = found.get("NoNewPrivs", ""), found.get("prctl", "")
+    if rc != 0 or not status or not prctl:
+        return failed(ITEM, f"unexpected probe output (exit {rc}): {seen(out)}", "re-run; check the canary image")
+    answers = {k: v for k, v in (("NoNewPrivs", status), ("prctl", prctl)) if v not in ("absent", "no-python3")}
+    if not answers:
+        return not_proven(ITEM, "/proc/self/status has no NoNewPrivs line and the image has no python3 for prctl",
+                          "use a worker image with python3 (contrib/Dockerfile.sandbox)")
+    wrong = {k: v for k, v in answers.items() if v != "1"}
+    if wrong:
+        return failed(ITEM, "the worker may gain privileges: " + ", ".join(f"{k}={v}" for k, v in wrong.items()),
+                      FIX)
+    how = " and ".join(f"{k}={v}" for k, v in answers.items())
+    return passed(ITEM, f"no_new_privs is set inside the canary ({how})")
+
+
+@hookimpl
+def risoluto_doctor_probes(kernel: Any) -> list[Probe]:
+    return [probe(ITEM, SCRIPT, judge_nnp)]

@@ -8,15 +8,18 @@ An empty ``seccompProfile`` keeps Docker's default profile.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
 from ...errors import ApiError
 from ...hookspecs import hookimpl
-from ...hookspecs.doctor import FAIL, PASS, CheckResult
+from ...hookspecs.doctor import FAIL, PASS, CheckResult, Probe
 from ._engine import engine_facts, seccomp_filters_enforced
+from ._probes import HAS_PY, failed, facts, not_proven, passed, probe, seen
 
 ITEM = "sandbox seccomp"
 MAX_PROFILE_BYTES = 1024 * 1024
@@ -131,3 +134,121 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                 fix='add "--oci-seccomp" to runsc\'s runtimeArgs in /etc/docker/daemon.json',
             )]
     return [CheckResult(item=ITEM, status=PASS, reason=f"profile {security.seccomp_profile} is valid")]
+
+
+# --- doctor --probe ------------------------------------------------------------------------
+# Syscalls the probe may call with all-zero arguments, harmless whatever happens:
+# name -> (x86_64 number, aarch64 number or None, errno without any filter for an unprivileged,
+# capability-less caller; 0 = succeeds). A denial is proven only by the profile's errno where
+# that differs from the natural result.
+SYSCALLS: dict[str, tuple[int, int | None, int]] = {
+    "keyctl": (250, 219, errno.EINVAL), "add_key": (248, 217, errno.EFAULT),
+    "request_key": (249, 218, errno.EFAULT), "unshare": (272, 97, 0), "setns": (308, 268, errno.EINVAL),
+    "perf_event_open": (298, 241, errno.EFAULT), "mkdir": (83, None, errno.EFAULT),
+    "mkdirat": (258, 34, errno.EFAULT), "rmdir": (84, None, errno.EFAULT), "chdir": (80, 49, errno.EFAULT),
+    "mknod": (133, None, errno.EFAULT), "mknodat": (259, 33, errno.EFAULT), "symlink": (88, None, errno.EFAULT),
+    "symlinkat": (266, 36, errno.EFAULT), "socket": (41, 198, errno.EAFNOSUPPORT), "uname": (63, 160, errno.EFAULT),
+}
+_ARCH = {"x86_64": 0, "amd64": 0, "aarch64": 1, "arm64": 1}
+# Docker's default profile has denied the keyring calls (EPERM) since 1.10.
+DEFAULT_DENIED = ("keyctl", errno.EPERM)
+
+
+def _name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
+
+
+def denied_call(profile: dict[str, Any]) -> tuple[str, int] | None:
+    """A syscall of SYSCALLS the profile denies unconditionally with SCMP_ACT_ERRNO, and its errno."""
+    mentioned: dict[str, int] = {}
+    denied: dict[str, int] = {}
+    for rule in profile.get("syscalls") or []:
+        names = rule.get("names") or [rule.get("name")]
+        conditional = bool(rule.get("args") or rule.get("includes") or rule.get("excludes"))
+        for name in names:
+            mentioned[name] = mentioned.get(name, 0) + 1
+            if rule.get("action") == "SCMP_ACT_ERRNO" and not conditional:
+                denied[name] = int(rule.get("errnoRet", errno.EPERM))
+    if profile.get("defaultAction") == "SCMP_ACT_ERRNO":  # default deny: anything no rule mentions
+        default = int(profile.get("defaultErrnoRet", errno.EPERM))
+        denied.update({name: default for name in SYSCALLS if name not in mentioned})
+    for name, (_, _, natural) in SYSCALLS.items():
+        if name in denied and mentioned.get(name, 0) <= 1 and denied[name] != natural and denied[name] > 0:
+            return name, denied[name]
+    return None
+
+
+def call_script(name: str, nr: int) -> str:
+    code = ("import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+            "rc = libc.syscall(%d, 0, 0, 0, 0, 0, 0); "
+            "print(\"call=%s\\ncall_rc=%%d\\ncall_errno=%%d\" %% (rc, ctypes.get_errno()))") % (nr, name)
+    return f"if {HAS_PY}; then python3 -c '{code}'; else echo call=no-python3; fi"
+
+
+def _plan(kernel: Any) -> tuple[str, tuple[str, int] | None, str]:
+    """(expected mode, (syscall, errno) to prove denied or None, why not proven)."""
+    security = kernel.settings.codex.sandbox.security
+    if security.gvisor:
+        entry = engine_facts(kernel)["runtimes"].get("runsc") or {}
+        if not seccomp_filters_enforced(entry):
+            return "0", None, ("runsc is registered without --oci-seccomp, so no OCI seccomp profile reaches the "
+                               "worker (mode 0); gVisor's Sentry serves its syscalls instead")
+    arch = _ARCH.get(platform.machine().lower())
+    if arch is None:
+        return "2", None, f"no syscall numbers for {platform.machine()}"
+    if not security.seccomp_profile:
+        return "2", DEFAULT_DENIED, ""
+    try:
+        data = json.loads(load_profile(security.seccomp_profile)[0])
+    except ProfileError as exc:
+        return "2", None, str(exc)
+    call = denied_call(data)
+    if call is None:
+        return "2", None, (f"the profile denies (SCMP_ACT_ERRNO, unconditionally) none of the syscalls this "
+                           f"probe can call safely ({', '.join(SYSCALLS)})")
+    if SYSCALLS[call[0]][arch] is None:
+        return "2", None, f"{call[0]} does not exist on {platform.machine()}"
+    return "2", call, ""
+
+
+def make_judge(mode: str, call: tuple[str, int] | None, why: str, profile: str) -> Any:
+    what = f"profile {profile}" if profile else "Docker's default profile"
+    fix = ("set codex.sandbox.security.seccompProfile to a valid profile, or leave it empty for Docker's default; "
+           "never seccomp=unconfined")
+
+    def judge(out: str, rc: int) -> CheckResult:
+        found = facts(out)
+        got = found.get("Seccomp")
+        if rc != 0 or got is None:
+            return failed(ITEM, f"no Seccomp line in /proc/self/status (exit {rc}): {seen(out)}", fix)
+        if mode == "0":  # gVisor without --oci-seccomp: nothing to hold the worker to
+            return not_proven(ITEM, f"seccomp mode {got}; {why}",
+                              "register runsc with --oci-seccomp so the profile applies inside gVisor too")
+        if got != mode:
+            return failed(ITEM, f"the worker runs with seccomp mode {got}, expected {mode} (filter) under {what}",
+                          fix)
+        if call is None:
+            return not_proven(ITEM, f"seccomp mode {got}; {why}", "list a syscall this probe can call in the profile")
+        name, err = call
+        if found.get("call") == "no-python3":
+            return not_proven(ITEM, f"seccomp mode 2, but the image has no python3 to call {name}",
+                              "use a worker image with python3 (contrib/Dockerfile.sandbox)")
+        result = (found.get("call_rc"), found.get("call_errno"))
+        if found.get("call") != name or result != ("-1", str(err)):
+            digits = bool(result[1] and result[1].isdigit())
+            observed = f"rc={result[0]} errno={_name(int(result[1] or 0))}" if digits else seen(out)
+            return failed(ITEM, f"seccomp mode 2, but {name}() is not denied as {what} says "
+                          f"(expected {_name(err)}, got {observed})", fix)
+        return passed(ITEM, f"seccomp mode 2; {name}() fails with {_name(err)} as {what} says")
+
+    return judge
+
+
+@hookimpl
+def risoluto_doctor_probes(kernel: Any) -> list[Probe]:
+    mode, call, why = _plan(kernel)
+    script = "grep '^Seccomp:' /proc/self/status"
+    if call is not None:
+        nr = SYSCALLS[call[0]][_ARCH[platform.machine().lower()]]
+        script += "; " + call_script(call[0], int(nr or 0))
+    return [probe(ITEM, script, make_judge(mode, call, why, kernel.settings.codex.sandbox.security.seccomp_profile))]

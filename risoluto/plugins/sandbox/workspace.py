@@ -8,16 +8,22 @@ when ``codex.threadSandbox`` is ``workspace-read``. An existing workspace is kep
 
 from __future__ import annotations
 
+import contextlib
 import os
+import posixpath
+import secrets
+import shlex
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ...errors import ApiError
 from ...hookspecs import hookimpl
-from ...hookspecs.doctor import FAIL, PASS, CheckResult
+from ...hookspecs.doctor import FAIL, PASS, CheckResult, Probe
 from ...hookspecs.sandbox import Mount
+from ._guard import forbidden_paths
 from ._naming import LABEL_WORKSPACE, WORKSPACE, container_user, issue_key, workspace_root
+from ._probes import failed, facts, passed, probe, seen
 
 ITEM = "sandbox workspace"
 
@@ -70,3 +76,138 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     rw = "read-only" if mode == "workspace-read" else "read-write"
     where = "exists" if root.exists() else "will be created at the first launch"
     return [CheckResult(item=ITEM, status=PASS, reason=f"{root} {where}; /workspace is {rw} ({mode})")]
+
+
+# --- doctor --probe ------------------------------------------------------------------------
+HIDDEN = "sandbox hidden paths"
+MARKER_ENV = "RISOLUTO_PROBE_MARKER"
+PSEUDO_FS = "proc|sysfs|devpts|mqueue|cgroup|cgroup2|securityfs|debugfs|tracefs|pstore|bpf|configfs"
+# Every mount of the canary: "mount=<dev> <root> <mount point> <fstype>"; then, below each mount
+# that is not a kernel pseudo filesystem, the marker files dropped in DATA_DIR and ~/.codex
+# and any Docker/containerd socket (4 levels deep).
+_FSTYPE = "for (i = 7; i < NF && $i != \"-\"; i++);"  # mountinfo: the file system type follows "-"
+SCAN = (
+    "awk '{" + _FSTYPE + " print \"mount=\" $3 \" \" $4 \" \" $5 \" \" $(i+1)}' /proc/self/mountinfo; "
+    "awk '{" + _FSTYPE + " if ($(i+1) !~ /^(" + PSEUDO_FS + ")$/) print $5}' /proc/self/mountinfo "
+    "| while read -r m; do find \"$m\" -xdev -maxdepth 4 \\( -name \"$" + MARKER_ENV + "\" -o -name docker.sock "
+    "-o -name containerd.sock \\) -print 2>/dev/null | sed 's/^/found=/'; done; echo scan=done"
+)
+
+
+def host_mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
+    """(device "major:minor", path inside that filesystem) of an existing host path."""
+    try:
+        lines = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[int, str, str] | None = None
+    for line in lines:
+        fields = line.split()
+        dev, root, point = fields[2], fields[3], fields[4].replace("\\040", " ")
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            if best is None or len(point) >= best[0]:  # the longest (then the latest) mount point wins
+                rest = path[len(point.rstrip("/")):]
+                best = (len(point), dev, posixpath.normpath(root.rstrip("/") + rest or "/"))
+    return (best[1], best[2]) if best else None
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def make_hidden_judge(paths: dict[str, str], host: dict[str, tuple[str, str]], marks: dict[str, str],
+                      compare_devices: bool) -> Any:
+    fix = ("remove the plugin or volume that exposes it; DATA_DIR, master.key, ~/.codex and the Docker socket "
+           "never reach a worker")
+
+    def judge(out: str, rc: int) -> CheckResult:
+        lines = out.splitlines()
+        if rc != 0 or "scan=done" not in lines:
+            return failed(HIDDEN, f"the scan did not complete (exit {rc}): {seen(out)}",
+                          "re-run; check the canary image")
+        leaks = [f"{name} visible at {path}" for name, path in paths.items() if f"visible={path}" in lines]
+        found = [line[len("found="):] for line in lines if line.startswith("found=")]
+        for hit in found:
+            name = next((n for n, m in marks.items() if posixpath.basename(hit) == m), "a Docker socket")
+            leaks.append(f"{name} reachable at {hit}")
+        mounts = [line[len("mount="):].split() for line in lines if line.startswith("mount=")]
+        if not mounts:
+            return failed(HIDDEN, f"no mount table in the canary's output: {seen(out)}", "re-run")
+        if compare_devices:  # runc: the canary's mount table names host devices (gVisor's does not)
+            for dev, root, point, *_ in mounts:
+                for name, (host_dev, rel) in host.items():
+                    if dev == host_dev and _overlaps(root, rel):
+                        leaks.append(f"{point} mounts {root} of device {dev}, which holds {name}")
+        if leaks:
+            return failed(HIDDEN, "; ".join(sorted(set(leaks)))[:400], fix)
+        how = "marker files not found" if marks else "no marker could be placed"
+        devices = "; no mount of their devices" if compare_devices else ""
+        return passed(HIDDEN, f"{len(paths)} host paths (DATA_DIR, master.key, ~/.codex, Docker sockets) not "
+                      f"visible; {how} under {len(mounts)} mounts{devices}")
+
+    return judge
+
+
+@hookimpl
+def risoluto_doctor_probes(kernel: Any) -> list[Probe]:
+    settings = kernel.settings
+    paths = {name: str(path) for name, path in forbidden_paths(settings, kernel.environ).items()}
+    host = {name: found for name, path in paths.items() if os.path.exists(path) and (found := host_mount_of(path))}
+    marker = f".risoluto-probe-{secrets.token_hex(8)}"
+    marks: dict[str, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def markers(kernel: Any) -> AsyncIterator[dict[str, str]]:
+        """Drop a marker file in DATA_DIR and ~/.codex (when they exist) for the canary to look for."""
+        made: list[Path] = []
+        for name in ("DATA_DIR", "~/.codex"):
+            target = Path(paths[name]) / marker
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except OSError:
+                continue  # missing or read-only: the other checks still run
+            os.close(fd)
+            made.append(target)
+            marks[name] = marker
+        try:
+            yield {MARKER_ENV: marker}
+        finally:
+            for target in made:
+                with contextlib.suppress(OSError):
+                    target.unlink()
+
+    checks = "; ".join(f"if [ -e {shlex.quote(p)} ] || [ -L {shlex.quote(p)} ]; then echo visible={p}; fi"
+                       for p in sorted(set(paths.values())))
+    hidden = probe(HIDDEN, f"{checks}; {SCAN}",
+                   make_hidden_judge(paths, host, marks, not settings.codex.sandbox.security.gvisor), markers)
+    read_only = settings.codex.thread_sandbox == "workspace-read"
+    access = probe(ITEM, WORKSPACE_SCRIPT, make_workspace_judge(read_only, settings.codex.thread_sandbox))
+    return [hidden, access]
+
+
+WORKSPACE_SCRIPT = (
+    "f=/workspace/.risoluto-probe-$$; if (: > \"$f\") 2>/dev/null; then rm -f \"$f\"; echo write=ok; "
+    "else echo write=denied; fi; "
+    "awk '$5 == \"/workspace\" {print \"options=\" $6}' /proc/self/mountinfo; echo cwd=$(pwd)"
+)
+
+
+def make_workspace_judge(read_only: bool, mode: str) -> Any:
+    def judge(out: str, rc: int) -> CheckResult:
+        found = facts(out)
+        options = found.get("options", "").split(",")
+        write = found.get("write")
+        if rc != 0 or not write or options == [""]:
+            return failed(ITEM, f"/workspace is not mounted or the probe failed (exit {rc}): {seen(out)}",
+                          "check workspace.root and the sandbox.workspace plugin")
+        if read_only and (write != "denied" or "ro" not in options):
+            return failed(ITEM, f"threadSandbox is {mode} but /workspace is writable (write={write}, "
+                          f"mount {','.join(options)})", "check codex.threadSandbox and plugins that edit mounts")
+        if not read_only and (write != "ok" or "rw" not in options):
+            return failed(ITEM, f"threadSandbox is {mode} but the worker cannot write /workspace (write={write}, "
+                          f"mount {','.join(options)})",
+                          "let the container user own the workspace (codex.sandbox.user) or run the kernel as root")
+        state = "read-only" if read_only else "writable"
+        return passed(ITEM, f"/workspace is {state} inside the canary ({mode}); working directory {found.get('cwd')}")
+
+    return judge
