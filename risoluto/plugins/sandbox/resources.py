@@ -118,6 +118,12 @@ def judge_root(out: str, rc: int) -> CheckResult:
     return passed(ROOT_ITEM, "/ is mounted read-only inside the canary; writes to /, /etc, /usr, /var, /opt fail")
 
 
+def _same(key: str, seen_value: int, configured: int) -> bool:
+    if key == "Memory":  # the kernel rounds a memory limit down to whole pages
+        return configured - 65536 < seen_value <= configured
+    return seen_value == configured
+
+
 def make_limits_judge(expected: dict[str, int]) -> Any:
     def judge(out: str, rc: int) -> CheckResult:
         found = facts(out)
@@ -131,7 +137,8 @@ def make_limits_judge(expected: dict[str, int]) -> Any:
         except (KeyError, ValueError, ZeroDivisionError):
             return failed(LIMITS_ITEM, f"the canary's cgroup has no limit where one is configured (exit {rc}): "
                           f"{seen(out)}", "check codex.sandbox.resources and the engine's cgroup support")
-        wrong = [f"{k} {seen_limits[k]} (configured {v})" for k, v in expected.items() if seen_limits[k] != v]
+        wrong = [f"{k} {seen_limits[k]} (configured {v})" for k, v in expected.items()
+                 if not _same(k, seen_limits[k], v)]
         if wrong:
             return failed(LIMITS_ITEM, "the canary's cgroup limits differ: " + ", ".join(wrong),
                           "check codex.sandbox.resources and plugins that edit host_config")
