@@ -165,6 +165,10 @@ class EgressConfig:
 class RuntimeConfig:
     runtime: str = "docker"
     data_plane_url: str = ""
+    # "data-plane": serve only the sandbox runtime operations (``risoluto serve --data-plane``,
+    # docs/data-plane.md); fixed when the app is created, an overlay cannot switch it.
+    role: Literal["control", "data-plane"] = "control"
+    data_plane_timeout_s: float = attrs.field(default=30.0, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)
