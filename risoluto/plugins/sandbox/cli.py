@@ -1,4 +1,4 @@
-"""``risoluto sandbox run | ls | stop``: the sandbox runtime from the command line.
+"""``risoluto sandbox run | ls | stop | image build``: the sandbox runtime from the command line.
 
 ``run`` works in-process (no server needed): it starts the app's services (secret store,
 egress, the runtime) without the crash cleanup, so it never removes the sandboxes of a
@@ -37,6 +37,13 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     stop = sub.add_parser("stop", help="stop and remove a sandbox")
     stop.add_argument("id", help="sandbox id or name")
+    image = sub.add_parser("image", help="build worker images").add_subparsers(dest="image_action", required=True)
+    build = image.add_parser("build", help="build a worker image through the Docker SDK (docs/custom-images.md)")
+    build.add_argument("--file", "-f", default="", metavar="DOCKERFILE", help="recipe (default contrib/Dockerfile.sandbox)")
+    build.add_argument("--tag", "-t", default="", help="image tag (default codex.sandbox.image)")
+    build.add_argument("--build-arg", action="append", default=[], metavar="K=V", help="build argument (repeatable)")
+    build.add_argument("--context", default="", metavar="DIR", help="build context (default the recipe's directory)")
+    build.add_argument("--pull", action="store_true", help="let the engine pull missing or newer base images")
 
 
 def _fail(err: ApiError) -> int:
@@ -107,6 +114,10 @@ async def _direct(args: Any) -> int:
 
 
 def _main(args: Any) -> int:
+    if args.sandbox_action == "image":
+        from .image_build import main
+
+        return main(args)
     try:
         action = _run if args.sandbox_action == "run" else _direct
         return anyio.run(action, args)
@@ -116,4 +127,4 @@ def _main(args: Any) -> int:
 
 @hookimpl
 def risoluto_cli_commands() -> list[CliCommand]:
-    return [CliCommand(name="sandbox", help="run, list and stop sandboxes", configure=_configure, run=_main)]
+    return [CliCommand(name="sandbox", help="run, list and stop sandboxes; build images", configure=_configure, run=_main)]
