@@ -6,11 +6,14 @@ route -> completion hooks (audit, metrics) -> response headers.
 
 from __future__ import annotations
 
+import functools
+import itertools
+import json
 import logging
+import os
 import posixpath
 import re
 import time
-import uuid
 from typing import Any, Mapping
 
 from quart import Quart, Response, g, jsonify, request
@@ -49,11 +52,16 @@ def normalise_path(path: str) -> str:
     return norm if norm != "." else "/"
 
 
+@functools.lru_cache(maxsize=512)
+def _error_bytes(code: str, message: str) -> bytes:
+    # Refusals repeat (a flood of 429s, bad tokens): encode each distinct envelope once.
+    return (json.dumps(error_body(code, message), separators=(",", ":")) + "\n").encode()
+
+
 def error_response(err: ApiError) -> Response:
-    response = jsonify(err.body())
-    response.status_code = err.status
-    for key, value in err.headers.items():
-        response.headers[key] = value
+    response = Response(_error_bytes(err.code, err.message), status=err.status, content_type="application/json")
+    if err.headers:
+        response.headers.extend(err.headers.items())
     return response
 
 
@@ -88,75 +96,118 @@ def kernel_of(app: Quart) -> Kernel:
     return app.extensions["risoluto"]
 
 
+# Request ids: a random per-process prefix and a counter, 32 hex characters like a uuid4().hex.
+# They only need to be unique, not secret; this avoids a getrandom() call per request.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _sent_request_id(scope: dict[str, Any]) -> str:
+    # Scanned from the ASGI scope: a werkzeug Headers.get() of an absent header raises and
+    # catches an exception, which costs more than this loop.
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            return value.decode("latin-1")
+    return ""
+
+
 def _install_pipeline(app: Quart, kernel: Kernel) -> None:
+    # The pipeline runs on every request: the request proxy is resolved once, and state is one
+    # attribute on ``g`` (RequestInfo) rather than several.
     @app.before_request
     async def _pipeline() -> Response | None:
-        g.started = time.perf_counter()
-        sent = request.headers.get("X-Request-ID", "")
-        g.request_id = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
-        peer = (request.scope.get("client") or ("", 0))[0] or ""
-        rule = request.url_rule.rule if request.url_rule is not None else None
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        headers = req.headers
+        sent = _sent_request_id(req.scope)
+        peer = (req.scope.get("client") or ("", 0))[0] or ""
+        url_rule = req.url_rule
+        rule = url_rule.rule if url_rule is not None else None
+        path = req.path
         info = RequestInfo(
-            method=request.method, path=request.path, route=rule, headers=request.headers, peer=peer,
-            request_id=g.request_id,
+            method=req.method, path=path, route=rule, headers=headers, peer=peer,
+            request_id=sent if _REQUEST_ID.match(sent) else _new_request_id(),
         )
-        info.extra["norm_path"] = rule if rule is not None else normalise_path(request.path)
+        info.extra["started"] = time.perf_counter()
+        info.extra["norm_path"] = rule if rule is not None else normalise_path(path)
         g.info = info
-        length = request.content_length
-        if length is not None and length > kernel.settings.server.max_body_bytes:
+        length = req.content_length
+        settings = kernel.settings
+        if length is not None and length > settings.server.max_body_bytes:
             return error_response(ApiError(413, "payload_too_large", "The request body is larger than 1 MiB."))
-        decided = kernel.hooks.client_address(info, kernel.settings)
+        decided = kernel.hooks.client_address(info, settings)
         info.client, info.via_proxy = decided if decided is not None else (peer, False)
         refusal = await _rate_limit(kernel, info)
         if refusal is None:
-            refusal = kernel.hooks.request_authorize(info, kernel.settings)
+            refusal = kernel.hooks.request_authorize(info, settings)
             if refusal is not None:
                 info.extra["refused"] = refusal.code  # guard denials by code (metrics)
         return error_response(refusal) if refusal is not None else None
 
     @app.after_request
     async def _finish(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
-        for key, value in (g.get("rate_headers") or {}).items():
-            response.headers[key] = value
         info = g.get("info")
-        if info is not None:
-            try:
-                kernel.hooks.request_completed(info, response.status_code, time.perf_counter() - g.started)
-            except Exception:  # observers must never turn a response into a 500
-                log.exception("request_completed hook failed")
+        out = response.headers
+        if info is None:  # failed before the pipeline ran (e.g. a malformed request line)
+            out["X-Request-ID"] = _new_request_id()
+            return response
+        out["X-Request-ID"] = info.request_id
+        rate_headers = info.extra.get("rate_headers")
+        if rate_headers:
+            out.extend(rate_headers)
+        try:
+            kernel.hooks.request_completed(info, response.status_code, time.perf_counter() - info.extra["started"])
+        except Exception:  # observers must never turn a response into a 500
+            log.exception("request_completed hook failed")
         return response
 
 
 async def _rate_limit(kernel: Kernel, info: RequestInfo) -> ApiError | None:
-    if kernel.limiter is None:
+    limiter = kernel.limiter
+    if limiter is None:
         return None
-    path = info.extra["norm_path"]
-    rule = next((r for r in kernel.rate_rules if r.matches(path)), None)
+    rule = _rule_for(kernel, info)
     if rule is None:
         return None
     try:
-        decision = await kernel.limiter.hit(rule.bucket, info.client, rule.limit, rule.window_seconds)
+        decision = await limiter.hit(rule.bucket, info.client, rule.limit, rule.window_seconds)
     except Exception:
         log.exception("rate-limit backend failed")
         if kernel.settings.rate_limit.fail_open and not info.mutating:
             return None
         return ApiError(503, "rate_limiter_unavailable", "The rate-limit backend is unavailable; try again later.")
     reset = max(0, int(decision.reset_seconds + 0.999))
-    headers = {
-        "RateLimit-Limit": str(decision.limit),
-        "RateLimit-Remaining": str(decision.remaining),
-        "RateLimit-Reset": str(reset),
-    }
-    g.rate_headers = headers
-    info.extra["rate_bucket"] = rule.bucket
+    headers = (
+        ("RateLimit-Limit", str(decision.limit)),
+        ("RateLimit-Remaining", str(decision.remaining)),
+        ("RateLimit-Reset", str(reset)),
+    )
+    extra = info.extra
+    extra["rate_headers"] = headers
+    extra["rate_bucket"] = rule.bucket
     if decision.allowed:
         return None
-    info.extra["rate_limited"] = True
-    return ApiError(
-        429, "rate_limited", f"Too many requests; retry in {max(reset, 1)} s.",
-        {**headers, "Retry-After": str(max(reset, 1))},
-    )
+    extra["rate_limited"] = True
+    # The RateLimit-* headers are added to every limited response in _finish.
+    return ApiError(429, "rate_limited", f"Too many requests; retry in {max(reset, 1)} s.",
+                    {"Retry-After": str(max(reset, 1))})
+
+
+def _rule_for(kernel: Kernel, info: RequestInfo) -> Any:
+    """The first rule matching the request; cached per matched route (a finite set)."""
+    path = info.extra["norm_path"]
+    if info.route is None:
+        return next((r for r in kernel.rate_rules if r.matches(path)), None)
+    rules, cache = kernel.state.get("kernel.rate_rule_cache", (None, {}))
+    if rules is not kernel.rate_rules:  # rules replaced (a restart of the limiter service)
+        cache = {}
+        kernel.state["kernel.rate_rule_cache"] = (kernel.rate_rules, cache)
+    if path not in cache:
+        cache[path] = next((r for r in kernel.rate_rules if r.matches(path)), None)
+    return cache[path]
 
 
 def _install_error_handlers(app: Quart) -> None:
@@ -195,18 +246,22 @@ def _core_blueprint(kernel: Kernel) -> Any:
 
     bp = Blueprint("risoluto_core", __name__)
 
+    # Static for the life of the app (plugins and bind never change while serving), so the
+    # body is encoded once: this public route is the cheapest thing a client can ask for.
+    s = kernel.settings.server
+    runtime_body = json.dumps({
+        "version": __version__,
+        "plugins": [
+            {"name": p.name, "source": p.source, "distribution": p.distribution, "version": p.version}
+            for p in kernel.plugins
+        ],
+        "bind": {"host": s.bind, "port": s.port},
+    }, separators=(",", ":")).encode()
+
     @bp.get("/api/v1/runtime")
     @api("Version, loaded plugins and bind address (public)", tags=("kernel",), responses={200: RUNTIME_SCHEMA})
     async def runtime() -> Any:
-        s = kernel.settings.server
-        return {
-            "version": __version__,
-            "plugins": [
-                {"name": p.name, "source": p.source, "distribution": p.distribution, "version": p.version}
-                for p in kernel.plugins
-            ],
-            "bind": {"host": s.bind, "port": s.port},
-        }
+        return Response(runtime_body, content_type="application/json")
 
     @bp.get("/api/v1/openapi.json")
     @api("This OpenAPI document (public)", tags=("kernel",), responses={200: {"type": "object"}})

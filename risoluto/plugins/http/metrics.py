@@ -36,6 +36,15 @@ class HttpMetrics:
         self.rate_limited = Counter("risoluto_ratelimit_rejections", "Requests refused by the rate limiter",
                                     ("bucket",), registry=registry)
         self._children: dict[tuple[str, str, int], Any] = {}  # label lookup is the costly part
+        self._labelled: dict[tuple[int, str], Any] = {}
+
+    def child(self, metric: Any, label: str) -> Any:
+        """A labelled child, cached: ``labels()`` takes a lock and builds a tuple each call."""
+        key = (id(metric), label)
+        found = self._labelled.get(key)
+        if found is None:
+            found = self._labelled[key] = metric.labels(label)
+        return found
 
     def count(self, route: str, method: str, status: int) -> None:
         child = self._children.get((route, method, status))
@@ -71,9 +80,9 @@ def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -
         method = info.method if info.method in _METHODS else "OTHER"
         m.count(info.route or UNMATCHED, method, status)
         if info.extra.get("rate_limited"):
-            m.rate_limited.labels(info.extra.get("rate_bucket", "")).inc()
+            m.child(m.rate_limited, info.extra.get("rate_bucket", "")).inc()
         elif (code := info.extra.get("refused")) is not None:
-            m.denials.labels(code).inc()
+            m.child(m.denials, code).inc()
     except Exception:  # observers never break a response
         log.exception("metrics update failed")
 
