@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any, Mapping
 
-from quart import Quart, Response, g, jsonify, request
+from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
