@@ -125,6 +125,9 @@ def _config(args: argparse.Namespace) -> int:
         print(json.dumps(args.settings.to_dict(redact=True), indent=2, sort_keys=True))
         return 0
     if args.action == "check":
+        from .kernel import Kernel
+
+        Kernel(args.settings)  # plugins validate their own keys (risoluto_settings_validate)
         print("configuration is valid")
         return 0
     return 2

@@ -37,6 +37,9 @@ class Hooks:
         # pluggy calls the last-registered plugin first; start services in load order
         return _flat(reversed(self._hook.risoluto_app_services(kernel=kernel)))
 
+    def settings_validate(self, settings: Settings) -> None:
+        self._hook.risoluto_settings_validate(settings=settings)
+
     # auth
     def client_address(self, info: RequestInfo, settings: Settings) -> tuple[str, bool] | None:
         return self._hook.risoluto_client_address(info=info, settings=settings)

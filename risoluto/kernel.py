@@ -39,6 +39,7 @@ class Kernel:
         self.pm: pluggy.PluginManager = pm
         self.plugins: list[PluginInfo] = infos
         self.hooks = Hooks(pm)
+        self.hooks.settings_validate(settings)  # ConfigError names the key path
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.secret_store: SecretStore | None = None
         self.secrets_locked_reason = "no master key: set MASTER_KEY or create <DATA_DIR>/master.key"

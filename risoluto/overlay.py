@@ -55,6 +55,7 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
         async with lock:
             try:
                 new = with_overlay(overlay, kernel.environ)
+                kernel.hooks.settings_validate(new)
             except ConfigError as exc:
                 raise ApiError(400, "invalid_config", f"Overlay rejected: {exc}") from None
             path = kernel.settings.overlay_path

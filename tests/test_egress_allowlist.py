@@ -101,5 +101,14 @@ def test_doctor_reports_egress_mode(tmp_path):
     empty = _check(tmp_path, [])
     assert empty.status == WARN and "unrestricted" in empty.reason
     assert _check(tmp_path, ["example.test"]).status == PASS
-    bad = _check(tmp_path, ["example.test", "*.com"])
+    # an invalid entry is a startup error naming it (the kernel is never built with it)
+    with pytest.raises(ConfigError, match=r"codex\.sandbox\.egressAllowlist: .*'\*\.com'"):
+        _check(tmp_path, ["example.test", "*.com"])
+    # and the check itself still fails closed on one (e.g. settings swapped in by a plugin)
+    kernel = Kernel(build_settings({}, None, {"DATA_DIR": str(tmp_path)}))
+    kernel.settings = build_settings({"codex": {"sandbox": {"egressAllowlist": ["*.com"]}}}, None,
+                                     {"DATA_DIR": str(tmp_path)})
+    from risoluto.plugins.egress import allowlist as plugin
+
+    (bad,) = plugin.risoluto_doctor_checks(kernel)
     assert bad.status == FAIL and "'*.com'" in bad.reason

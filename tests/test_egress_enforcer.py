@@ -17,7 +17,7 @@ import anyio
 import pytest
 from docker_util import docker_engine  # noqa: F401
 
-from risoluto.errors import ApiError, StartupError
+from risoluto.errors import ApiError, ConfigError, StartupError
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN
 from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
 from risoluto.kernel import Kernel
@@ -109,10 +109,9 @@ async def test_enforcer_disabled_refuses_to_start_and_doctor_fails(tmp_path):
 
 
 async def test_invalid_entry_stops_startup_naming_it(tmp_path):
-    kernel = kernel_with(tmp_path, ["allowed.test", "*.com"])
-    with pytest.raises(StartupError, match=r"'\*\.com'"):
-        await kernel.start()
-    assert checks(kernel)["egress allowlist"][0] == FAIL
+    # refused when the kernel is built (risoluto_settings_validate), before anything starts
+    with pytest.raises(ConfigError, match=r"codex\.sandbox\.egressAllowlist: .*'\*\.com'"):
+        kernel_with(tmp_path, ["allowed.test", "*.com"])
 
 
 async def test_network_capabilities_are_refused(tmp_path, docker_engine):  # noqa: F811

@@ -113,3 +113,18 @@ async def test_overlay_is_validated_saved_atomically_and_applied(risoluto_client
     assert leftovers == []
     audit = (path.parent / "overlay.audit.log").read_text().splitlines()
     assert len(audit) == 1 and '"overlay_put"' in audit[0]
+
+
+async def test_overlay_is_checked_by_plugin_validators_too(risoluto_client, risoluto_data_dir):
+    client = await risoluto_client()
+    r = await client.put("/api/v1/config/overlay", json={"codex": {"sandbox": {"egressAllowlist": ["ok.test"]}}})
+    assert r.status_code == 200
+    path = risoluto_data_dir / "config" / "overlay.yaml"
+    before = path.read_bytes()
+    r = await client.put("/api/v1/config/overlay", json={"codex": {"sandbox": {"egressAllowlist": ["bad..name"]}}})
+    assert r.status_code == 400
+    body = await r.get_json()
+    assert body["error"]["code"] == "invalid_config"
+    assert "codex.sandbox.egressAllowlist" in body["error"]["message"]
+    assert path.read_bytes() == before
+    assert client.app.extensions["risoluto"].settings.codex.sandbox.egress_allowlist == ["ok.test"]

@@ -51,3 +51,21 @@ def risoluto_app_services(kernel: Kernel) -> list[Service]:
         def risoluto_app_services(kernel):
             return [MyJanitor(kernel)]
     """
+
+
+@hookspec
+def risoluto_settings_validate(settings: Any) -> None:
+    """Check the parts of the settings only your plugin understands; raise ``ConfigError``.
+
+    Called when the kernel is built (startup, every CLI command) and before
+    ``PUT /api/v1/config/overlay`` saves an overlay, so an invalid value is refused with the
+    key path before it can take effect. Collected; return values are ignored. The message
+    must name the key path, e.g. ``codex.sandbox.egressAllowlist: invalid entry 'a..b'``.
+
+    Example::
+
+        @hookimpl
+        def risoluto_settings_validate(settings):
+            if settings.codex.sandbox.image.endswith(":latest") and STRICT:
+                raise ConfigError("codex.sandbox.image: pin a tag or digest")
+    """

@@ -194,6 +194,12 @@ def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings:
 
 
 @hookimpl
+def risoluto_settings_validate(settings: Settings) -> None:
+    """Refuse an invalid entry at startup and at overlay PUT, not only at the next launch."""
+    Allowlist(settings.codex.sandbox.egress_allowlist)
+
+
+@hookimpl
 def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     entries = kernel.settings.codex.sandbox.egress_allowlist
     item = "egress allowlist"

@@ -380,6 +380,10 @@ class DockerRuntime:
             data = await self._api(lambda c: c.logs(cid, tail=Record.LOG_TAIL_LINES))
         except NotFound:
             data = rec.logs if rec is not None else b""
+        except ApiError:
+            if rec is None:
+                raise
+            data = rec.logs  # the engine refuses logs while removal is in progress (409)
         return data.decode("utf-8", "replace")
 
     async def wait(self, sandbox_id: str) -> dict[str, Any]:
