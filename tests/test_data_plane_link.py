@@ -418,3 +418,34 @@ def test_doctor_passes_without_any_docker_access(tmp_path):
         assert seen["status"] == "FAIL" and "docker.sock" in seen["reason"]  # control case: the socket is there
     items = doctor(tmp_path, f"http://127.0.0.1:{free_port()}", hide_socket=True)
     assert items["control plane docker access"]["status"] == "PASS"
+
+
+# --- the compose recipe (it cannot run here: no registry to pull its base from) ------------------
+def test_compose_recipe_keeps_the_planes_apart():
+    import ipaddress
+
+    import yaml
+
+    from risoluto.plugins.sandbox.data_plane import resolve_bind
+    from risoluto.settings import build_settings
+
+    folder = ROOT / "contrib" / "compose"
+    compose = yaml.safe_load((folder / "docker-compose.yml").read_text())
+    dp, cp = compose["services"]["data-plane"], compose["services"]["control-plane"]
+    assert "ports" not in dp and dp["command"] == ["serve", "--data-plane"]
+    bind = dp["environment"]["RISOLUTO_BIND"]
+    assert resolve_bind(bind, {}) == bind  # a private address the data plane accepts
+    subnet = compose["networks"]["risoluto-internal"]["ipam"]["config"][0]["subnet"]
+    assert compose["networks"]["risoluto-internal"]["internal"] is True
+    assert ipaddress.ip_address(bind) in ipaddress.ip_network(subnet)
+    assert dp["networks"]["risoluto-internal"]["ipv4_address"] == bind
+    assert any("docker.sock" in v for v in dp["volumes"])
+    assert not any("docker.sock" in v for v in cp["volumes"]) and "DOCKER_HOST" not in cp["environment"]
+    assert "risoluto-internal" in cp["networks"]
+    dp_settings = build_settings(yaml.safe_load((folder / "data-plane.yaml").read_text()), None, {})
+    cp_settings = build_settings(yaml.safe_load((folder / "control-plane.yaml").read_text()), None, {})
+    assert cp_settings.sandbox.runtime == "remote" and bind in cp_settings.sandbox.data_plane_url
+    assert cp_settings.sandbox.data_plane_url.endswith(":" + dp["environment"]["RISOLUTO_PORT"])
+    # the workers' network is neither plane's, and both planes name the same one and the same root
+    assert dp_settings.codex.sandbox.network == cp_settings.codex.sandbox.network != "risoluto-internal"
+    assert dp_settings.workspace.root == cp_settings.workspace.root
