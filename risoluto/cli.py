@@ -138,18 +138,22 @@ def _doctor(args: argparse.Namespace) -> int:
     from .kernel import Kernel
 
     kernel = Kernel(args.settings)
-    results = run_checks(kernel)
-    if args.probe:
-        import anyio
+    if not args.probe:
+        return report(run_checks(kernel), args.json)
+    import anyio
 
-        from .doctor import run_probes
+    from .doctor import run_probes
 
-        async def probe() -> list[Any]:
-            async with kernel.running():
-                return await run_probes(kernel)
+    # A short-lived process beside a possibly running server on the same DATA_DIR: it must
+    # not remove that server's sandboxes as crash leftovers.
+    kernel.state["sandbox.skip_orphan_cleanup"] = True
 
-        results += anyio.run(probe)
-    return report(results, args.json)
+    async def probe() -> list[Any]:
+        async with kernel.running():  # checks too, with the services (egress proxy) up
+            checks = await anyio.to_thread.run_sync(run_checks, kernel)
+            return checks + await run_probes(kernel)
+
+    return report(anyio.run(probe), args.json)
 
 
 def _core_commands(sub: Any) -> dict[str, Any]:
