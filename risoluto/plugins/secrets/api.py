@@ -22,6 +22,7 @@ from quart import Blueprint, g
 from risoluto.errors import ApiError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.secrets import SecretEvent, SecretStore, SecretStoreError
+from risoluto.openapi import api
 from risoluto.requests import json_object
 
 from .service import announce
@@ -32,6 +33,14 @@ if TYPE_CHECKING:
 NAME = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
 MAX_VALUE_BYTES = 64 * 1024
 log = logging.getLogger("risoluto.secrets")
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_KEYS = {
+    "type": "object", "required": ["keys"], "additionalProperties": False,
+    "properties": {"keys": {"type": "array", "items": {"type": "string"}}},
+}
+# Other members of the body are ignored, so they are not forbidden here either.
+_VALUE = {"type": "object", "required": ["value"],
+          "properties": {"value": {"type": "string", "minLength": 1, "description": "at most 64 KiB of UTF-8"}}}
 
 
 def check_name(name: Any) -> str:
@@ -85,6 +94,8 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
     bp = Blueprint("risoluto_secrets", __name__)
 
     @bp.get("/api/v1/secrets")
+    @api("Names of the stored secrets, sorted (values are never returned)", tags=("secrets",),
+         responses={200: _KEYS, 503: _ERROR})
     async def list_secrets() -> Any:
         store = _store(kernel)
         async with _store_errors():
@@ -92,6 +103,8 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
         return {"keys": sorted(names)}
 
     @bp.route("/api/v1/secrets/<path:key>", methods=["POST", "PUT"])
+    @api("Set a secret (encrypted at rest, audited)", tags=("secrets",), request=_VALUE,
+         responses={204: None, 400: _ERROR, 503: _ERROR})
     async def set_secret(key: str) -> Any:
         store = _store(kernel)
         try:
@@ -109,6 +122,7 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
         return "", 204
 
     @bp.delete("/api/v1/secrets/<path:key>")
+    @api("Delete a secret (audited)", tags=("secrets",), responses={204: None, 400: _ERROR, 404: _ERROR, 503: _ERROR})
     async def delete_secret(key: str) -> Any:
         store = _store(kernel)
         try:
