@@ -1,4 +1,5 @@
-"""Generate docs/configuration-keys.md (from Settings) and docs/hooks.md (from the hookspecs).
+"""Generate docs/configuration-keys.md (from Settings), docs/hooks.md (from the hookspecs) and
+docs/api.md (from the OpenAPI document of an app built with create_app).
 
     .venv/bin/python scripts/gen_docs.py          # write
     .venv/bin/python scripts/gen_docs.py --check  # exit 1 if the files are stale (run by the tests)
@@ -7,14 +8,18 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata as md
 import inspect
+import json
 import sys
+import tempfile
 import typing
 from pathlib import Path
 
 import attrs
 
 from risoluto.hookspecs import SPEC_MODULES
+from risoluto.openapi import build_document
 from risoluto.settings import Settings, camel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +82,152 @@ def hooks() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+# --- docs/api.md -------------------------------------------------------------------------
+_PUBLIC = ("/api/v1/runtime", "/api/v1/openapi.json")
+
+
+def _guard(method: str, path: str) -> str:
+    """Who may call it (SPEC 2.1-2.3, 7), as http-security.md and data-plane.md explain."""
+    if path.startswith("/dp/"):
+        return "data-plane secret"
+    if path.startswith("/webhooks/"):
+        return "HMAC signature"
+    if method != "GET":
+        return "write guard"
+    return "public" if path in _PUBLIC else "read guard"
+
+
+def _shape(schema: dict[str, typing.Any], indent: int = 0) -> str:
+    """A compact, readable rendering of a JSON Schema (the full schemas are in openapi.json)."""
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    if "enum" in schema:
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        return " | ".join(kind)
+    if kind == "array":
+        return f"[{_shape(schema.get('items', {}), indent)}]"
+    if kind == "object" and schema.get("properties"):
+        pad = "  " * (indent + 1)
+        required = set(schema.get("required", []))
+        lines = [f"{pad}{name}{'' if name in required else '?'}: {_shape(sub, indent + 1)}"
+                 for name, sub in schema["properties"].items()]
+        if schema.get("additionalProperties") is not False:
+            lines.append(f"{pad}...")
+        return "{\n" + ",\n".join(lines) + "\n" + "  " * indent + "}"
+    if kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        return f"{{ <name>: {_shape(schema['additionalProperties'], indent)} }}"
+    extra = [f"{k} {schema[k]}" for k in ("minLength", "maxLength", "pattern", "exclusiveMinimum") if k in schema]
+    return kind + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _operation_md(method: str, path: str, op: dict[str, typing.Any]) -> list[str]:
+    out = [f"### `{method.upper()} {path}`", "", f"{op['summary']}. Guard: {_guard(method.upper(), path)}.", ""]
+    if op.get("x-risoluto-undeclared"):
+        out += ["**Undeclared** (`x-risoluto-undeclared`): no request or response schema.", ""]
+    for param in op.get("parameters", []):
+        out += [f"- path parameter `{param['name']}`: {_shape(param['schema'])}"]
+    body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+    if body is not None:
+        out += ["- request body (JSON):", "", "```", _shape(body), "```", ""]
+    for status, response in op["responses"].items():
+        if status == "default":
+            continue
+        schema = response.get("content", {}).get("application/json", {}).get("schema")
+        if schema is None:
+            out += [f"- `{status}`: no JSON body specified" if status != "204" else "- `204`: no body"]
+        elif "$ref" in schema:
+            out += [f"- `{status}`: the error envelope"]
+        else:
+            out += [f"- `{status}`:", "", "```", _shape(schema), "```", ""]
+    out += ["- any other status: the error envelope", ""]
+    return out
+
+
+def _document(role: str) -> dict[str, typing.Any]:
+    """The document of an app with the default plugins only (installed entry-point plugins would
+    make the docs vary from machine to machine). The app is built, never started."""
+    from risoluto.app import create_app
+    from risoluto.plugins.sandbox.data_plane import data_plane_settings
+    from risoluto.settings import build_settings
+
+    with tempfile.TemporaryDirectory(prefix="risoluto-docs-") as data:
+        env = {"DATA_DIR": data, "RISOLUTO_DATA_PLANE_SECRET": "d" * 40}
+        installed = sorted({ep.name for ep in md.entry_points(group="risoluto")})
+        settings = build_settings({"plugins": {"disable": installed}, "server": {"bind": "10.0.0.1"}}, None, env)
+        if role == "data-plane":
+            settings = data_plane_settings(settings, env)
+        return build_document(create_app(settings, environ=env))
+
+
+_API_INTRO = """\
+# HTTP API (generated from the OpenAPI document by scripts/gen_docs.py; do not edit)
+
+The kernel serves its contract at `GET /api/v1/openapi.json` (OpenAPI 3.1, public). The document is
+built from the routes the app really has (`risoluto/openapi.py` walks `app.url_map`), so a route a
+plugin adds shows up by itself. This page is that document for the default plugins, rendered short:
+`?` marks an optional member, `...` an object that may carry more members, `Error` the envelope.
+
+Conventions for every route (see [http-security.md](http-security.md)):
+
+- Errors are `{"error": {"code": "<snake_case>", "message": "<sentence>"}}` with a 4xx/5xx status,
+  including 400 malformed JSON, 404, 405 (with `Allow`), 413 (body over 1 MiB) and 429.
+- Every response carries `X-Request-ID`; rate-limited routes (`/api/*`, `/metrics`, `/webhooks/*`)
+  carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+- Guard: *public* = no token ever; *read guard* = from a non-loopback client, `Authorization: Bearer`
+  with the read or write token when one is configured; *write guard* = the checklist's write-guard
+  table (loopback without a token, else the write token; browser defence for token-less loopback);
+  *HMAC signature* = the provider's signature header instead of any token; *data-plane secret* =
+  `Authorization: Bearer $RISOLUTO_DATA_PLANE_SECRET` ([data-plane.md](data-plane.md)).
+
+## Declaring a route, and what an undeclared one looks like
+
+A plugin declares a route with `risoluto.openapi.api(summary, request=<JSON Schema>,
+responses={status: <JSON Schema or None>}, tags=(...))` above the view function (see
+[plugins.md](plugins.md)). A route without it is still listed, so nothing the server answers is
+hidden from the document, but it carries no schema and is marked:
+
+```json
+"/api/v1/example/{name}": {
+  "get": {
+    "operationId": "get_example_show",
+    "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+    "summary": "GET /api/v1/example/<name>",
+    "x-risoluto-undeclared": true,
+    "responses": {"default": {"description": "Undeclared response; errors use the envelope"}}
+  }
+}
+```
+
+The summary is the raw rule, and `responses` has only `default`: a client generator gets no types
+for it, and schemathesis cannot check its answers. `tests/test_openapi.py` fails when a route of
+the default plugins (or of the data-plane app) is undeclared, so this only happens for third-party
+plugins. A declared route gets the error envelope as its `default` response in addition to the
+statuses it lists.
+"""
+
+
+def api_reference() -> str:
+    out = [_API_INTRO]
+    for role, title in (("control", "Control plane (`risoluto serve`)"),
+                        ("data-plane", "Data plane (`risoluto serve --data-plane`)")):
+        doc = _document(role)
+        out += [f"## {title}", ""]
+        if role == "data-plane":
+            out += ["Only these routes answer on a data plane (plus `/metrics`); the control plane's other",
+                    "routes exist in its document but answer 404 there. See [data-plane.md](data-plane.md).", ""]
+        for path, ops in doc["paths"].items():
+            if role == "data-plane" and not path.startswith("/dp/"):
+                continue
+            for method, op in ops.items():
+                out += _operation_md(method, path, op)
+    return "\n".join(out).rstrip() + "\n"
+
+
 def main() -> int:
-    targets = {ROOT / "docs" / "configuration-keys.md": configuration(), ROOT / "docs" / "hooks.md": hooks()}
+    targets = {ROOT / "docs" / "configuration-keys.md": configuration(), ROOT / "docs" / "hooks.md": hooks(),
+               ROOT / "docs" / "api.md": api_reference()}
     stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
     if "--check" in sys.argv:
         for path in stale:

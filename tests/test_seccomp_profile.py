@@ -15,6 +15,7 @@ must still run, with and without no-new-privileges (runc installs the filter at 
 point in each case).
 """
 
+# ruff: noqa: F811  (pytest fixtures imported from docker_util are test parameters)
 from __future__ import annotations
 
 import errno
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from docker_util import docker_engine, logs, run, sandbox_world  # noqa: F401
+from docker_util import docker_engine, logs, run, sandbox_world  # noqa: F401 (fixtures)
 
 from risoluto.plugins.sandbox.seccomp import denied_call, load_profile
 
