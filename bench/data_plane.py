@@ -141,8 +141,9 @@ def main() -> None:
         b, o = statistics.median(base), statistics.median(ours)
         print(f"image {IMAGE}; {args.rounds} alternating rounds; POST /api/v1/sandboxes wait=true `true`, "
               "request -> exit (container removed)")
-        print(f"in-process docker runtime      median {b * 1000:7.1f} ms   p90 {sorted(base)[int(0.9 * (len(base) - 1))] * 1000:7.1f} ms")
-        print(f"control plane -> data plane    median {o * 1000:7.1f} ms   p90 {sorted(ours)[int(0.9 * (len(ours) - 1))] * 1000:7.1f} ms")
+        for name, values in (("in-process docker runtime", base), ("control plane -> data plane", ours)):
+            p90 = sorted(values)[int(0.9 * (len(values) - 1))]
+            print(f"{name:30} median {statistics.median(values) * 1000:7.1f} ms   p90 {p90 * 1000:7.1f} ms")
         print(f"ratio split / in-process {o / b:.3f} (target <= 1.15); overhead {(o - b) * 1000:+.1f} ms per launch")
     finally:
         stack.close()

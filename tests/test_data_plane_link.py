@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 from http_support import ServerThread, free_port
 

@@ -39,7 +39,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     stop.add_argument("id", help="sandbox id or name")
     image = sub.add_parser("image", help="build worker images").add_subparsers(dest="image_action", required=True)
     build = image.add_parser("build", help="build a worker image through the Docker SDK (docs/custom-images.md)")
-    build.add_argument("--file", "-f", default="", metavar="DOCKERFILE", help="recipe (default contrib/Dockerfile.sandbox)")
+    build.add_argument("--file", "-f", default="", metavar="DOCKERFILE",
+                       help="recipe (default contrib/Dockerfile.sandbox)")
     build.add_argument("--tag", "-t", default="", help="image tag (default codex.sandbox.image)")
     build.add_argument("--build-arg", action="append", default=[], metavar="K=V", help="build argument (repeatable)")
     build.add_argument("--context", default="", metavar="DIR", help="build context (default the recipe's directory)")
@@ -127,4 +128,5 @@ def _main(args: Any) -> int:
 
 @hookimpl
 def risoluto_cli_commands() -> list[CliCommand]:
-    return [CliCommand(name="sandbox", help="run, list and stop sandboxes; build images", configure=_configure, run=_main)]
+    return [CliCommand(name="sandbox", help="run, list and stop sandboxes; build images", configure=_configure,
+                       run=_main)]

@@ -58,9 +58,11 @@ def data_plane_settings(settings: Any, environ: Mapping[str, str]) -> Any:
 
     sandbox = settings.sandbox
     if sandbox.runtime != "docker":
-        raise StartupError(f"a data plane runs sandboxes itself: sandbox.runtime must be docker, not {sandbox.runtime!r}")
+        raise StartupError("a data plane runs sandboxes itself: sandbox.runtime must be docker, "
+                           f"not {sandbox.runtime!r}")
     if set(settings.plugins.disable) & {NAME, "sandbox.docker_runtime"}:
-        raise StartupError("plugins.disable names sandbox.data_plane or sandbox.docker_runtime, which a data plane needs")
+        raise StartupError("plugins.disable names sandbox.data_plane or sandbox.docker_runtime, "
+                           "which a data plane needs")
     check_secret(environ)
     bind = resolve_bind(settings.server.bind, environ)
     disable = sorted(set(settings.plugins.disable) | (set(default_plugin_names()) - KEEP))

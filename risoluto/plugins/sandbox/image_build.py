@@ -171,7 +171,8 @@ def build(client: Any, dockerfile: Path, tag: str, build_args: dict[str, str], c
                 client.inspect_image(base)
             except docker.errors.NotFound:
                 raise UsageError(f"base image {base} is not on the Docker engine and images are never pulled "
-                                 "implicitly; load or build it first, or pass --pull to let the engine fetch it") from None
+                                 "implicitly; load or build it first, or pass --pull to let the engine fetch it"
+                                 ) from None
     tar, name, size = _context(context, dockerfile)
     progress = Progress(out, tty, size)
     with tar:
