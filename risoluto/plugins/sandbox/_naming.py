@@ -64,8 +64,10 @@ def container_name(key: str) -> str:
     return f"risoluto-{key}-{os.urandom(4).hex()}"
 
 
-def home_volume(key: str) -> str:
-    return f"risoluto-home-{key}"
+def home_volume(key: str, settings: Settings) -> str:
+    """The per-issue HOME volume of THIS kernel: two kernels on one engine (two DATA_DIRs)
+    never share an issue's build caches and shell history."""
+    return f"risoluto-home-{instance_id(settings)[:12]}-{key}"
 
 
 def instance_id(settings: Settings) -> str:

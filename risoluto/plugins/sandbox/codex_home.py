@@ -73,7 +73,7 @@ def read_auth(settings: Any) -> bytes | None:
 @hookimpl
 def risoluto_sandbox_spec(spec: Any, request: Any, settings: Any) -> None:
     key = "preview" if request.dry_run else issue_key(request.issue)
-    spec.mounts.append(Mount(target=CONTAINER_HOME, source=home_volume(key), type="volume",
+    spec.mounts.append(Mount(target=CONTAINER_HOME, source=home_volume(key, settings), type="volume",
                              labels={LABEL_SCOPE: "issue", LABEL_ISSUE: request.issue}))
     # Anonymous: a new, empty volume for every container, removed with it.
     spec.mounts.append(Mount(target=CODEX_HOME, source="", type="volume", labels={LABEL_SCOPE: "attempt"}))
