@@ -7,7 +7,6 @@ Selected by ``rateLimit.backend: redis``; the server comes from ``RISOLUTO_REDIS
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,6 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from risoluto.cli import is_loopback_bind
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.settings import Settings
@@ -30,15 +30,6 @@ def risoluto_ratelimit_backend(settings: Settings) -> RedisLimiter | None:
     if settings.rate_limit.backend != BACKEND:
         return None
     return RedisLimiter(redis_url(), key_prefix())
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _probe(url: str, timeout: float = 1.0) -> str:
@@ -68,7 +59,7 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
             fix="start redis-server, or point RISOLUTO_REDIS_URL at a reachable server",
         )]
     parts = urlsplit(url)
-    if parts.scheme == "redis" and not _loopback(parts.hostname or ""):
+    if parts.scheme == "redis" and not is_loopback_bind(parts.hostname or ""):
         return [CheckResult(
             item=ITEM, status=WARN,
             reason=f"Redis {version} at {where} is reached without TLS over the network",
