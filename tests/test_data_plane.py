@@ -185,6 +185,9 @@ async def test_stop_through_the_control_plane_and_cli_run(planes):
                           env=planes.cp_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 4, done.stderr
     assert "streamed-1\nstreamed-2" in done.stdout
+    listed = subprocess.run([sys.executable, "-m", "risoluto.cli", "sandbox", "ls", "--json"], env=planes.cp_env(),
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert listed.returncode == 0 and sandbox_id in [r["id"] for r in json.loads(listed.stdout)]
 
 
 async def test_wrong_secret_unknown_image_and_policy_of_the_data_plane(planes):
