@@ -448,3 +448,14 @@ def test_compose_recipe_keeps_the_planes_apart():
     # the workers' network is neither plane's, and both planes name the same one and the same root
     assert dp_settings.codex.sandbox.network == cp_settings.codex.sandbox.network != "risoluto-internal"
     assert dp_settings.workspace.root == cp_settings.workspace.root
+
+
+async def test_the_secret_can_come_from_the_secret_store(risoluto_client, real_data_plane, tmp_path):
+    server = real_data_plane()
+    client = await risoluto_client(cp_config(tmp_path, server.url()), env={**NO_DOCKER, "MASTER_KEY": "m" * 40})
+    status, error = await launch(client)
+    assert status == 503 and error["code"] == "data_plane_unconfigured"
+    stored = await client.post("/api/v1/secrets/RISOLUTO_DATA_PLANE_SECRET", json={"value": SECRET})
+    assert stored.status_code == 204
+    status, error = await launch(client)  # accepted by the data plane, which has no engine
+    assert status == 503 and error["code"] == "sandbox_runtime_unavailable"
