@@ -194,16 +194,13 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     settings = kernel.settings
     if settings.secrets.backend != "file":
         return []
-    from .master_key import resolve_master_key  # the one place that knows where keys live
+    from .master_key import key_for_check  # the one place that knows where keys live
 
     item = "credential encryption: store"
-    try:
-        mk = resolve_master_key(settings)
-    except Exception as exc:
-        return [CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix the master key first")]
-    if mk is None:
-        return []  # the master-key check reports the locked state
-    store = FileStore(settings, mk.value)
+    key, report = key_for_check(settings, item)
+    if key is None:
+        return report
+    store = FileStore(settings, key)
     try:
         data, sig = store.read()
     except SecretStoreError as exc:

@@ -165,3 +165,15 @@ def _backend_check(kernel: Kernel) -> CheckResult:
         return CheckResult(item=item, status=FAIL, reason=f"unknown secrets.backend {backend!r}",
                            fix="use file or sqlite, or install the plugin that provides it")
     return CheckResult(item=item, status=PASS, reason=f"{backend} backend (provided by a plugin)")
+
+
+def key_for_check(settings: Settings, item: str) -> tuple[str | None, list[CheckResult]]:
+    """For a store's doctor check: (the master key, []) or (None, what to report instead).
+
+    A locked store reports nothing here: the master-key check already says so.
+    """
+    try:
+        mk = resolve_master_key(settings)
+    except Exception as exc:
+        return None, [CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix the master key first")]
+    return (mk.value, []) if mk is not None else (None, [])

@@ -351,16 +351,13 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     settings = kernel.settings
     if settings.secrets.backend != "sqlite":
         return []
-    from .master_key import resolve_master_key
+    from .master_key import key_for_check  # the one place that knows where keys live
 
     item = "credential encryption: store"
-    try:
-        mk = resolve_master_key(settings)
-    except Exception as exc:
-        return [CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix the master key first")]
-    if mk is None:
-        return []
-    store = SqliteStore(settings, mk.value)
+    key, report = key_for_check(settings, item)
+    if key is None:
+        return report
+    store = SqliteStore(settings, key)
     if not store.path.exists():
         return [CheckResult(item=item, status=PASS, reason=f"sqlite backend: no {DB_NAME} yet")]
     conn = sqlite3.connect(store.path, timeout=5.0)
