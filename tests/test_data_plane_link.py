@@ -314,7 +314,7 @@ async def test_something_that_is_not_a_data_plane_is_502(risoluto_client, tmp_pa
 
 @pytest.mark.parametrize("url, env", [
     ("", {"RISOLUTO_DATA_PLANE_SECRET": SECRET}), ("ftp://10.0.0.1/", {"RISOLUTO_DATA_PLANE_SECRET": SECRET}),
-    ("http://10.0.0.1:9", {}),
+    ("http://10.0.0.1:9", {}), ("http://10.0.0.1:9", {"RISOLUTO_DATA_PLANE_SECRET": "\u00e9" * 40}),
 ])
 async def test_unconfigured_link_is_503(risoluto_client, tmp_path, url, env):
     client = await risoluto_client(cp_config(tmp_path, url), env={**NO_DOCKER, **env})
@@ -372,8 +372,8 @@ def test_default_bind_is_refused_too(tmp_path):
     assert result.returncode == 2 and "loopback" in result.stderr and "RISOLUTO_BIND" in result.stderr
 
 
-@pytest.mark.parametrize("secret", ["", "short"])
-def test_data_plane_needs_a_long_secret(tmp_path, secret):
+@pytest.mark.parametrize("secret", ["", "short", "\u00e9" * 40, "a b" * 20])
+def test_data_plane_needs_a_long_printable_secret(tmp_path, secret):
     result = serve_data_plane(tmp_path, RISOLUTO_BIND="10.255.0.1", RISOLUTO_DATA_PLANE_SECRET=secret)
     assert result.returncode == 2 and "RISOLUTO_DATA_PLANE_SECRET" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -73,11 +73,17 @@ def data_plane_settings(settings: Any, environ: Mapping[str, str]) -> Any:
 
 def check_secret(environ: Mapping[str, str]) -> str:
     secret = (environ.get(SECRET_ENV) or "").strip()
-    if len(secret) < MIN_SECRET:
-        what = "is not set" if not secret else f"is shorter than {MIN_SECRET} characters"
+    if len(secret) < MIN_SECRET or not _printable(secret):
+        what = "is not set" if not secret else f"is shorter than {MIN_SECRET} characters" \
+            if len(secret) < MIN_SECRET else "has characters other than printable ASCII"
         raise StartupError(f"refusing to start the data plane: {SECRET_ENV} {what}; set it to the same random "
                            f"value (32+ characters, e.g. `openssl rand -hex 32`) on both planes")
     return secret
+
+
+def _printable(text: str) -> bool:
+    """A header value every client sends the same way: printable ASCII, no spaces."""
+    return all(33 <= ord(c) <= 126 for c in text)
 
 
 def resolve_bind(bind: str, environ: Mapping[str, str]) -> str:
@@ -195,7 +201,8 @@ def risoluto_app_blueprints(kernel: Any) -> list[Any]:
     from ._dp_routes import DataPlaneState
 
     secret = (kernel.environ.get(SECRET_ENV) or "").strip()
-    digest = hashlib.sha256(secret.encode("utf-8")).digest() if len(secret) >= MIN_SECRET else None
+    ok = len(secret) >= MIN_SECRET and _printable(secret)
+    digest = hashlib.sha256(secret.encode("ascii")).digest() if ok else None
     kernel.state[STATE] = DataPlaneState(digest=digest)
     return [blueprint(kernel)]
 

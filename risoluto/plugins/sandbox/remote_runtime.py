@@ -88,9 +88,9 @@ class RemoteRuntime:
         store = getattr(self._kernel, "secret_store", None)
         if not secret and store is not None:
             secret = ((await store.get(SECRET_ENV)) or "").strip()
-        if not secret:
+        if not secret or not all(33 <= ord(c) <= 126 for c in secret):
             raise ApiError(503, "data_plane_unconfigured", f"set {SECRET_ENV} (environment or secret store) "
-                           "to the data plane's secret.")
+                           "to the data plane's secret (printable ASCII).")
         return secret
 
     async def _call(self, method: str, path: str, *, body: Any = None, params: Any = None,
