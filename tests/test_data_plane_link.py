@@ -403,7 +403,8 @@ def doctor(tmp_path: Path, url: str, hide_socket: bool = False, **env: str) -> d
 
 
 def test_doctor_fails_when_the_control_plane_can_reach_docker(tmp_path):
-    items = doctor(tmp_path, f"http://127.0.0.1:{free_port()}", DOCKER_HOST="tcp://10.9.9.9:2375")
+    # a path that does not exist: the doctor's engine probes must not send a packet anywhere
+    items = doctor(tmp_path, f"http://127.0.0.1:{free_port()}", DOCKER_HOST="unix:///nonexistent/docker.sock")
     access = items["control plane docker access"]
     assert access["status"] == "FAIL" and "DOCKER_HOST is set" in access["reason"]
     link = items["sandbox data plane"]
