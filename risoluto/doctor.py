@@ -22,16 +22,8 @@ _COLOURS = {PASS: "\033[32m", WARN: "\033[33m", FAIL: "\033[31m"}
 
 
 def run_checks(kernel: Kernel) -> list[CheckResult]:
-    """Every plugin's checks; a check that raises is itself a FAIL (fail closed)."""
-    results: list[CheckResult] = []
-    for impl in kernel.pm.hook.risoluto_doctor_checks.get_hookimpls():
-        try:
-            results.extend(impl.function(kernel=kernel) or [])  # type: ignore[arg-type]
-        except Exception as exc:  # a broken check must not hide the others
-            results.append(CheckResult(item=f"doctor check of {impl.plugin_name}", status=FAIL,
-                                       reason=f"the check raised {type(exc).__name__}: {exc}",
-                                       fix="report this as a bug in that plugin"))
-    return results
+    """Every plugin's checks (see :meth:`risoluto.hooks.Hooks.doctor_checks`)."""
+    return kernel.hooks.doctor_checks(kernel)
 
 
 def summary(results: list[CheckResult]) -> dict[str, Any]:

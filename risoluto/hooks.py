@@ -92,7 +92,19 @@ class Hooks:
 
     # doctor
     def doctor_checks(self, kernel: Kernel) -> list[CheckResult]:
-        return _flat(reversed(self._hook.risoluto_doctor_checks(kernel=kernel)))
+        """Every plugin's checks, in load order. A check that raises is itself a FAIL naming
+        its plugin (fail closed), and does not hide the other plugins' checks."""
+        from .hookspecs.doctor import FAIL
+
+        results: list[CheckResult] = []
+        for impl in self._hook.risoluto_doctor_checks.get_hookimpls():
+            try:
+                results.extend(impl.function(kernel=kernel) or [])
+            except Exception as exc:
+                results.append(CheckResult(item=f"doctor check of {impl.plugin_name}", status=FAIL,
+                                           reason=f"the check raised {type(exc).__name__}: {exc}",
+                                           fix="report this as a bug in that plugin"))
+        return results
 
     def doctor_probes(self, kernel: Kernel) -> list[Probe]:
         return _flat(reversed(self._hook.risoluto_doctor_probes(kernel=kernel)))

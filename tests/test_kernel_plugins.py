@@ -124,3 +124,20 @@ def test_each_app_has_its_own_plugin_manager(risoluto_settings):
     assert a.extensions["risoluto"].pm is not b.extensions["risoluto"].pm
     assert a.extensions["risoluto"].pm.has_plugin("marker")
     assert not b.extensions["risoluto"].pm.has_plugin("marker")
+
+
+def test_a_doctor_check_that_raises_is_a_fail_naming_its_plugin(risoluto_settings):
+    from risoluto.doctor import run_checks
+    from risoluto.hookspecs import hookimpl
+    from risoluto.kernel import Kernel
+
+    class Broken:
+        @hookimpl
+        def risoluto_doctor_checks(self, kernel):
+            raise RuntimeError("cannot look")
+
+    kernel = Kernel(risoluto_settings(), (("broken", Broken()),))
+    results = run_checks(kernel)
+    bad = [r for r in results if r.item == "doctor check of broken"]
+    assert len(bad) == 1 and bad[0].status == "FAIL" and "cannot look" in bad[0].reason
+    assert len(results) > 1  # the other plugins' checks still ran
