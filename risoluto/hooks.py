@@ -99,7 +99,7 @@ class Hooks:
         results: list[CheckResult] = []
         for impl in self._hook.risoluto_doctor_checks.get_hookimpls():
             try:
-                results.extend(impl.function(kernel=kernel) or [])
+                results.extend(impl.function(kernel=kernel) or [])  # type: ignore[arg-type]
             except Exception as exc:
                 results.append(CheckResult(item=f"doctor check of {impl.plugin_name}", status=FAIL,
                                            reason=f"the check raised {type(exc).__name__}: {exc}",
