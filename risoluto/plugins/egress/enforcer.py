@@ -56,6 +56,11 @@ class EgressService:
             raise StartupError(str(exc)) from None
         enforcer = self.kernel.hooks.egress_enforcer(settings)
         if enforcer is None:
+            if settings.sandbox.runtime != "docker":
+                raise StartupError(
+                    f"codex.sandbox.egressAllowlist needs sandbox.runtime: docker (the egress proxy runs beside "
+                    f"the engine); with sandbox.runtime: {settings.sandbox.runtime} use an empty allowlist "
+                    "(docs/data-plane.md)")
             raise StartupError("codex.sandbox.egressAllowlist is set but no egress enforcer is available "
                                "(is the egress.network plugin disabled?)")
         await enforcer.start(self.kernel)

@@ -34,6 +34,11 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
             item=ITEM, status=WARN, reason="gvisor is off: workers share the host kernel (runc)",
             fix="install runsc, register it in /etc/docker/daemon.json and set codex.sandbox.security.gvisor: true",
         )]
+    if kernel.settings.sandbox.runtime != "docker":
+        # a control plane has no engine: the data plane's own doctor answers for it,
+        # shown here as "data plane: ..." items
+        return [CheckResult(item=ITEM, status=PASS,
+                            reason=f"checked by the {kernel.settings.sandbox.runtime} runtime's engine")]
     facts = engine_facts(kernel)
     if not facts["ok"]:
         return [CheckResult(item=ITEM, status=FAIL, reason=f"gvisor is on but Docker is {facts['error']}",

@@ -126,7 +126,7 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
         return [CheckResult(item=ITEM, status=FAIL, reason=str(exc),
                             fix="point codex.sandbox.security.seccompProfile at a valid profile")]
     if security.gvisor:
-        entry = engine_facts(kernel)["runtimes"].get("runsc")
+        entry = engine_facts(kernel).get("runtimes", {}).get("runsc")
         if entry is not None and not seccomp_filters_enforced(entry):
             return [CheckResult(
                 item=ITEM, status=FAIL,
@@ -189,7 +189,7 @@ def _plan(kernel: Any) -> tuple[str, tuple[str, int] | None, str]:
     """(expected mode, (syscall, errno) to prove denied or None, why not proven)."""
     security = kernel.settings.codex.sandbox.security
     if security.gvisor:
-        entry = engine_facts(kernel)["runtimes"].get("runsc") or {}
+        entry = engine_facts(kernel).get("runtimes", {}).get("runsc") or {}
         if not seccomp_filters_enforced(entry):
             return "0", None, ("runsc is registered without --oci-seccomp, so no OCI seccomp profile reaches the "
                                "worker (mode 0); gVisor's Sentry serves its syscalls instead")
