@@ -160,7 +160,7 @@ async def run_probes(kernel: Kernel, timeout_s: float = 180.0) -> list[CheckResu
 
 def _judge_all(probes: list[Any], outputs: list[tuple[str, int] | None]) -> list[CheckResult]:
     results = []
-    for probe, out in zip(probes, outputs):
+    for probe, out in zip(probes, outputs, strict=True):
         if out is None:
             results.append(CheckResult(item=probe.item, status=FAIL, reason="the probe produced no result "
                                        "(the canary stopped early)", fix="re-run; check the canary's logs"))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import anyio
+import docker
 import pytest
 from docker_util import docker_engine, logs, run, sandbox_world, wait_for_log  # noqa: F401
 
@@ -104,7 +105,7 @@ async def test_unknown_image_is_a_400_and_never_pulled(sandbox_world):
     response = await client.post("/api/v1/sandboxes", json={"issue": "I-1", "image": "risoluto-no-such-image:1"})
     body = await response.get_json()
     assert response.status_code == 400 and body["error"]["code"] == "image_not_found"
-    with pytest.raises(Exception):
+    with pytest.raises(docker.errors.NotFound):
         sandbox_world.docker.inspect_image("risoluto-no-such-image:1")
     assert mine(sandbox_world) == []
 
@@ -171,9 +172,9 @@ async def test_crash_leftovers_are_cleaned_at_startup_and_only_ours(sandbox_worl
     theirs = api.create_container("risoluto-test:latest", ["sleep", "300"], labels=other_instance)
     try:
         await sandbox_world.app()
-        with pytest.raises(Exception):
+        with pytest.raises(docker.errors.NotFound):
             api.inspect_container(ours["Id"])
-        with pytest.raises(Exception):
+        with pytest.raises(docker.errors.NotFound):
             api.inspect_volume(attempt_volume["Name"])
         assert api.inspect_container(theirs["Id"])["Id"] == theirs["Id"]  # another kernel's: untouched
     finally:
@@ -265,4 +266,27 @@ async def test_engine_going_away_mid_run_is_a_reported_failure(sandbox_world, tm
         assert shown["status"] == "failed" and "Docker engine" in shown["reason"]
     # the next start of this DATA_DIR (engine back) removes what was left
     await sandbox_world.app()
+    assert mine(sandbox_world) == []
+
+
+async def test_cached_image_and_network_answers_do_not_outlive_the_objects(sandbox_world):
+    """The runtime remembers that an image and the network exist; when either goes between
+    launches, the next launch still says image_not_found (nothing pulled) / re-creates the network."""
+    from docker_util import TEST_IMAGE
+
+    client, _ = await sandbox_world.app()
+    tag = f"risoluto-test:vanish-{os.getpid()}"
+    sandbox_world.docker.tag(TEST_IMAGE, *tag.split(":"))
+    try:
+        assert (await run(client, {"issue": "V-1", "image": tag, "command": ["true"]}))["exit_code"] == 0
+        sandbox_world.docker.remove_network(sandbox_world.network)
+        assert (await run(client, {"issue": "V-1", "image": tag, "command": ["true"]}))["exit_code"] == 0
+        assert sandbox_world.docker.networks(names=[sandbox_world.network])
+    finally:
+        sandbox_world.docker.remove_image(tag)
+    response = await client.post("/api/v1/sandboxes", json={"issue": "V-1", "image": tag, "command": ["true"]})
+    body = await response.get_json()
+    assert response.status_code == 400 and body["error"]["code"] == "image_not_found"
+    with pytest.raises(Exception):
+        sandbox_world.docker.inspect_image(tag)
     assert mine(sandbox_world) == []

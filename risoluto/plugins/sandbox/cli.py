@@ -68,16 +68,18 @@ async def _run(args: Any) -> int:
     kernel.state[SKIP_CLEANUP] = True
     await app.startup()
     try:
-        record = await launch(kernel, request)
+        record = await launch(kernel, request)  # raises 503 when no runtime is loaded
+        runtime = kernel.runtime
+        assert runtime is not None
         out = sys.stdout.buffer
         try:
-            async for chunk in kernel.runtime.stream_logs(record["id"]):
+            async for chunk in runtime.stream_logs(record["id"]):
                 out.write(chunk)
                 out.flush()
-            final = await kernel.runtime.wait(record["id"])
+            final = await runtime.wait(record["id"])
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await kernel.runtime.remove(record["id"])
+                await runtime.remove(record["id"])
             raise
     finally:
         with anyio.CancelScope(shield=True):
