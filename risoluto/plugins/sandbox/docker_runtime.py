@@ -80,6 +80,11 @@ class DockerRuntime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._active = 0
         self._info: tuple[float, dict[str, Any]] = (0.0, {})
+        # Answers that cost an engine round trip per launch, kept briefly: an image seen on the
+        # engine (TTL) and networks that exist. Any launch failure forgets both, so a removed
+        # image or network is looked up (and the network re-created) again at the next launch.
+        self._images_seen: dict[str, float] = {}
+        self._networks_ok: set[str] = set()
         self._lock = anyio.Lock()
         self._waits: anyio.CapacityLimiter | None = None
         self.observer: Callable[[SandboxEvent], None] | None = None
@@ -143,7 +148,7 @@ class DockerRuntime:
             labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
             kwargs = engine.create_kwargs(spec, labels)
             with anyio.CancelScope(shield=True):  # a cancelled request must not orphan the container
-                cid = (await self._api(lambda c: c.create_container(**kwargs), mask=tuple(spec.env.values())))["Id"]
+                cid = await self._create(spec, kwargs)
                 created.append(cid)
             rec = Record.from_spec(cid, spec, timeout_s, labels[LABEL_STARTED])
             self._records[cid] = rec
@@ -154,8 +159,10 @@ class DockerRuntime:
             for root, files in engine.put_groups(spec).items():
                 archive = engine.build_archive(root, files, uid, gid)
                 await self._api(lambda c, r=root, a=archive: c.put_archive(cid, r, a))
-            await self._api(lambda c: c.start(cid))
+            await self._start(cid, spec.network)
         except BaseException as exc:
+            self._images_seen.clear()
+            self._networks_ok.clear()
             with anyio.CancelScope(shield=True):
                 await self._discard(created, volumes, spec, rec, exc)
             self._active -= 1
@@ -181,19 +188,51 @@ class DockerRuntime:
                            f"runtime {spec.runtime!r} is registered without --oci-seccomp and would ignore "
                            "the seccomp profile; add it to runtimeArgs in /etc/docker/daemon.json.")
 
+    async def _create(self, spec: ContainerSpec, kwargs: dict[str, Any]) -> str:
+        def create(c: docker.APIClient) -> str:
+            return c.create_container(**kwargs)["Id"]
+
+        try:
+            return await self._api(create, mask=tuple(spec.env.values()))
+        except NotFound:
+            # The image or network may have gone since it was last seen: look again (uncached),
+            # so a vanished image is a plain image_not_found (never pulled) and a removed
+            # network is re-created, as without the cache; then try once more.
+            self._images_seen.clear()
+            self._networks_ok.clear()
+            await gather(self._check_image(spec.image), self._ensure_network(spec.network))
+            return await self._api(create, mask=tuple(spec.env.values()))
+
+    async def _start(self, cid: str, network: str) -> None:
+        try:
+            await self._api(lambda c: c.start(cid))
+        except NotFound:
+            # The engine resolves the network at start: if the cached one was removed, re-create it once.
+            if network not in self._networks_ok:
+                raise
+            self._networks_ok.discard(network)
+            await self._ensure_network(network)
+            await self._api(lambda c: c.start(cid))
+
     async def _check_image(self, image: str) -> None:
+        if time.monotonic() - self._images_seen.get(image, -INFO_TTL_S) < INFO_TTL_S:
+            return  # create_container never pulls: a vanished image still fails the launch
         try:
             await self._api(lambda c: c.inspect_image(image))
+            self._images_seen[image] = time.monotonic()
         except NotFound:
             raise ApiError(400, "image_not_found", f"image {image!r} is not on the Docker engine; build "
                            "or load it first (images are never pulled).") from None
 
     async def _ensure_network(self, name: str) -> None:
-        if name in ("", "none", "bridge", "default"):
+        if name in ("", "none", "bridge", "default") or name in self._networks_ok:
             return
         async with self._lock:  # two first launches must not create two networks
+            if name in self._networks_ok:
+                return
             try:
                 await self._api(lambda c: c.inspect_network(name))
+                self._networks_ok.add(name)
                 return
             except NotFound:
                 pass
@@ -204,6 +243,7 @@ class DockerRuntime:
             options = {"com.docker.network.bridge.enable_icc": "false"}
             await self._api(lambda c: c.create_network(name, driver="bridge", labels=labels, options=options,
                                                        check_duplicate=True))
+            self._networks_ok.add(name)
             log.info("created sandbox network %s", name)
 
     async def _ensure_volumes(self, spec: ContainerSpec) -> list[str]:
