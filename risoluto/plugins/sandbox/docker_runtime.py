@@ -86,6 +86,7 @@ class DockerRuntime:
         self._images_seen: dict[str, float] = {}
         self._networks_ok: set[str] = set()
         self._lock = anyio.Lock()
+        self._info_lock = anyio.Lock()
         self._waits: anyio.CapacityLimiter | None = None
         self.observer: Callable[[SandboxEvent], None] | None = None
 
@@ -124,11 +125,14 @@ class DockerRuntime:
         await self._api(lambda c: c.ping())
 
     async def _engine_info(self) -> dict[str, Any]:
-        at, info = self._info
-        if time.monotonic() - at > INFO_TTL_S:
-            info = await self._api(lambda c: c.info())
-            self._info = (time.monotonic(), info)
-        return info
+        if time.monotonic() - self._info[0] <= INFO_TTL_S:
+            return self._info[1]
+        async with self._info_lock:  # one fetch for a burst of launches, not one each
+            at, info = self._info
+            if time.monotonic() - at > INFO_TTL_S:
+                info = await self._api(lambda c: c.info())
+                self._info = (time.monotonic(), info)
+            return info
 
     # --- launch ---------------------------------------------------------------------
     async def launch(self, spec: ContainerSpec, timeout_s: float) -> dict[str, Any]:
