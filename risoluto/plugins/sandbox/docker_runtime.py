@@ -99,7 +99,7 @@ class DockerRuntime:
         return self._kernel.settings if self._kernel is not None else self._settings
 
     # --- engine access ------------------------------------------------------------
-    async def _api(self, call: Callable[[docker.APIClient], Any], limiter: Any = None,
+    async def _api(self, call: Callable[..., Any], limiter: Any = None,
                    mask: tuple[str, ...] = ()) -> Any:
         """Run one SDK call in a worker thread. Engine errors become ApiErrors: 404 ->
         :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine -> 503."""
@@ -352,7 +352,7 @@ class DockerRuntime:
         self._emit("removed", rec, seconds=seconds)
         self._trim()
 
-    async def _quietly(self, call: Callable[[docker.APIClient], Any]) -> None:
+    async def _quietly(self, call: Callable[..., Any]) -> None:
         try:
             await self._api(call)
         except NotFound:
