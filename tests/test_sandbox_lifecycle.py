@@ -287,6 +287,6 @@ async def test_cached_image_and_network_answers_do_not_outlive_the_objects(sandb
     response = await client.post("/api/v1/sandboxes", json={"issue": "V-1", "image": tag, "command": ["true"]})
     body = await response.get_json()
     assert response.status_code == 400 and body["error"]["code"] == "image_not_found"
-    with pytest.raises(Exception):
+    with pytest.raises(docker.errors.NotFound):
         sandbox_world.docker.inspect_image(tag)
     assert mine(sandbox_world) == []
