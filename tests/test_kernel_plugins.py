@@ -141,3 +141,16 @@ def test_a_doctor_check_that_raises_is_a_fail_naming_its_plugin(risoluto_setting
     bad = [r for r in results if r.item == "doctor check of broken"]
     assert len(bad) == 1 and bad[0].status == "FAIL" and "cannot look" in bad[0].reason
     assert len(results) > 1  # the other plugins' checks still ran
+
+
+def test_engine_items_defer_to_the_data_plane_under_the_remote_runtime(risoluto_settings):
+    from risoluto.doctor import run_checks
+    from risoluto.kernel import Kernel
+
+    settings = risoluto_settings({
+        "sandbox": {"runtime": "remote", "dataPlaneUrl": "http://127.0.0.1:9"},  # nothing listens: loopback only
+        "codex": {"sandbox": {"security": {"gvisor": True}}},
+    }, {"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    items = {r.item: r for r in run_checks(Kernel(settings))}
+    for item in ("sandbox network", "sandbox gVisor"):
+        assert items[item].status == "PASS" and "remote runtime" in items[item].reason, items[item]

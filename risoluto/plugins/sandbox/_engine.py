@@ -48,6 +48,20 @@ def unavailable(environ: Mapping[str, str], exc: BaseException | None = None) ->
     )
 
 
+def engine_elsewhere(kernel: Any, item: str) -> list[Any] | None:
+    """For an engine-bound doctor item: its result when this kernel has no engine of its own.
+
+    A control plane (``sandbox.runtime`` other than docker) has none; the data plane's own
+    doctor answers for its engine, shown as "data plane: ..." items.
+    """
+    from ...hookspecs.doctor import PASS, CheckResult
+
+    runtime = kernel.settings.sandbox.runtime
+    if runtime == "docker":
+        return None
+    return [CheckResult(item=item, status=PASS, reason=f"checked by the {runtime} runtime's engine")]
+
+
 def engine_facts(kernel: Any) -> dict[str, Any]:
     """Reachability and registered runtimes, for the doctor; cached a few seconds per kernel."""
     cached = kernel.state.get("sandbox.engine_facts")

@@ -11,7 +11,7 @@ from typing import Any
 
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult, Probe
-from ._engine import engine_facts, runtime_is_gvisor
+from ._engine import engine_elsewhere, engine_facts, runtime_is_gvisor
 from ._probes import failed, facts, passed, probe, seen
 
 ITEM = "sandbox gVisor"
@@ -34,11 +34,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
             item=ITEM, status=WARN, reason="gvisor is off: workers share the host kernel (runc)",
             fix="install runsc, register it in /etc/docker/daemon.json and set codex.sandbox.security.gvisor: true",
         )]
-    if kernel.settings.sandbox.runtime != "docker":
-        # a control plane has no engine: the data plane's own doctor answers for it,
-        # shown here as "data plane: ..." items
-        return [CheckResult(item=ITEM, status=PASS,
-                            reason=f"checked by the {kernel.settings.sandbox.runtime} runtime's engine")]
+    if (elsewhere := engine_elsewhere(kernel, ITEM)) is not None:
+        return elsewhere
     facts = engine_facts(kernel)
     if not facts["ok"]:
         return [CheckResult(item=ITEM, status=FAIL, reason=f"gvisor is on but Docker is {facts['error']}",

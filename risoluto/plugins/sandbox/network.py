@@ -12,7 +12,7 @@ from typing import Any
 
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult
-from ._engine import engine_facts
+from ._engine import engine_elsewhere, engine_facts
 
 ITEM = "sandbox network"
 SHARED_NAMESPACES = ("host",)
@@ -32,11 +32,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     if name in SHARED_NAMESPACES or name.startswith("container:"):
         return [CheckResult(item=ITEM, status=FAIL, reason=f"network {name!r} shares a host/container namespace",
                             fix="set codex.sandbox.network: risoluto-internal")]
-    if kernel.settings.sandbox.runtime != "docker":
-        # a control plane has no engine: the data plane's own doctor answers for it,
-        # shown here as "data plane: ..." items
-        return [CheckResult(item=ITEM, status=PASS,
-                            reason=f"checked by the {kernel.settings.sandbox.runtime} runtime's engine")]
+    if (elsewhere := engine_elsewhere(kernel, ITEM)) is not None:
+        return elsewhere
     facts = engine_facts(kernel)
     if not facts["ok"]:
         return [CheckResult(item=ITEM, status=FAIL, reason=f"Docker is {facts['error']}",
