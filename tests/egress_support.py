@@ -177,7 +177,6 @@ class DnsServer:
 
 
 # -- a network namespace for targets the proxy may reach but workers may not -----------------
-CLONE_NEWNET = 0x40000000
 
 
 def _ip(*args: str, check: bool = True) -> None:
@@ -233,43 +232,21 @@ class TargetNamespace:
 
     def sockets(self, specs: list[tuple[int, int]]) -> list[socket.socket]:
         """Bound sockets inside the namespace: (socket type, port) -> listening/bound sockets."""
-        import ctypes
-        import os
-        import threading
+        from risoluto.plugins.egress._probe_targets import sockets_in_netns
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        out: list[Any] = []
+        def bind_all() -> list[socket.socket]:
+            out = []
+            for kind, port in specs:
+                sock = socket.socket(socket.AF_INET, kind)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.ns_ip, port))
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(128)
+                sock.setblocking(False)
+                out.append(sock)
+            return out
 
-        def enter_and_bind() -> None:
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-            target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-            try:
-                if libc.setns(target, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-                try:
-                    for kind, port in specs:
-                        sock = socket.socket(socket.AF_INET, kind)
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        sock.bind((self.ns_ip, port))
-                        if kind == socket.SOCK_STREAM:
-                            sock.listen(128)
-                        sock.setblocking(False)
-                        out.append(sock)
-                finally:
-                    libc.setns(own, CLONE_NEWNET)  # this thread goes back before it ends
-            except BaseException as exc:  # reported to the caller
-                out.append(exc)
-            finally:
-                os.close(own)
-                os.close(target)
-
-        thread = threading.Thread(target=enter_and_bind)
-        thread.start()
-        thread.join()
-        errors = [o for o in out if isinstance(o, BaseException)]
-        if errors:
-            raise errors[0]
-        return out
+        return sockets_in_netns(self.name, bind_all)
 
 
 async def serve_origin(tg: TaskGroup, sock: socket.socket, label: str, tls: ssl.SSLContext | None = None) -> Origin:

@@ -70,40 +70,48 @@ class OutsideNamespace:
             raise
 
     def _sockets(self) -> list[socket.socket]:
-        """Bound inside the namespace by a thread that enters it (setns) and comes back."""
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        out: list[Any] = []
-
-        def enter_and_bind() -> None:
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-            target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-            try:
-                if libc.setns(target, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-                try:
-                    out.extend(_bind(self.ns_ip, 80, 53))
-                finally:
-                    libc.setns(own, CLONE_NEWNET)
-            except BaseException as exc:
-                out.append(exc)
-            finally:
-                os.close(own)
-                os.close(target)
-
-        thread = threading.Thread(target=enter_and_bind)
-        thread.start()
-        thread.join()
-        for item in out:
-            if isinstance(item, BaseException):
-                raise item
-        return out
+        return sockets_in_netns(self.name, lambda: _bind(self.ns_ip, 80, 53))
 
     def remove(self) -> None:
         for args in (("link", "del", self.host_if), ("netns", "del", self.name)):
             with contextlib.suppress(Exception):
                 _ip(*args)
+
+
+def sockets_in_netns(netns: str, make: Callable[[], list[socket.socket]]) -> list[socket.socket]:
+    """Run ``make`` (which binds sockets) inside network namespace ``netns``.
+
+    A short-lived thread enters the namespace (setns), binds, and comes back before it ends;
+    the sockets stay bound in the namespace while this process uses them from any thread.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    out: list[Any] = []
+
+    def enter_and_bind() -> None:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            try:
+                out.extend(make())
+            finally:
+                libc.setns(own, CLONE_NEWNET)
+        except BaseException as exc:  # reported to the caller
+            out.append(exc)
+        finally:
+            os.close(own)
+            os.close(target)
+
+    thread = threading.Thread(target=enter_and_bind)
+    thread.start()
+    thread.join()
+    for item in out:
+        if isinstance(item, BaseException):
+            raise item
+    return out
 
 
 def _bind(host: str, tcp_port: int, udp_port: int) -> list[socket.socket]:
