@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from risoluto.plugins.egress._probe_targets import create_veth_netns, remove_veth_netns, sockets_in_netns
+
 NAMES = ["allowed.test", "*.wild.test", "other.test", "private.test", "unlisted.test", "pinned.test"]
 
 
@@ -179,12 +181,6 @@ class DnsServer:
 # -- a network namespace for targets the proxy may reach but workers may not -----------------
 
 
-def _ip(*args: str, check: bool = True) -> None:
-    import subprocess
-
-    subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
-
-
 class TargetNamespace:
     """``ip netns`` + a veth pair: the host routes to ``ns_ip``; workers on an internal Docker
     network have no route there (Docker drops forwarding out of an internal bridge).
@@ -212,28 +208,14 @@ class TargetNamespace:
         return self._create()
 
     def _create(self) -> TargetNamespace:
-        _ip("netns", "add", self.name)
-        try:
-            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-            _ip("link", "set", self.ns_if, "netns", self.name)
-            _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
-            _ip("link", "set", self.host_if, "up")
-            for args in (("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if), ("link", "set", self.ns_if, "up"),
-                         ("link", "set", "lo", "up")):
-                _ip("netns", "exec", self.name, "ip", *args)
-        except BaseException:
-            self.__exit__()
-            raise
+        create_veth_netns(self.name, self.host_if, self.ns_if, self.host_ip, self.ns_ip)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _ip("link", "del", self.host_if, check=False)
-        _ip("netns", "del", self.name, check=False)
+        remove_veth_netns(self.name, self.host_if)
 
     def sockets(self, specs: list[tuple[int, int]]) -> list[socket.socket]:
         """Bound sockets inside the namespace: (socket type, port) -> listening/bound sockets."""
-        from risoluto.plugins.egress._probe_targets import sockets_in_netns
-
         def bind_all() -> list[socket.socket]:
             out = []
             for kind, port in specs:

@@ -55,27 +55,38 @@ class OutsideNamespace:
         self.host_ip, self.ns_ip = f"198.19.{third}.{fourth + 1}", f"198.19.{third}.{fourth + 2}"
 
     def create(self) -> list[socket.socket]:
-        _ip("netns", "add", self.name)
+        create_veth_netns(self.name, self.host_if, self.ns_if, self.host_ip, self.ns_ip)
         try:
-            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-            _ip("link", "set", self.ns_if, "netns", self.name)
-            _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
-            _ip("link", "set", self.host_if, "up")
-            for args in (("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if), ("link", "set", self.ns_if, "up"),
-                         ("link", "set", "lo", "up")):
-                _ip("netns", "exec", self.name, "ip", *args)
-            return self._sockets()
+            return sockets_in_netns(self.name, lambda: _bind(self.ns_ip, 80, 53))
         except BaseException:
             self.remove()
             raise
 
-    def _sockets(self) -> list[socket.socket]:
-        return sockets_in_netns(self.name, lambda: _bind(self.ns_ip, 80, 53))
-
     def remove(self) -> None:
-        for args in (("link", "del", self.host_if), ("netns", "del", self.name)):
-            with contextlib.suppress(Exception):
-                _ip(*args)
+        remove_veth_netns(self.name, self.host_if)
+
+
+def create_veth_netns(name: str, host_if: str, ns_if: str, host_ip: str, ns_ip: str) -> None:
+    """Network namespace ``name`` joined to the host by a veth pair on a /30: ``host_ip`` on
+    this side, ``ns_ip`` inside. All or nothing: a failure removes what was made."""
+    _ip("netns", "add", name)
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _ip("link", "set", ns_if, "netns", name)
+        _ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        for args in (("addr", "add", f"{ns_ip}/30", "dev", ns_if), ("link", "set", ns_if, "up"),
+                     ("link", "set", "lo", "up")):
+            _ip("netns", "exec", name, "ip", *args)
+    except BaseException:
+        remove_veth_netns(name, host_if)
+        raise
+
+
+def remove_veth_netns(name: str, host_if: str) -> None:
+    for args in (("link", "del", host_if), ("netns", "del", name)):
+        with contextlib.suppress(Exception):
+            _ip(*args)
 
 
 def sockets_in_netns(netns: str, make: Callable[[], list[socket.socket]]) -> list[socket.socket]:
