@@ -36,7 +36,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, WrongMasterKey
 from risoluto.plugins.secrets.crypto import (
-    DecryptError, FormatError, Sealed, derive_key, key_check, open_value, seal_value,
+    DecryptError, FormatError, Sealed, derive_key, key_check, open_row, open_value, seal_value,
 )
 
 DEFAULT_DSN = "postgresql://risoluto@127.0.0.1:5432/risoluto"
@@ -174,13 +174,7 @@ class PostgresStore:
         row = await self._run("read", run)
         if row is None:
             return None
-        try:
-            return open_value(self._key, name, Sealed(iv=row[1], auth_tag=row[2], ciphertext=row[0]), bool(row[3]))[0]
-        except (DecryptError, FormatError):
-            raise SecretIntegrityError(
-                f"secret {name!r} in {self.location} fails authentication: it was modified, moved from another "
-                "name, or written under another master key"
-            ) from None
+        return open_row(self._key, name, row, self.location)
 
     async def set(self, name: str, value: str) -> None:
         await self.set_many({name: value})

@@ -175,3 +175,17 @@ def open_value(key: bytes, name: str, sealed: Sealed, bound: bool) -> tuple[str,
         except UnicodeDecodeError:
             raise FormatError("the decrypted value is not UTF-8") from None
     raise DecryptError("authentication failed")
+
+
+def open_row(key: bytes, name: str, row: Any, where: Any) -> str:
+    """The value of an ``encrypted_secrets`` row ``(ciphertext, iv, auth_tag, aad)``, as the
+    sqlite and PostgreSQL stores both read it; a row that fails is a SecretIntegrityError."""
+    from risoluto.hookspecs.secrets import SecretIntegrityError
+
+    try:
+        return open_value(key, name, Sealed(iv=row[1], auth_tag=row[2], ciphertext=row[0]), bool(row[3]))[0]
+    except (DecryptError, FormatError):
+        raise SecretIntegrityError(
+            f"secret {name!r} in {where} fails authentication: it was modified, moved from another "
+            "name, or written under another master key"
+        ) from None

@@ -28,7 +28,7 @@ from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, WrongMasterKey
 
 from ._worker import WorkerThread
-from .crypto import DecryptError, FormatError, Sealed, derive_key, key_check, open_value, seal_value
+from .crypto import DecryptError, FormatError, Sealed, derive_key, key_check, open_row, open_value, seal_value
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel
@@ -102,13 +102,7 @@ class SqliteStore:
             "SELECT ciphertext, iv, auth_tag, aad FROM encrypted_secrets WHERE key = ?", (name,)).fetchone())
         if row is None:
             return None
-        try:
-            return open_value(self._key, name, Sealed(iv=row[1], auth_tag=row[2], ciphertext=row[0]), bool(row[3]))[0]
-        except (DecryptError, FormatError):
-            raise SecretIntegrityError(
-                f"secret {name!r} in {self.path} fails authentication: it was modified, moved from another "
-                "name, or written under another master key"
-            ) from None
+        return open_row(self._key, name, row, self.path)
 
     async def set(self, name: str, value: str) -> None:
         # sealed here, off the connection thread; the job carries the check of the key it was
