@@ -63,6 +63,14 @@ def check_value(value: Any) -> str:
     return value
 
 
+def _checked_name(key: str) -> None:
+    """A name from the URL, or 400 ``invalid_secret_key``."""
+    try:
+        check_name(key)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_secret_key", str(exc)) from None
+
+
 def _store(kernel: Kernel) -> SecretStore:
     if kernel.secret_store is None:
         raise ApiError(503, "secrets_locked", f"Secrets are locked ({kernel.secrets_locked_reason}).")
@@ -107,10 +115,7 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
          responses={204: None, 400: _ERROR, 503: _ERROR})
     async def set_secret(key: str) -> Any:
         store = _store(kernel)
-        try:
-            check_name(key)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_secret_key", str(exc)) from None
+        _checked_name(key)
         body = await json_object()
         try:
             value = check_value(body.get("value"))
@@ -125,10 +130,7 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
     @api("Delete a secret (audited)", tags=("secrets",), responses={204: None, 400: _ERROR, 404: _ERROR, 503: _ERROR})
     async def delete_secret(key: str) -> Any:
         store = _store(kernel)
-        try:
-            check_name(key)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_secret_key", str(exc)) from None
+        _checked_name(key)
         async with _store_errors():
             existed = await store.delete(key)
         if not existed:
