@@ -44,6 +44,7 @@ from risoluto.settings import build_settings  # noqa: E402
 from risoluto.testing import running_app  # noqa: E402
 
 IMAGE = os.environ.get("RISOLUTO_TEST_IMAGE", "risoluto-test:latest")
+GAP_S = float(os.environ.get("BENCH_GAP_S", "0"))
 
 
 def config(tmp: Path, network: str, gvisor: bool, max_concurrent: int = 8) -> dict[str, Any]:
@@ -76,6 +77,12 @@ def docker_run_argv(tmp: Path, network: str, gvisor: bool) -> list[str]:
     return argv + [IMAGE, "true"]
 
 
+async def settle(kernel: Any) -> None:
+    """Let background work of the previous run end, so it never overlaps the next measurement."""
+    await kernel.runtime.settled()
+    await anyio.sleep(GAP_S)
+
+
 async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float]:
     network = f"rsl-bench-{uuid.uuid4().hex[:6]}"
     data = tmp / f"data-{gvisor}"
@@ -91,10 +98,12 @@ async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float]:
         argv = docker_run_argv(tmp, network, gvisor)
         subprocess.run(argv, check=True, capture_output=True)
         for _ in range(rounds):
+            await settle(kernel)
             start = time.perf_counter()
             record = await launch(kernel, request, wait=True)
             ours.append(time.perf_counter() - start)
             assert record["exit_code"] == 0, record
+            await settle(kernel)
             start = time.perf_counter()
             subprocess.run(argv, check=True, capture_output=True)
             theirs.append(time.perf_counter() - start)

@@ -70,7 +70,9 @@ def leftovers(client: Any, instances: set[str], include_persistent: bool) -> lis
     out: list[str] = []
     for inst in instances:
         label = {"label": [f"{INSTANCE}={inst}"]}
+        carriers = {"label": [f"risoluto.carrier={inst}"]}  # fill prepared volumes; never left behind
         out += [f"container {c['Names'][0]}" for c in client.containers(all=True, filters=label)]
+        out += [f"carrier {c['Names'][0]}" for c in client.containers(all=True, filters=carriers)]
         for vol in client.volumes(filters=label).get("Volumes") or []:
             if include_persistent or (vol.get("Labels") or {}).get("risoluto.scope") == "attempt":
                 out.append(f"volume {vol['Name']}")
@@ -82,7 +84,8 @@ def leftovers(client: Any, instances: set[str], include_persistent: bool) -> lis
 def remove_persistent(client: Any, instance: str, network: str) -> None:
     """Remove every container, volume and network of ``instance`` (and ``network`` by name)."""
     label = {"label": [f"{INSTANCE}={instance}"]}
-    for c in client.containers(all=True, filters=label):
+    carriers = {"label": [f"risoluto.carrier={instance}"]}
+    for c in client.containers(all=True, filters=label) + client.containers(all=True, filters=carriers):
         with contextlib.suppress(docker.errors.NotFound):
             client.remove_container(c["Id"], force=True, v=True)
     for vol in client.volumes(filters=label).get("Volumes") or []:

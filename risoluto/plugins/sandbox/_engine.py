@@ -17,6 +17,7 @@ import requests
 
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
+from ._naming import LABEL_SCOPE
 
 API_TIMEOUT_S = 60.0
 FACTS_TTL_S = 5.0
@@ -100,7 +101,8 @@ def _mount(m: Mount) -> dict[str, Any]:
     elif m.type == "volume":
         if m.source:  # empty: an anonymous volume, created with the container, removed with it
             out["Source"] = m.source
-        out["VolumeOptions"] = {"NoCopy": False, "Labels": dict(m.labels)}
+        # a per-attempt volume starts empty: nothing is copied up from the image
+        out["VolumeOptions"] = {"NoCopy": m.labels.get(LABEL_SCOPE) == "attempt", "Labels": dict(m.labels)}
     elif m.type == "tmpfs":
         out["TmpfsOptions"] = {"SizeBytes": m.tmpfs_size, "Mode": 0o1777}
     return out

@@ -1,11 +1,12 @@
 """The ``docker`` sandbox runtime: a final ContainerSpec -> Docker Engine API calls.
 
-Lifecycle of a launch: check the runtime and image -> network -> volumes -> create ->
-``on_created`` callbacks -> put files -> start; then, in the background: wait (up to the
-timeout, then stop with grace) -> record exit code, OOM flag and output -> remove the
-container and its per-attempt volumes -> ``on_removed`` callbacks. Blocking SDK calls run
-in worker threads. Every object carries ``risoluto.instance`` (a digest of DATA_DIR), so a
-restarted kernel removes what its crashed predecessor left, and nothing of another kernel.
+Lifecycle of a launch: check the runtime and image -> network -> volumes (a per-attempt
+volume may come ready-filled from ``_prepared``) -> create -> ``on_created`` callbacks -> put
+files -> start; then, in the background: wait (up to the timeout, then stop with grace) ->
+record exit code, OOM flag and output -> remove the container and its per-attempt volumes ->
+``on_removed`` callbacks. Blocking SDK calls run in worker threads. Every object carries
+``risoluto.instance`` (a digest of DATA_DIR), so a restarted kernel removes what its crashed
+predecessor left, and nothing of another kernel.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ...hookspecs.doctor import FAIL, PASS, CheckResult
 from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
 from . import _engine as engine
 from ._guard import exposed
+from ._prepared import LABEL_CARRIER, PreparedVolumes
 from ._naming import LABEL_INSTANCE, LABEL_ISSUE, LABEL_MANAGED, LABEL_SCOPE, LABEL_STARTED, instance_id
 from ._records import Record, docker_record
 
@@ -35,6 +37,7 @@ log = logging.getLogger("risoluto.sandbox")
 INFO_TTL_S = 10.0
 KEEP_FINISHED = 200
 ATTEMPT = "attempt"
+PREPARE_AFTER_S = 1.0
 
 
 async def gather(*aws: Any) -> list[Any]:
@@ -88,6 +91,7 @@ class DockerRuntime:
         self._lock = anyio.Lock()
         self._info_lock = anyio.Lock()
         self._waits: anyio.CapacityLimiter | None = None
+        self._prepared = PreparedVolumes(self)
         self.observer: Callable[[SandboxEvent], None] | None = None
 
     def attach(self, kernel: Any, observer: Callable[[SandboxEvent], None] | None = None) -> None:
@@ -121,6 +125,10 @@ class DockerRuntime:
             self._client = None  # reconnect next time
             raise engine.unavailable(self._environ, exc) from None
 
+    async def settled(self) -> None:
+        """Return once no background engine work (filling a per-attempt volume) is in flight."""
+        await self._prepared.settled()
+
     async def check(self) -> None:
         await self._api(lambda c: c.ping())
 
@@ -147,8 +155,10 @@ class DockerRuntime:
         try:
             # Independent look-ups in parallel: each is an engine round trip on the launch path.
             await self._preflight(spec)
-            _, _, volumes = await gather(self._check_image(spec.image), self._ensure_network(spec.network),
-                                         self._ensure_volumes(spec))
+            slots = self._prepared.slots(spec)
+            _, _, _, taken = await gather(self._check_image(spec.image), self._ensure_network(spec.network),
+                                          self._ensure_volumes(spec, volumes), self._prepared.claim(slots, volumes))
+            self._prepared.apply(spec, slots, taken)
             labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
             kwargs = engine.create_kwargs(spec, labels)
             with anyio.CancelScope(shield=True):  # a cancelled request must not orphan the container
@@ -173,7 +183,7 @@ class DockerRuntime:
             raise self._launch_error(exc, spec) from None
         rec.status, rec.started_at, rec.started_mono = "running", _now(), time.monotonic()
         self._emit("started", rec)
-        task = asyncio.get_running_loop().create_task(self._watch(rec, spec, volumes, timeout_s))
+        task = asyncio.get_running_loop().create_task(self._watch(rec, spec, volumes, timeout_s, slots))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return rec.public()
@@ -250,10 +260,10 @@ class DockerRuntime:
             self._networks_ok.add(name)
             log.info("created sandbox network %s", name)
 
-    async def _ensure_volumes(self, spec: ContainerSpec) -> list[str]:
+    async def _ensure_volumes(self, spec: ContainerSpec, attempt: list[str]) -> None:
         """Create named volumes; anonymous ones (no source) are created by the engine with the
-        container and removed with it. Returns the named per-attempt volumes to remove later."""
-        attempt: list[str] = []
+        container and removed with it. Named per-attempt volumes are appended to ``attempt``
+        as they are created (the launch removes them)."""
         for m in spec.mounts:
             if m.type != "volume":
                 continue
@@ -271,10 +281,9 @@ class DockerRuntime:
                     continue
                 except NotFound:
                     pass
-            await self._api(lambda c, name=m.source, lb=labels: c.create_volume(name, labels=lb))
             if m.labels.get(LABEL_SCOPE) == ATTEMPT:
                 attempt.append(m.source)
-        return attempt
+            await self._api(lambda c, name=m.source, lb=labels: c.create_volume(name, labels=lb))
 
     def _launch_error(self, exc: BaseException, spec: ContainerSpec) -> BaseException:
         if isinstance(exc, NotFound):
@@ -300,7 +309,11 @@ class DockerRuntime:
         self._emit("failed", rec, spec=spec, reason=type(exc).__name__)
 
     # --- after start -------------------------------------------------------------------
-    async def _watch(self, rec: Record, spec: ContainerSpec, volumes: list[str], timeout_s: float) -> None:
+    async def _watch(self, rec: Record, spec: ContainerSpec, volumes: list[str], timeout_s: float,
+                     slots: list[Any]) -> None:
+        # Fill the next attempt's volumes once this container has run a while, or once it is
+        # gone: never during its own start or exit, where the engine work would slow them.
+        refill = asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepared.refill, slots)
         try:
             await self._wait_exit(rec, timeout_s)
         except NotFound:
@@ -315,6 +328,9 @@ class DockerRuntime:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._finish(rec, spec, volumes)
+            if not refill.cancelled() and refill.when() > asyncio.get_running_loop().time():
+                refill.cancel()
+                self._prepared.refill(slots)
 
     async def _wait_exit(self, rec: Record, timeout_s: float) -> None:
         if self._waits is None:
@@ -484,6 +500,7 @@ class DockerRuntime:
     async def cleanup_orphans(self) -> int:
         mine = f"{LABEL_INSTANCE}={self.instance}"
         rows = await self._api(lambda c: c.containers(all=True, filters={"label": [mine]}))
+        rows += await self._api(lambda c: c.containers(all=True, filters={"label": [f"{LABEL_CARRIER}={self.instance}"]}))
         count = 0
         for row in rows:
             if row["Id"] not in self._records:
@@ -507,6 +524,7 @@ class DockerRuntime:
                 await rec.done.wait()
         for task in list(self._tasks):
             task.cancel()
+        await self._prepared.close()
         if self._client is not None:
             client, self._client = self._client, None
             await anyio.to_thread.run_sync(client.close)

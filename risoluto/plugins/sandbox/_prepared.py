@@ -1,0 +1,210 @@
+"""Per-attempt volumes filled ahead of time, so a launch skips its ``put_archive``.
+
+Putting files into a created container costs the engine ~45 ms whatever their size (dockerd
+re-executes itself to untar in a chroot): about an eighth of a whole launch of ``true``. The
+files bound for an anonymous per-attempt volume (CODEX_HOME's ``config.toml`` and
+``auth.json``) are the same for every launch with the same settings and credentials. So once
+a set of files has been seen at two launches, the runtime fills one volume for the next
+attempt in the background, through the same Engine API call (``put_archive``, into a carrier
+container that is created, never started, and removed), and the next launch with identical
+files mounts that volume instead of an empty anonymous one and puts nothing.
+
+What stays true (each is tested in tests/test_sandbox_prepared.py):
+
+- A volume serves one attempt: it leaves the pool before the create call and is removed
+  with its container. It never held anything but the launch's files (no image copy-up).
+- Its content is exactly what the direct put would write: the pool is keyed by a keyed
+  digest of (image, target, uid, gid, files). A launch whose files differ discards every
+  pooled volume (a replaced or deleted ``auth.json`` does not linger) and puts directly.
+  An idle pooled volume is removed after ``POOL_TTL_S``, and all of them at close.
+- A pooled volume that vanished is never replaced by an empty one (which is what the engine
+  would do with an unknown volume name): it is inspected, its label checked, before use;
+  any doubt means the direct put.
+- Labels carry an HMAC under a per-process random key, not a digest of ``auth.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+from typing import Any
+
+import anyio
+import attrs
+
+from ...hookspecs.sandbox import ContainerSpec, Mount
+from . import _engine as engine
+from ._naming import LABEL_INSTANCE, LABEL_MANAGED, LABEL_SCOPE
+
+log = logging.getLogger("risoluto.sandbox")
+LABEL_PREPARED = "risoluto.prepared"  # on a pooled volume: the keyed digest of its files
+# On the never-started container that fills one: the instance, under its own label, so the
+# carrier is never listed or counted as one of the instance's sandboxes.
+LABEL_CARRIER = "risoluto.carrier"
+CARRIER_PATH = "/risoluto-prepare"
+POOL_TTL_S = 600.0
+
+
+@attrs.define(eq=False)
+class Slot:
+    """An anonymous per-attempt volume mount of one launch and the files bound for it."""
+
+    mount: Mount
+    files: dict[str, bytes]  # path relative to the mount target ("/" = the directory itself)
+    image: str
+    uid: int
+    gid: int
+    digest: str = ""
+
+
+def _relative(path: str, target: str) -> str | None:
+    if path == target + "/" or path.startswith(target + "/"):
+        return path[len(target):]
+    return None
+
+
+class PreparedVolumes:
+    def __init__(self, runtime: Any):
+        self._rt = runtime
+        self._key = secrets.token_bytes(32)
+        # digest -> (volume name, the scope of its idle timer); at most one volume per digest
+        self._ready: dict[str, tuple[str, anyio.CancelScope]] = {}
+        self._seen: set[str] = set()
+        self._filling: set[str] = set()
+        self._tasks: dict[asyncio.Task[None], anyio.CancelScope] = {}
+        self._closed = False
+
+    def slots(self, spec: ContainerSpec) -> list[Slot]:
+        uid, gid = engine.parse_user(spec.user)
+        out = []
+        for m in spec.mounts:
+            if m.type != "volume" or m.source or m.read_only or m.labels.get(LABEL_SCOPE) != "attempt":
+                continue
+            target = m.target.rstrip("/")
+            files = {rel: data for path, data in spec.files.items() if (rel := _relative(path, target)) is not None}
+            if files:
+                out.append(Slot(m, files, spec.image, uid, gid, self._digest(spec.image, target, uid, gid, files)))
+        return out
+
+    def _digest(self, image: str, target: str, uid: int, gid: int, files: dict[str, bytes]) -> str:
+        mac = hmac.new(self._key, f"{image}\0{target}\0{uid}:{gid}".encode(), hashlib.sha256)
+        for rel in sorted(files):
+            mac.update(b"\0" + rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
+        return mac.hexdigest()[:32]
+
+    async def claim(self, slots: list[Slot], taken_names: list[str]) -> dict[int, str]:
+        """Pooled volumes for these slots that passed the check: {slot index: volume name}.
+        Each is appended to ``taken_names`` as it leaves the pool (the launch removes them)."""
+        wanted = {s.digest for s in slots}
+        for digest in [d for d in self._ready if d not in wanted]:
+            name, timer = self._ready.pop(digest)  # stale: the files changed since
+            timer.cancel()
+            await self._discard(name)
+        taken: dict[int, str] = {}
+        for i, slot in enumerate(slots):
+            if slot.digest not in self._ready:
+                continue
+            name, timer = self._ready.pop(slot.digest)
+            timer.cancel()
+            taken_names.append(name)
+            if await self._intact(name, slot.digest):
+                taken[i] = name
+        return taken
+
+    async def _intact(self, name: str, digest: str) -> bool:
+        try:
+            vol = await self._rt._api(lambda c: c.inspect_volume(name))
+        except Exception:
+            log.warning("prepared volume %s is gone; the files are put directly", name)
+            return False
+        return bool((vol.get("Labels") or {}).get(LABEL_PREPARED) == digest)
+
+    @staticmethod
+    def apply(spec: ContainerSpec, slots: list[Slot], taken: dict[int, str]) -> list[str]:
+        """Mount each taken volume in its slot's place; its files are no longer put."""
+        for i, name in taken.items():
+            slot = slots[i]
+            slot.mount.source = name
+            for rel in slot.files:
+                spec.files.pop(slot.mount.target.rstrip("/") + rel, None)
+        return list(taken.values())
+
+    def refill(self, slots: list[Slot]) -> None:
+        """Fill one volume per slot for the next launch, once these files were seen twice."""
+        for slot in slots:
+            if slot.digest not in self._seen:
+                self._seen = {slot.digest}  # only the latest files are worth preparing
+                continue
+            if self._closed or slot.digest in self._ready or slot.digest in self._filling:
+                continue
+            self._filling.add(slot.digest)
+            timer = anyio.CancelScope()
+            task = asyncio.get_running_loop().create_task(self._keep(slot, timer))
+            self._tasks[task] = timer
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    async def _keep(self, slot: Slot, timer: anyio.CancelScope) -> None:
+        """Fill a volume, offer it until it is claimed or ``POOL_TTL_S`` passes, then drop it."""
+        name = ""
+        try:
+            with timer:
+                with anyio.CancelScope(shield=True):  # never abandon a half-made carrier
+                    try:
+                        name = await self._fill(slot)
+                    finally:
+                        self._filling.discard(slot.digest)
+                self._ready[slot.digest] = (name, timer)
+                await anyio.sleep(POOL_TTL_S)
+        except Exception as exc:  # the next launch puts its files directly
+            log.warning("preparing a per-attempt volume failed: %s", type(exc).__name__)
+        finally:
+            if name and self._ready.get(slot.digest, ("",))[0] == name:  # not claimed: drop it
+                del self._ready[slot.digest]
+                with anyio.CancelScope(shield=True):
+                    await self._discard(name)
+
+    async def _fill(self, slot: Slot) -> str:
+        name = f"risoluto-attempt-{self._rt.instance[:12]}-{secrets.token_hex(8)}"
+        labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: self._rt.instance, LABEL_SCOPE: "attempt",
+                  LABEL_PREPARED: slot.digest}
+        await self._rt._api(lambda c: c.create_volume(name, labels=labels))
+        carrier = ""
+        try:
+            mounts = [{"Type": "volume", "Source": name, "Target": CARRIER_PATH, "ReadOnly": False}]
+            carrier = (await self._rt._api(lambda c: c.create_container(
+                slot.image, command=["true"], network_disabled=True,
+                labels={LABEL_MANAGED: "true", LABEL_CARRIER: self._rt.instance},
+                host_config={"Mounts": mounts, "NetworkMode": "none"})))["Id"]
+            files = {CARRIER_PATH + rel: data for rel, data in slot.files.items()}
+            files[CARRIER_PATH + "/"] = b""  # the volume root: 0700, the container user's
+            archive = engine.build_archive("/", files, slot.uid, slot.gid)
+            await self._rt._api(lambda c: c.put_archive(carrier, "/", archive))
+        except BaseException:
+            await self._discard(name, carrier)
+            raise
+        await self._rt._quietly(lambda c: c.remove_container(carrier, force=True))
+        return name
+
+    async def _discard(self, name: str, carrier: str = "") -> None:
+        if carrier:
+            await self._rt._quietly(lambda c: c.remove_container(carrier, force=True))
+        await self._rt._quietly(lambda c: c.remove_volume(name, force=True))
+
+    async def settled(self) -> None:
+        """Return once no volume is being filled (benchmarks: background work has ended)."""
+        while self._filling:
+            await anyio.sleep(0.01)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks.items())
+        for _, timer in tasks:
+            timer.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)

@@ -1,0 +1,173 @@
+"""Per-attempt volumes filled ahead of time (risoluto/plugins/sandbox/_prepared.py), real engine.
+
+A launch that takes a prepared CODEX_HOME must see exactly what a direct put gives; a changed
+auth.json, a vanished or forged pooled volume must never reach a container; nothing is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import docker
+import pytest
+from docker_util import TEST_IMAGE, docker_engine, logs, run, sandbox_world  # noqa: F401
+
+from risoluto.hookspecs.sandbox import ContainerSpec, Mount
+from risoluto.plugins.sandbox._prepared import LABEL_CARRIER, LABEL_PREPARED, PreparedVolumes
+
+pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+
+CODEX_HOME = "/home/agent/.codex-runtime"
+# What the agent finds in CODEX_HOME: names, modes, owners and contents.
+FACTS = r"""
+import json, os
+ch = os.environ["CODEX_HOME"]
+def meta(p):
+    s = os.stat(p)
+    return [oct(s.st_mode & 0o7777), s.st_uid, s.st_gid]
+out = {"dir": meta(ch), "files": {}}
+for name in sorted(os.listdir(ch)):
+    out["files"][name] = meta(os.path.join(ch, name)) + [open(os.path.join(ch, name)).read()]
+print(json.dumps(out))
+"""
+
+
+def pooled(world) -> list[str]:
+    label = {"label": [f"risoluto.instance={world.instance}", LABEL_PREPARED]}
+    return [v["Name"] for v in world.docker.volumes(filters=label).get("Volumes") or []]
+
+
+def volume_exists(world, name: str) -> bool:
+    try:
+        world.docker.inspect_volume(name)
+        return True
+    except docker.errors.NotFound:
+        return False
+
+
+def codex_home_volume(world, cid: str) -> str | None:
+    mounts = world.docker.inspect_container(cid)["Mounts"]
+    return next((m["Name"] for m in mounts if m["Destination"] == CODEX_HOME), None)
+
+
+async def facts(client, issue: str) -> dict:
+    record = await run(client, {"issue": issue, "command": ["python3", "-c", FACTS]})
+    assert record["exit_code"] == 0, await logs(client, record["id"])
+    return json.loads((await logs(client, record["id"])).strip().splitlines()[-1])
+
+
+async def filled_pool(world, client, kernel) -> tuple[dict, str]:
+    """Two launches with the same files, then one volume is prepared for the third."""
+    first = await facts(client, "PREP-1")
+    assert pooled(world) == []  # files seen once: nothing prepared yet
+    assert await facts(client, "PREP-2") == first
+    await kernel.runtime.settled()
+    names = pooled(world)
+    assert len(names) == 1, names
+    return first, names[0]
+
+
+async def test_prepared_codex_home_is_what_a_direct_put_gives(sandbox_world):
+    (sandbox_world.auth / "auth.json").write_text('{"tokens": "pool-token"}')
+    client, kernel = await sandbox_world.app()
+    direct, name = await filled_pool(sandbox_world, client, kernel)
+    assert direct["dir"] == ["0o700", 1000, 1000]
+    assert direct["files"]["auth.json"] == ["0o600", 1000, 1000, '{"tokens": "pool-token"}']
+    assert set(direct["files"]) == {"auth.json", "config.toml"}
+
+    # the third launch mounts the prepared volume as its CODEX_HOME ...
+    response = await client.post("/api/v1/sandboxes", json={
+        "issue": "PREP-3", "command": ["sh", "-c", f"python3 -c '{FACTS}'; exec sleep 60"]})
+    record = await response.get_json()
+    assert response.status_code == 201, record
+    assert codex_home_volume(sandbox_world, record["id"]) == name
+    # it left the pool: an attempt launched meanwhile gets a volume of its own
+    response = await client.post("/api/v1/sandboxes", json={"issue": "PREP-4", "command": ["sleep", "60"]})
+    other = await response.get_json()
+    assert codex_home_volume(sandbox_world, other["id"]) not in (name, None)
+    await client.delete(f"/api/v1/sandboxes/{other['id']}")
+    await client.delete(f"/api/v1/sandboxes/{record['id']}")
+    # ... and finds exactly what the direct put gave; the volume goes with its container
+    assert json.loads((await logs(client, record["id"])).strip().splitlines()[0]) == direct
+    assert not volume_exists(sandbox_world, name)
+    # the label is a keyed digest: it does not reveal (or let anyone confirm) auth.json
+    await kernel.runtime.settled()
+    labels = [sandbox_world.docker.inspect_volume(n)["Labels"][LABEL_PREPARED] for n in pooled(sandbox_world)]
+    assert labels and all(hashlib.sha256(b'{"tokens": "pool-token"}').hexdigest()[:32] != v for v in labels)
+
+
+async def test_a_changed_auth_json_is_never_served_from_the_pool(sandbox_world):
+    auth = sandbox_world.auth / "auth.json"
+    auth.write_text('{"tokens": "old-token"}')
+    client, kernel = await sandbox_world.app()
+    _, stale = await filled_pool(sandbox_world, client, kernel)
+    auth.write_text('{"tokens": "rotated-token"}')
+    got = await facts(client, "PREP-3")
+    assert got["files"]["auth.json"][3] == '{"tokens": "rotated-token"}'
+    assert not volume_exists(sandbox_world, stale)  # the old credentials' copy was dropped
+    auth.unlink()  # revoked: the next launch has no auth.json at all
+    got = await facts(client, "PREP-4")
+    assert set(got["files"]) == {"config.toml"}
+
+
+async def test_a_vanished_or_forged_pool_volume_never_yields_an_empty_codex_home(sandbox_world):
+    client, kernel = await sandbox_world.app()
+    direct, name = await filled_pool(sandbox_world, client, kernel)
+    # Someone removes the pooled volume: the engine would silently create an empty one by that
+    # name at create; the launch must notice and put the files itself.
+    sandbox_world.docker.remove_volume(name, force=True)
+    assert await facts(client, "PREP-3") == direct
+    await kernel.runtime.settled()
+    [name] = pooled(sandbox_world)
+    # Someone swaps it for an empty volume of the same name with the instance's labels but no
+    # (or a wrong) digest: refused the same way, and removed.
+    sandbox_world.docker.remove_volume(name, force=True)
+    sandbox_world.docker.create_volume(name, labels={
+        "risoluto.instance": sandbox_world.instance, "risoluto.scope": "attempt", LABEL_PREPARED: "0" * 32})
+    assert await facts(client, "PREP-4") == direct
+    assert not volume_exists(sandbox_world, name)
+
+
+async def test_close_and_crash_cleanup_leave_no_pool_and_no_carrier(sandbox_world):
+    client, kernel = await sandbox_world.app()
+    await filled_pool(sandbox_world, client, kernel)
+    await sandbox_world.stack.aclose()  # stop: the pooled volume goes with the kernel
+    assert pooled(sandbox_world) == []
+    # A crash in the middle of a fill leaves a carrier and a half-filled volume behind: the next
+    # start of the same instance removes both.
+    engine = sandbox_world.docker
+    engine.create_volume("risoluto-attempt-crashed", labels={
+        "risoluto.instance": sandbox_world.instance, "risoluto.scope": "attempt", LABEL_PREPARED: "x"})
+    carrier = engine.create_container(TEST_IMAGE, ["true"], labels={LABEL_CARRIER: sandbox_world.instance},
+                                      host_config=engine.create_host_config(
+                                          mounts=[docker.types.Mount("/p", "risoluto-attempt-crashed")]))["Id"]
+    await sandbox_world.app()
+    with pytest.raises(docker.errors.NotFound):
+        engine.inspect_container(carrier)
+    assert not volume_exists(sandbox_world, "risoluto-attempt-crashed")
+
+
+def test_the_pool_key_follows_every_input():
+    prepared = PreparedVolumes(runtime=None)
+
+    def digest(files: dict[str, bytes], user: str = "1000:1000", image: str = "img") -> str:
+        spec = ContainerSpec(name="n", image=image, user=user)
+        spec.mounts = [Mount(target=CODEX_HOME, type="volume", labels={"risoluto.scope": "attempt"}),
+                       Mount(target="/home/agent", source="home", type="volume", labels={"risoluto.scope": "issue"})]
+        spec.files = {CODEX_HOME + "/" + k: v for k, v in files.items()}
+        spec.files["/home/agent/other"] = b"not in the attempt volume"
+        [slot] = prepared.slots(spec)
+        assert set(slot.files) == {"/" + k for k in files}  # only the attempt volume's files
+        return slot.digest
+
+    base = digest({"config.toml": b"a", "auth.json": b"t"})
+    assert base == digest({"auth.json": b"t", "config.toml": b"a"})
+    others = [digest({"config.toml": b"a", "auth.json": b"u"}), digest({"config.toml": b"a"}),
+              digest({"config.toml": b"a", "auth.json": b"t"}, user="1001:1001"),
+              digest({"config.toml": b"a", "auth.json": b"t"}, image="other"),
+              digest({"config.toml": b"b", "auth.json": b"t"})]
+    assert base not in others and len(set(others)) == len(others)
+    # a fresh key per process: a digest means nothing to another process or an observer
+    assert PreparedVolumes(runtime=None)._digest("img", CODEX_HOME, 1000, 1000, {"/": b""}) != \
+        prepared._digest("img", CODEX_HOME, 1000, 1000, {"/": b""})
