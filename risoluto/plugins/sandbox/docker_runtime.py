@@ -515,6 +515,7 @@ class DockerRuntime:
         return count
 
     async def close(self) -> None:
+        await self._prepared.close()  # first: sandboxes ending below must not start new fills
         running = [r for r in self._records.values() if not r.done.is_set()]
         for rec in running:
             rec.stop_requested = True
@@ -524,7 +525,6 @@ class DockerRuntime:
                 await rec.done.wait()
         for task in list(self._tasks):
             task.cancel()
-        await self._prepared.close()
         if self._client is not None:
             client, self._client = self._client, None
             await anyio.to_thread.run_sync(client.close)
