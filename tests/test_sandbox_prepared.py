@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 
+import anyio
 import docker
 import pytest
 from docker_util import TEST_IMAGE, docker_engine, logs, run, sandbox_world  # noqa: F401
 
 from risoluto.hookspecs.sandbox import ContainerSpec, Mount
+from risoluto.plugins.sandbox import _prepared as prepared_module
 from risoluto.plugins.sandbox._prepared import LABEL_CARRIER, LABEL_PREPARED, PreparedVolumes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
@@ -127,6 +129,19 @@ async def test_a_vanished_or_forged_pool_volume_never_yields_an_empty_codex_home
         "risoluto.instance": sandbox_world.instance, "risoluto.scope": "attempt", LABEL_PREPARED: "0" * 32})
     assert await facts(client, "PREP-4") == direct
     assert not volume_exists(sandbox_world, name)
+
+
+async def test_an_idle_pooled_volume_expires(sandbox_world, monkeypatch):
+    monkeypatch.setattr(prepared_module, "POOL_TTL_S", 0.5)
+    (sandbox_world.auth / "auth.json").write_text('{"tokens": "idle-token"}')
+    client, kernel = await sandbox_world.app()
+    _, name = await filled_pool(sandbox_world, client, kernel)
+    for _ in range(100):  # a copy of auth.json does not wait on the engine for the next launch
+        if not volume_exists(sandbox_world, name):
+            break
+        await anyio.sleep(0.05)
+    assert not volume_exists(sandbox_world, name)
+    assert (await facts(client, "PREP-3"))["files"]["auth.json"][3] == '{"tokens": "idle-token"}'
 
 
 async def test_close_and_crash_cleanup_leave_no_pool_and_no_carrier(sandbox_world):
