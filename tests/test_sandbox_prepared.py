@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import anyio
 import docker
+import httpx
 import pytest
+import yaml
 from docker_util import TEST_IMAGE, docker_engine, logs, run, sandbox_world  # noqa: F401
 
 from risoluto.hookspecs.sandbox import ContainerSpec, Mount
@@ -186,3 +195,143 @@ def test_the_pool_key_follows_every_input():
     # a fresh key per process: a digest means nothing to another process or an observer
     assert PreparedVolumes(runtime=None)._digest("img", CODEX_HOME, 1000, 1000, {"/": b""}) != \
         prepared._digest("img", CODEX_HOME, 1000, 1000, {"/": b""})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_under_risoluto_serve_a_long_run_prepares_the_next_attempt(sandbox_world, tmp_path):
+    """The fill that starts while a container still runs (after 1 s) under the server's own
+    event loop (plain asyncio.run, not the test runner's), then serves the next attempt."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(sandbox_world.config()))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RISOLUTO_") and k != "MASTER_KEY"}
+    env.update(DATA_DIR=str(sandbox_world.data), RISOLUTO_CONFIG=str(config), RISOLUTO_PORT=str(port))
+    server = subprocess.Popen([sys.executable, "-m", "risoluto.cli", "serve"], env=env,
+                              cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                httpx.get(base + "/runtime", timeout=1.0)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "risoluto serve did not start"
+                time.sleep(0.1)
+        for n in (1, 2):
+            done = httpx.post(base + "/sandboxes", timeout=60, json={
+                "issue": f"LONG-{n}", "command": ["sleep", "1.5"], "wait": True})
+            assert done.status_code == 201 and done.json()["exit_code"] == 0, done.text
+        deadline = time.monotonic() + 20
+        while not pooled(sandbox_world):
+            assert time.monotonic() < deadline, "no volume was prepared"
+            time.sleep(0.1)
+        [name] = pooled(sandbox_world)
+        started = httpx.post(base + "/sandboxes", timeout=60, json={"issue": "LONG-3", "command": ["sleep", "60"]})
+        assert started.status_code == 201, started.text
+        assert codex_home_volume(sandbox_world, started.json()["id"]) == name
+    finally:
+        server.send_signal(signal.SIGTERM)  # a clean stop removes the sandbox and the pool
+        _, err = server.communicate(timeout=60)
+    assert "Traceback" not in err and "Exception in callback" not in err, err
+    assert pooled(sandbox_world) == []
+
+
+class FakeEngine:
+    """Just enough of the runtime for PreparedVolumes: volumes and carriers in dicts, a slow put."""
+
+    instance = "f" * 16
+
+    def __init__(self) -> None:
+        self.volumes: dict[str, dict] = {}
+        self.containers: set[str] = set()
+
+    async def _api(self, call):
+        return call(self)
+
+    async def _quietly(self, call):
+        try:
+            call(self)
+        except KeyError:
+            pass
+
+    def create_volume(self, name, labels):
+        self.volumes[name] = {"Name": name, "Labels": labels}
+
+    def remove_volume(self, name, force):
+        del self.volumes[name]
+
+    def inspect_volume(self, name):
+        return self.volumes[name]
+
+    def create_container(self, image, **kwargs):
+        cid = f"c{len(self.containers)}"
+        self.containers.add(cid)
+        return {"Id": cid}
+
+    def put_archive(self, cid, path, data):
+        return True
+
+    def remove_container(self, cid, force):
+        self.containers.remove(cid)
+
+
+def codex_spec(auth: bytes) -> ContainerSpec:
+    spec = ContainerSpec(name="n", image="img", user="1000:1000")
+    spec.mounts = [Mount(target=CODEX_HOME, type="volume", labels={"risoluto.scope": "attempt"})]
+    spec.files = {CODEX_HOME + "/": b"", CODEX_HOME + "/config.toml": b"c", CODEX_HOME + "/auth.json": auth}
+    return spec
+
+
+async def test_a_fill_that_ends_after_its_files_changed_is_dropped(monkeypatch):
+    engine = FakeEngine()
+    prepared = PreparedVolumes(engine)
+    release = anyio.Event()
+
+    async def slow_fill(slot):  # the real fill, held until the files have changed
+        await release.wait()
+        return await original_fill(slot)
+
+    original_fill = prepared._fill
+    monkeypatch.setattr(prepared, "_fill", slow_fill)
+    old = prepared.slots(codex_spec(b"old-token"))
+    prepared.claim(old, [])
+    prepared.claim(old, [])  # the same files twice in a row: worth preparing
+    prepared.refill(old)
+    new = prepared.slots(codex_spec(b"rotated-token"))
+    assert prepared.claim(new, []) == {}  # a launch with the rotated auth.json meanwhile
+    release.set()
+    await prepared.settled()
+    for _ in range(100):
+        if not prepared._tasks:
+            break
+        await anyio.sleep(0.01)
+    assert engine.volumes == {} and engine.containers == set()  # the old credential's copy is gone
+    prepared.refill(old)  # a late refill for out-of-date files (a long run's timer) does nothing
+    assert not prepared._tasks and engine.volumes == {}
+    await prepared.close()
+
+
+async def test_close_drops_pooled_volumes_and_fills_in_flight():
+    engine = FakeEngine()
+    prepared = PreparedVolumes(engine)
+    slots = prepared.slots(codex_spec(b"t"))
+    prepared.claim(slots, [])
+    prepared.claim(slots, [])
+    prepared.refill(slots)
+    await prepared.settled()
+    assert len(engine.volumes) == 1  # pooled
+    prepared.refill(slots)  # already pooled: no second fill
+    await prepared.settled()
+    assert len(engine.volumes) == 1
+    await prepared.close()
+    assert engine.volumes == {} and engine.containers == set()
+    prepared.refill(slots)  # closed: nothing more is filled
+    assert not prepared._tasks

@@ -4,22 +4,24 @@ Putting files into a created container costs the engine ~45 ms whatever their si
 re-executes itself to untar in a chroot): about an eighth of a whole launch of ``true``. The
 files bound for an anonymous per-attempt volume (CODEX_HOME's ``config.toml`` and
 ``auth.json``) are the same for every launch with the same settings and credentials. So once
-a set of files has been seen at two launches, the runtime fills one volume for the next
-attempt in the background, through the same Engine API call (``put_archive``, into a carrier
-container that is created, never started, and removed), and the next launch with identical
-files mounts that volume instead of an empty anonymous one and puts nothing.
+the same files were wanted by two launches in a row, the runtime fills one volume for the
+next attempt in the background, through the same Engine API call (``put_archive``, into a
+carrier container that is created, never started, and removed), and the next launch with
+identical files mounts that volume instead of an empty anonymous one and puts nothing.
 
 What stays true (each is tested in tests/test_sandbox_prepared.py):
 
 - A volume serves one attempt: it leaves the pool before the create call and is removed
   with its container. It never held anything but the launch's files (no image copy-up).
 - Its content is exactly what the direct put would write: the pool is keyed by a keyed
-  digest of (image, target, uid, gid, files). A launch whose files differ discards every
-  pooled volume (a replaced or deleted ``auth.json`` does not linger) and puts directly.
-  An idle pooled volume is removed after ``POOL_TTL_S``, and all of them at close.
+  digest of (image, target, uid, gid, files). Only the files of the latest launch are kept:
+  a launch whose files differ drops every other pooled volume, and a fill that finishes
+  after its files went out of date is dropped (a replaced or deleted ``auth.json`` does not
+  linger). An idle pooled volume is removed after ``POOL_TTL_S``, and all of them at close.
 - A pooled volume that vanished is never replaced by an empty one (which is what the engine
-  would do with an unknown volume name): it is inspected, its label checked, before use;
-  any doubt means the direct put.
+  does with an unknown volume name at create): after create, while the container holds it
+  (so it can no longer be removed), its label is checked; on any doubt the files are put
+  directly into whatever is mounted.
 - Labels carry an HMAC under a per-process random key, not a digest of ``auth.json``.
 """
 
@@ -53,7 +55,8 @@ class Slot:
     """An anonymous per-attempt volume mount of one launch and the files bound for it."""
 
     mount: Mount
-    files: dict[str, bytes]  # path relative to the mount target ("/" = the directory itself)
+    # path relative to the mount target ("/" = the directory itself); may hold auth.json
+    files: dict[str, bytes] = attrs.field(repr=False)
     image: str
     uid: int
     gid: int
@@ -72,9 +75,10 @@ class PreparedVolumes:
         self._key = secrets.token_bytes(32)
         # digest -> (volume name, the scope of its idle timer); at most one volume per digest
         self._ready: dict[str, tuple[str, anyio.CancelScope]] = {}
-        self._seen: set[str] = set()
+        self._current: set[str] = set()  # the digests the latest launch wanted
+        self._repeated: set[str] = set()  # ... that the launch before it wanted too
         self._filling: set[str] = set()
-        self._tasks: dict[asyncio.Task[None], anyio.CancelScope] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def slots(self, spec: ContainerSpec) -> list[Slot]:
@@ -95,14 +99,14 @@ class PreparedVolumes:
             mac.update(b"\0" + rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
         return mac.hexdigest()[:32]
 
-    async def claim(self, slots: list[Slot], taken_names: list[str]) -> dict[int, str]:
-        """Pooled volumes for these slots that passed the check: {slot index: volume name}.
-        Each is appended to ``taken_names`` as it leaves the pool (the launch removes them)."""
+    def claim(self, slots: list[Slot], taken_names: list[str]) -> dict[int, str]:
+        """Take pooled volumes for these slots: {slot index: volume name}. Each is appended
+        to ``taken_names`` as it leaves the pool (the launch removes them)."""
         wanted = {s.digest for s in slots}
-        for digest in [d for d in self._ready if d not in wanted]:
-            name, timer = self._ready.pop(digest)  # stale: the files changed since
-            timer.cancel()
-            await self._discard(name)
+        self._repeated, self._current = wanted & self._current, wanted
+        for digest, (_, timer) in self._ready.items():
+            if digest not in wanted:
+                timer.cancel()  # out of date: its keeper removes it
         taken: dict[int, str] = {}
         for i, slot in enumerate(slots):
             if slot.digest not in self._ready:
@@ -110,62 +114,75 @@ class PreparedVolumes:
             name, timer = self._ready.pop(slot.digest)
             timer.cancel()
             taken_names.append(name)
-            if await self._intact(name, slot.digest):
-                taken[i] = name
+            taken[i] = name
         return taken
+
+    @staticmethod
+    def apply(slots: list[Slot], taken: dict[int, str]) -> None:
+        """Mount each taken volume in its slot's place. Its files stay in the spec until
+        :meth:`confirm` has checked the volume."""
+        for i, name in taken.items():
+            slots[i].mount.source = name
+
+    async def confirm(self, spec: ContainerSpec, slots: list[Slot], taken: dict[int, str]) -> None:
+        """After create: drop from the spec the files a taken volume already holds.
+
+        Checked now because the container holds the volume (the engine refuses to remove a
+        volume in use): had it vanished before create, the engine made an empty one under
+        that name, and its files are then put directly like any launch's."""
+        for i, name in taken.items():
+            slot = slots[i]
+            if await self._intact(name, slot.digest):
+                for rel in slot.files:
+                    spec.files.pop(slot.mount.target.rstrip("/") + rel, None)
 
     async def _intact(self, name: str, digest: str) -> bool:
         try:
             vol = await self._rt._api(lambda c: c.inspect_volume(name))
         except Exception:
-            log.warning("prepared volume %s is gone; the files are put directly", name)
-            return False
-        return bool((vol.get("Labels") or {}).get(LABEL_PREPARED) == digest)
-
-    @staticmethod
-    def apply(spec: ContainerSpec, slots: list[Slot], taken: dict[int, str]) -> list[str]:
-        """Mount each taken volume in its slot's place; its files are no longer put."""
-        for i, name in taken.items():
-            slot = slots[i]
-            slot.mount.source = name
-            for rel in slot.files:
-                spec.files.pop(slot.mount.target.rstrip("/") + rel, None)
-        return list(taken.values())
+            vol = {}
+        if (vol.get("Labels") or {}).get(LABEL_PREPARED) == digest:
+            return True
+        log.warning("prepared volume %s was removed or replaced; its files are put directly", name)
+        return False
 
     def refill(self, slots: list[Slot]) -> None:
-        """Fill one volume per slot for the next launch, once these files were seen twice."""
+        """Fill one volume per slot for the next launch, when the latest two launches
+        wanted these files (from the event loop: a task or a loop callback)."""
         for slot in slots:
-            if slot.digest not in self._seen:
-                self._seen = {slot.digest}  # only the latest files are worth preparing
+            d = slot.digest
+            if self._closed or d not in self._repeated or d not in self._current:
                 continue
-            if self._closed or slot.digest in self._ready or slot.digest in self._filling:
+            if d in self._ready or d in self._filling:
                 continue
-            self._filling.add(slot.digest)
-            timer = anyio.CancelScope()
-            task = asyncio.get_running_loop().create_task(self._keep(slot, timer))
-            self._tasks[task] = timer
-            task.add_done_callback(self._forget)
+            task = asyncio.get_running_loop().create_task(self._keep(slot))
+            self._filling.add(d)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
-
-    async def _keep(self, slot: Slot, timer: anyio.CancelScope) -> None:
+    async def _keep(self, slot: Slot) -> None:
         """Fill a volume, offer it until it is claimed or ``POOL_TTL_S`` passes, then drop it."""
-        name = ""
+        name, pooled = "", False
         try:
-            with timer:
-                with anyio.CancelScope(shield=True):  # never abandon a half-made carrier
-                    try:
+            try:
+                if not self._closed:
+                    with anyio.CancelScope(shield=True):  # never abandon a half-made carrier
                         name = await self._fill(slot)
-                    finally:
-                        self._filling.discard(slot.digest)
-                self._ready[slot.digest] = (name, timer)
+            finally:
+                self._filling.discard(slot.digest)
+            if not name or self._closed or slot.digest not in self._current:
+                return  # closed meanwhile, or its files went out of date: dropped below
+            timer = anyio.CancelScope()
+            self._ready[slot.digest], pooled = (name, timer), True
+            with timer:
                 await anyio.sleep(POOL_TTL_S)
         except Exception as exc:  # the next launch puts its files directly
             log.warning("preparing a per-attempt volume failed: %s", type(exc).__name__)
         finally:
-            if name and self._ready.get(slot.digest, ("",))[0] == name:  # not claimed: drop it
-                del self._ready[slot.digest]
+            claimed = pooled and self._ready.get(slot.digest, ("",))[0] != name
+            if name and not claimed:
+                if pooled:
+                    del self._ready[slot.digest]
                 with anyio.CancelScope(shield=True):
                     await self._discard(name)
 
@@ -176,7 +193,8 @@ class PreparedVolumes:
         await self._rt._api(lambda c: c.create_volume(name, labels=labels))
         carrier = ""
         try:
-            mounts = [{"Type": "volume", "Source": name, "Target": CARRIER_PATH, "ReadOnly": False}]
+            mounts = [{"Type": "volume", "Source": name, "Target": CARRIER_PATH, "ReadOnly": False,
+                       "VolumeOptions": {"NoCopy": True}}]
             carrier = (await self._rt._api(lambda c: c.create_container(
                 slot.image, command=["true"], network_disabled=True,
                 labels={LABEL_MANAGED: "true", LABEL_CARRIER: self._rt.instance},
@@ -185,10 +203,11 @@ class PreparedVolumes:
             files[CARRIER_PATH + "/"] = b""  # the volume root: 0700, the container user's
             archive = engine.build_archive("/", files, slot.uid, slot.gid)
             await self._rt._api(lambda c: c.put_archive(carrier, "/", archive))
+            # a carrier left holding the volume would keep it from being removed after use
+            await self._rt._api(lambda c: c.remove_container(carrier, force=True))
         except BaseException:
             await self._discard(name, carrier)
             raise
-        await self._rt._quietly(lambda c: c.remove_container(carrier, force=True))
         return name
 
     async def _discard(self, name: str, carrier: str = "") -> None:
@@ -202,9 +221,9 @@ class PreparedVolumes:
             await anyio.sleep(0.01)
 
     async def close(self) -> None:
+        """Stop filling; remove every pooled volume (fills in flight finish, then are dropped)."""
         self._closed = True
-        tasks = list(self._tasks.items())
-        for _, timer in tasks:
+        for _, timer in list(self._ready.values()):
             timer.cancel()
         with anyio.CancelScope(shield=True):
-            await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

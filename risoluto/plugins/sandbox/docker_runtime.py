@@ -156,9 +156,10 @@ class DockerRuntime:
             # Independent look-ups in parallel: each is an engine round trip on the launch path.
             await self._preflight(spec)
             slots = self._prepared.slots(spec)
-            _, _, _, taken = await gather(self._check_image(spec.image), self._ensure_network(spec.network),
-                                          self._ensure_volumes(spec, volumes), self._prepared.claim(slots, volumes))
-            self._prepared.apply(spec, slots, taken)
+            taken = self._prepared.claim(slots, volumes)
+            await gather(self._check_image(spec.image), self._ensure_network(spec.network),
+                         self._ensure_volumes(spec, volumes))
+            self._prepared.apply(slots, taken)
             labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
             kwargs = engine.create_kwargs(spec, labels)
             with anyio.CancelScope(shield=True):  # a cancelled request must not orphan the container
@@ -169,6 +170,7 @@ class DockerRuntime:
             self._emit("created", rec)
             for callback in spec.on_created:
                 await callback(cid)
+            await self._prepared.confirm(spec, slots, taken)
             uid, gid = engine.parse_user(spec.user)
             for root, files in engine.put_groups(spec).items():
                 archive = engine.build_archive(root, files, uid, gid)
