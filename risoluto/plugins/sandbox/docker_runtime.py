@@ -1,8 +1,8 @@
 """The ``docker`` sandbox runtime: a final ContainerSpec -> Docker Engine API calls.
 
 Lifecycle of a launch: check the runtime and image -> network -> volumes (a per-attempt
-volume may come ready-filled from ``_prepared``) -> create -> ``on_created`` callbacks -> put
-files -> start; then, in the background: wait (up to the timeout, then stop with grace) ->
+volume may come ready-filled from ``_prepared``) -> create -> ``on_created`` callbacks -> check
+the prepared volume -> put files -> start; then, in the background: wait (up to the timeout, then stop with grace) ->
 record exit code, OOM flag and output -> remove the container and its per-attempt volumes ->
 ``on_removed`` callbacks. Blocking SDK calls run in worker threads. Every object carries
 ``risoluto.instance`` (a digest of DATA_DIR), so a restarted kernel removes what its crashed
@@ -29,7 +29,7 @@ from ...hookspecs.doctor import FAIL, PASS, CheckResult
 from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
 from . import _engine as engine
 from ._guard import exposed
-from ._prepared import LABEL_CARRIER, PreparedVolumes
+from ._prepared import LABEL_CARRIER, PreparedVolumes, Slot
 from ._naming import LABEL_INSTANCE, LABEL_ISSUE, LABEL_MANAGED, LABEL_SCOPE, LABEL_STARTED, instance_id
 from ._records import Record, docker_record
 
@@ -312,7 +312,7 @@ class DockerRuntime:
 
     # --- after start -------------------------------------------------------------------
     async def _watch(self, rec: Record, spec: ContainerSpec, volumes: list[str], timeout_s: float,
-                     slots: list[Any]) -> None:
+                     slots: list[Slot]) -> None:
         # Fill the next attempt's volumes once this container has run a while, or once it is
         # gone: never during its own start or exit, where the engine work would slow them.
         refill = asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepared.refill, slots)
