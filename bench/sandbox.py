@@ -110,9 +110,12 @@ async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float]:
             start = time.perf_counter()
             subprocess.run(argv, check=True, capture_output=True)
             theirs.append(time.perf_counter() - start)
+        instance = kernel.runtime.instance
     client = docker.from_env().api
-    client.remove_volume("risoluto-home-BENCH-1", force=True)
-    client.remove_network(network)
+    client.remove_volume("risoluto-home-BENCH-1", force=True)  # the baseline's HOME volume
+    for vol in client.volumes(filters={"label": [f"risoluto.instance={instance}"]}).get("Volumes") or []:
+        client.remove_volume(vol["Name"], force=True)  # the runtime's HOME volume
+    remove_network(client, network)
     return statistics.median(ours), statistics.median(theirs)
 
 

@@ -153,6 +153,29 @@ async def test_an_idle_pooled_volume_expires(sandbox_world, monkeypatch):
     assert (await facts(client, "PREP-3"))["files"]["auth.json"][3] == '{"tokens": "idle-token"}'
 
 
+async def test_an_image_that_declares_volumes_leaves_no_volume_behind(sandbox_world):
+    # carriers are created from the launch's image: its VOLUMEs become anonymous volumes
+    engine = sandbox_world.docker
+    base = engine.create_container(TEST_IMAGE, ["true"])["Id"]
+    image = engine.commit(base, repository="risoluto-test-volume", tag=sandbox_world.instance,
+                          changes="VOLUME /data")["Id"]
+    engine.remove_container(base)
+
+    def unlabelled() -> set[str]:
+        return {v["Name"] for v in engine.volumes().get("Volumes") or [] if not v.get("Labels")}
+
+    before = unlabelled()
+    try:
+        client, kernel = await sandbox_world.app({"codex": {"sandbox": {"image": image}}})
+        await filled_pool(sandbox_world, client, kernel)
+        await facts(client, "PREP-3")  # takes the prepared volume
+        await kernel.runtime.settled()
+        await sandbox_world.stack.aclose()
+        assert unlabelled() - before == set()
+    finally:
+        engine.remove_image(image, force=True)
+
+
 async def test_close_and_crash_cleanup_leave_no_pool_and_no_carrier(sandbox_world):
     client, kernel = await sandbox_world.app()
     await filled_pool(sandbox_world, client, kernel)
@@ -279,7 +302,7 @@ class FakeEngine:
     def put_archive(self, cid, path, data):
         return True
 
-    def remove_container(self, cid, force):
+    def remove_container(self, cid, force, v=False):
         self.containers.remove(cid)
 
 

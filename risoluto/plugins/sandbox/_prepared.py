@@ -16,12 +16,14 @@ What stays true (each is tested in tests/test_sandbox_prepared.py):
 - Its content is exactly what the direct put would write: the pool is keyed by a keyed
   digest of (image, target, uid, gid, files). Only the files of the latest launch are kept:
   a launch whose files differ drops every other pooled volume, and a fill that finishes
-  after its files went out of date is dropped (a replaced or deleted ``auth.json`` does not
-  linger). An idle pooled volume is removed after ``POOL_TTL_S``, and all of them at close.
+  after its files went out of date is dropped, so a copy of a replaced or deleted
+  ``auth.json`` is never served and is removed at the next launch, after ``POOL_TTL_S``
+  idle at the latest, or at close.
 - A pooled volume that vanished is never replaced by an empty one (which is what the engine
   does with an unknown volume name at create): after create, while the container holds it
   (so it can no longer be removed), its label is checked; on any doubt the files are put
-  directly into whatever is mounted.
+  directly into what is mounted: the empty volume the engine made, unless someone with
+  access to the engine (root-equivalent) swapped in a volume of their own.
 - Labels carry an HMAC under a per-process random key, not a digest of ``auth.json``.
 """
 
@@ -203,8 +205,9 @@ class PreparedVolumes:
             files[CARRIER_PATH + "/"] = b""  # the volume root: 0700, the container user's
             archive = engine.build_archive("/", files, slot.uid, slot.gid)
             await self._rt._api(lambda c: c.put_archive(carrier, "/", archive))
-            # a carrier left holding the volume would keep it from being removed after use
-            await self._rt._api(lambda c: c.remove_container(carrier, force=True))
+            # a carrier left holding the volume would keep it from being removed after use;
+            # v: the anonymous volumes of an image that declares VOLUME go with it
+            await self._rt._api(lambda c: c.remove_container(carrier, force=True, v=True))
         except BaseException:
             await self._discard(name, carrier)
             raise
@@ -212,7 +215,7 @@ class PreparedVolumes:
 
     async def _discard(self, name: str, carrier: str = "") -> None:
         if carrier:
-            await self._rt._quietly(lambda c: c.remove_container(carrier, force=True))
+            await self._rt._quietly(lambda c: c.remove_container(carrier, force=True, v=True))
         await self._rt._quietly(lambda c: c.remove_volume(name, force=True))
 
     async def settled(self) -> None:
