@@ -358,3 +358,15 @@ async def test_close_drops_pooled_volumes_and_fills_in_flight():
     assert engine.volumes == {} and engine.containers == set()
     prepared.refill(slots)  # closed: nothing more is filled
     assert not prepared._tasks
+
+
+async def test_a_launch_refused_for_its_image_leaves_the_pool_alone(sandbox_world):
+    client, kernel = await sandbox_world.app()
+    _, name = await filled_pool(sandbox_world, client, kernel)
+    refused = await run(client, {"issue": "PREP-X", "image": "risoluto-no-such-image:1", "command": ["true"]}, 400)
+    assert refused["error"]["code"] == "image_not_found"  # it reached the runtime
+    assert pooled(sandbox_world) == [name]
+    response = await client.post("/api/v1/sandboxes", json={"issue": "PREP-3", "command": ["sleep", "60"]})
+    record = await response.get_json()
+    assert codex_home_volume(sandbox_world, record["id"]) == name
+    await client.delete(f"/api/v1/sandboxes/{record['id']}")

@@ -155,10 +155,11 @@ class DockerRuntime:
         try:
             # Independent look-ups in parallel: each is an engine round trip on the launch path.
             await self._preflight(spec)
-            slots = self._prepared.slots(spec)
-            taken = self._prepared.claim(slots, volumes)
             await gather(self._check_image(spec.image), self._ensure_network(spec.network),
                          self._ensure_volumes(spec, volumes))
+            # only a launch that got this far may take (or make out of date) a prepared volume
+            slots = self._prepared.slots(spec)
+            taken = self._prepared.claim(slots, volumes)
             self._prepared.apply(slots, taken)
             labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
             kwargs = engine.create_kwargs(spec, labels)
