@@ -17,10 +17,10 @@ from psycopg.conninfo import conninfo_to_dict
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretStoreError
-from risoluto.plugins.secrets.crypto import derive_key, key_check
+from risoluto.plugins.secrets.crypto import Verified, assess, derive_key, key_check
 from risoluto.settings import Settings
 
-from .store import DEFAULT_DSN, HAS_AAD, READ_META, TABLES, PostgresStore, Verified, assess, redact_dsn
+from .store import DEFAULT_DSN, HAS_AAD, READ_META, TABLES, PostgresStore, redact_dsn
 
 BACKEND = "postgres"
 ITEM = "credential encryption: store"  # the same item the built-in backends report

@@ -30,13 +30,12 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import anyio
-import attrs
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, WrongMasterKey
+from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
 from risoluto.plugins.secrets.crypto import (
-    DecryptError, FormatError, Sealed, derive_key, key_check, open_row, open_value, seal_value,
+    DecryptError, FormatError, Sealed, Verified, assess, derive_key, key_check, open_row, open_value, seal_value,
 )
 
 DEFAULT_DSN = "postgresql://risoluto@127.0.0.1:5432/risoluto"
@@ -81,35 +80,6 @@ def redact_dsn(dsn: str) -> str:
     user = f"{p['user']}@" if p.get("user") else ""
     port = f":{p['port']}" if p.get("port") else ""
     return f"postgresql://{user}{p.get('host') or ''}{port}/{p.get('dbname') or ''}"
-
-
-@attrs.define
-class Verified:
-    """What a read-only pass over the table found."""
-
-    rows: int = 0
-    legacy: int = 0
-    damaged: dict[str, str] = attrs.Factory(dict)
-    stored_check: str | None = None
-
-
-def assess(key: bytes, check: str, rows: list[tuple[Any, ...]], stored_check: str | None, where: str) -> Verified:
-    """Decrypt every row (key, ciphertext, iv, auth_tag, aad); WrongMasterKey if none decrypts."""
-    found = Verified(stored_check=stored_check)
-    for name, ct, iv, tag, bound in rows:
-        found.rows += 1
-        try:
-            _, was_bound = open_value(key, name, Sealed(iv=iv, auth_tag=tag, ciphertext=ct), bool(bound))
-            found.legacy += not was_bound
-        except (DecryptError, FormatError) as exc:
-            found.damaged[str(name)] = str(exc)
-    readable = found.rows - len(found.damaged)
-    if readable == 0 and (found.rows or stored_check not in (None, check)):
-        raise WrongMasterKey(
-            f"{where} (table encrypted_secrets) does not decrypt with the configured master key: "
-            "the key does not match (or the data was modified). Nothing was changed."
-        )
-    return found
 
 
 READ_META = "SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check'"

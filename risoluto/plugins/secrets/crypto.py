@@ -189,3 +189,36 @@ def open_row(key: bytes, name: str, row: Any, where: Any) -> str:
             f"secret {name!r} in {where} fails authentication: it was modified, moved from another "
             "name, or written under another master key"
         ) from None
+
+
+@attrs.define
+class Verified:
+    """What a read-only pass over an ``encrypted_secrets`` table found."""
+
+    rows: int = 0
+    legacy: int = 0
+    damaged: dict[str, str] = attrs.Factory(dict)
+    stored_check: str | None = None
+
+
+def assess(key: bytes, check: str, rows: Any, stored_check: str | None, where: Any) -> Verified:
+    """Decrypt every row ``(key, ciphertext, iv, auth_tag, aad)``, as the sqlite and PostgreSQL
+    stores both verify their table; WrongMasterKey if rows exist (or a key check other than
+    ``check`` is stored) and none decrypts."""
+    from risoluto.hookspecs.secrets import WrongMasterKey
+
+    found = Verified(stored_check=stored_check)
+    for name, ct, iv, tag, bound in rows:
+        found.rows += 1
+        try:
+            _, was_bound = open_value(key, name, Sealed(iv=iv, auth_tag=tag, ciphertext=ct), bool(bound))
+            found.legacy += not was_bound
+        except (DecryptError, FormatError) as exc:
+            found.damaged[str(name)] = str(exc)
+    readable = found.rows - len(found.damaged)
+    if readable == 0 and (found.rows or stored_check not in (None, check)):
+        raise WrongMasterKey(
+            f"{where} (table encrypted_secrets) does not decrypt with the configured master key: "
+            "the key does not match (or the data was modified). Nothing was changed."
+        )
+    return found

@@ -20,15 +20,16 @@ import sqlite3
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-import attrs
 
 from risoluto.fsutil import ensure_private_dir
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
-from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, WrongMasterKey
+from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
 
 from ._worker import WorkerThread
-from .crypto import DecryptError, FormatError, Sealed, derive_key, key_check, open_row, open_value, seal_value
+from .crypto import (
+    DecryptError, FormatError, Sealed, Verified, assess, derive_key, key_check, open_row, open_value, seal_value,
+)
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel
@@ -52,16 +53,6 @@ _GUARDED_UPSERT = (
     "ON CONFLICT(key) DO UPDATE SET ciphertext = excluded.ciphertext, iv = excluded.iv, "
     "auth_tag = excluded.auth_tag, updated_at = excluded.updated_at, aad = 1"
 )
-
-
-@attrs.define
-class Verified:
-    """What a read-only pass over the table found."""
-
-    rows: int = 0
-    legacy: int = 0
-    damaged: dict[str, str] = attrs.Factory(dict)
-    stored_check: str | None = None
 
 
 def _now() -> str:
@@ -193,32 +184,19 @@ class SqliteStore:
     def verify(self, conn: sqlite3.Connection) -> Verified:
         """Check integrity and the key without writing; WrongMasterKey if nothing decrypts."""
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        found = Verified()
+        stored_check = None
         if "encrypted_secrets_meta" in tables:
             row = conn.execute("SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check'").fetchone()
-            found.stored_check = row[0] if row else None
+            stored_check = row[0] if row else None
+        rows: Any = ()
         if "encrypted_secrets" in tables:
             problems = [r[0] for r in conn.execute("PRAGMA quick_check(encrypted_secrets)")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError(" ".join(str(problems[0]).split()))
             columns = {r[1] for r in conn.execute("PRAGMA table_info(encrypted_secrets)")}
             aad = "aad" if "aad" in columns else "0"
-            for name, ct, iv, tag, bound in conn.execute(
-                    f"SELECT key, ciphertext, iv, auth_tag, {aad} FROM encrypted_secrets"):
-                found.rows += 1
-                try:
-                    _, was_bound = open_value(self._key, name, Sealed(iv=iv, auth_tag=tag, ciphertext=ct), bool(bound))
-                    found.legacy += not was_bound
-                except (DecryptError, FormatError) as exc:
-                    found.damaged[str(name)] = str(exc)
-        readable = found.rows - len(found.damaged)
-        stale_check = found.stored_check not in (None, self._check)
-        if readable == 0 and (found.rows or stale_check):
-            raise WrongMasterKey(
-                f"{self.path} (table encrypted_secrets) does not decrypt with the configured master key: "
-                "the key does not match (or the data was modified). Nothing was changed."
-            )
-        return found
+            rows = conn.execute(f"SELECT key, ciphertext, iv, auth_tag, {aad} FROM encrypted_secrets")
+        return assess(self._key, self._check, rows, stored_check, self.path)
 
     def _prepare(self, conn: sqlite3.Connection, seen_check: str | None) -> None:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
