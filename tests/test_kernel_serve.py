@@ -9,12 +9,8 @@ import time
 
 import httpx
 import pytest
+from http_support import free_port
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(tmp_path, **extra):

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import yaml
 from docker_util import TEST_IMAGE, docker_engine, logs, run, sandbox_world  # noqa: F401
+from http_support import free_port
 
 from risoluto.hookspecs.sandbox import ContainerSpec, Mount
 from risoluto.plugins.sandbox import _prepared as prepared_module
@@ -219,11 +219,6 @@ def test_the_pool_key_follows_every_input():
     assert PreparedVolumes(runtime=None)._digest("img", CODEX_HOME, 1000, 1000, {"/": b""}) != \
         prepared._digest("img", CODEX_HOME, 1000, 1000, {"/": b""})
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_under_risoluto_serve_a_long_run_prepares_the_next_attempt(sandbox_world, tmp_path):

@@ -11,11 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from secrets_util import stored_values
 
 from risoluto.errors import StartupError
 from risoluto.kernel import Kernel
-from risoluto.plugins.secrets.file_store import FileStore
-from risoluto.plugins.secrets.sqlite_store import SqliteStore
 
 pytestmark = pytest.mark.anyio
 
@@ -27,16 +26,6 @@ NO_LIMITS = {"rateLimit": {"api": {"limit": 100000}}}
 
 def config(backend: str) -> dict:
     return {**NO_LIMITS, "secrets": {"backend": backend}}
-
-
-async def fresh_values(settings, backend: str, key: str = KEY) -> dict[str, str]:
-    """What a new process finds on disk."""
-    store = (FileStore if backend == "file" else SqliteStore)(settings, key)
-    await store.open()
-    try:
-        return {name: await store.get(name) for name in await store.list()}
-    finally:
-        await store.close()
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -72,7 +61,7 @@ async def test_set_list_delete(backend, risoluto_client, risoluto_settings):
     assert missing.status_code == 404 and (await missing.get_json())["error"]["code"] == "secret_not_found"
     reading = await client.get("/api/v1/secrets/B_POST")  # there is no route that returns a value
     assert reading.status_code == 405 and MARKER not in await reading.get_data(as_text=True)
-    assert await fresh_values(risoluto_settings(config(backend)), backend) == {"B_POST": MARKER}
+    assert await stored_values(risoluto_settings(config(backend)), backend, KEY) == {"B_POST": MARKER}
 
 
 BAD_NAMES = ["a%2Fb", "a/b", "..%2Fx", "a%00b", "a%20b", "caf%C3%A9", "x" * 257, "a\\b"]
@@ -93,7 +82,7 @@ async def test_invalid_names_change_nothing(backend, risoluto_client, risoluto_d
         assert 400 <= (await client.put(path, json={"value": "v"})).status_code < 500
     assert (await client.put(f"/api/v1/secrets/{'x' * 256}", json={"value": "v"})).status_code == 204
     assert (await client.delete(f"/api/v1/secrets/{'x' * 256}")).status_code == 204
-    after = await fresh_values(risoluto_settings(config(backend)), backend)
+    after = await stored_values(risoluto_settings(config(backend)), backend, KEY)
     assert after == {"KEEP": "kept"}
     if backend == "file":
         assert tree_digest(risoluto_data_dir)["secrets.enc"] != before["secrets.enc"]  # the 256-char set wrote
@@ -126,10 +115,10 @@ async def test_invalid_values_change_nothing(backend, risoluto_client, risoluto_
     huge = await client.put("/api/v1/secrets/KEEP", json={"value": "y" * (1024 * 1024)})
     assert huge.status_code == 413
     assert tree_digest(risoluto_data_dir) == before
-    assert await fresh_values(risoluto_settings(config(backend)), backend) == {"KEEP": "kept"}
+    assert await stored_values(risoluto_settings(config(backend)), backend, KEY) == {"KEEP": "kept"}
     exactly = "z" * (64 * 1024)
     assert (await client.put("/api/v1/secrets/MAX", json={"value": exactly})).status_code == 204
-    assert (await fresh_values(risoluto_settings(config(backend)), backend))["MAX"] == exactly
+    assert (await stored_values(risoluto_settings(config(backend)), backend, KEY))["MAX"] == exactly
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -178,7 +167,7 @@ async def test_concurrent_writers_lose_nothing(backend, risoluto_client, risolut
     assert set(statuses) == {204}
     listed = (await (await client.get("/api/v1/secrets")).get_json())["keys"]
     assert len(listed) == 151
-    values = await fresh_values(risoluto_settings(config(backend)), backend)
+    values = await stored_values(risoluto_settings(config(backend)), backend, KEY)
     assert {k: v for k, v in values.items() if k != "SHARED"} == {f"K{i:03}": f"value-{i}" for i in range(150)}
     assert values["SHARED"] in {f"shared-{i}" for i in range(50)}
     audit = (risoluto_data_dir / "secrets.audit.log").read_text().splitlines()
@@ -201,9 +190,9 @@ async def test_a_failed_write_leaves_memory_and_disk_unchanged(backend, risoluto
         assert (await (await client.get("/api/v1/secrets")).get_json()) == {"keys": ["A"]}
     finally:
         subprocess.run(["chattr", "-i", str(target)], check=True)
-    assert await fresh_values(risoluto_settings(config(backend)), backend) == {"A": "a"}
+    assert await stored_values(risoluto_settings(config(backend)), backend, KEY) == {"A": "a"}
     assert (await client.put("/api/v1/secrets/C", json={"value": "c"})).status_code == 204  # recovers
-    assert await fresh_values(risoluto_settings(config(backend)), backend) == {"A": "a", "C": "c"}
+    assert await stored_values(risoluto_settings(config(backend)), backend, KEY) == {"A": "a", "C": "c"}
     assert not [n for n in os.listdir(risoluto_data_dir) if n.endswith(".tmp")]
 
 
@@ -226,7 +215,7 @@ async def test_master_key_file(risoluto_client, risoluto_data_dir, risoluto_sett
     key_file.write_text(KEY + "\n")
     client = await risoluto_client()
     assert (await client.put("/api/v1/secrets/A", json={"value": "a"})).status_code == 204
-    assert await fresh_values(risoluto_settings(), "file") == {"A": "a"}  # the newline is not part of the key
+    assert await stored_values(risoluto_settings(), "file", KEY) == {"A": "a"}  # the newline is not part of the key
 
 
 async def test_doctor_reports_loose_file_modes(risoluto_client, risoluto_data_dir):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from risoluto.hookspecs.secrets import WrongMasterKey
+from secrets_util import stored_values
 from risoluto.plugins.secrets.file_store import FileStore
 from risoluto.plugins.secrets.sqlite_store import SqliteStore
 
@@ -34,15 +35,6 @@ def cli(data_dir: Path, *args: str, stdin: str = "", backend: str = "file", key:
                           timeout=60)
 
 
-async def values(settings, backend: str, key: str) -> dict[str, str]:
-    store = (FileStore if backend == "file" else SqliteStore)(settings, key)
-    await store.open()
-    try:
-        return {name: await store.get(name) for name in await store.list()}
-    finally:
-        await store.close()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_set_list_delete_from_stdin(backend, risoluto_data_dir, risoluto_settings):
     done = cli(risoluto_data_dir, "set", "API_TOKEN", stdin=MARKER + "\n", backend=backend)
@@ -52,7 +44,7 @@ async def test_set_list_delete_from_stdin(backend, risoluto_data_dir, risoluto_s
     listed = cli(risoluto_data_dir, "list", backend=backend)
     assert listed.stdout.split() == ["API_TOKEN", "OTHER"] and MARKER not in listed.stdout
     settings = risoluto_settings({"secrets": {"backend": backend}})
-    assert await values(settings, backend, OLD) == {"API_TOKEN": MARKER, "OTHER": "line1\nline2"}
+    assert await stored_values(settings, backend, OLD) == {"API_TOKEN": MARKER, "OTHER": "line1\nline2"}
     assert cli(risoluto_data_dir, "delete", "OTHER", backend=backend).returncode == 0
     gone = cli(risoluto_data_dir, "delete", "OTHER", backend=backend)
     assert gone.returncode == 1 and "no secret named OTHER" in gone.stderr
@@ -86,9 +78,9 @@ async def test_rotate_key_from_environment(backend, risoluto_data_dir, risoluto_
     assert done.returncode == 0, done.stderr
     assert "MASTER_KEY" in done.stderr and NEW not in done.stdout + done.stderr
     settings = risoluto_settings({"secrets": {"backend": backend}})
-    assert await values(settings, backend, NEW) == secrets
+    assert await stored_values(settings, backend, NEW) == secrets
     with pytest.raises(WrongMasterKey):
-        await values(settings, backend, OLD)
+        await stored_values(settings, backend, OLD)
     refused = cli(risoluto_data_dir, "list", backend=backend)  # the old key no longer opens the store
     assert refused.returncode == 2 and "does not match" in refused.stderr
     assert cli(risoluto_data_dir, "list", backend=backend, key=NEW).stdout.split() == sorted(secrets)
@@ -110,7 +102,7 @@ async def test_rotate_key_kept_in_master_key_file(backend, risoluto_data_dir, ri
     assert not (risoluto_data_dir / "master.key.new").exists()
     assert cli(risoluto_data_dir, "list", backend=backend, key=None).stdout.split() == ["A"]
     settings = risoluto_settings({"secrets": {"backend": backend}})
-    assert await values(settings, backend, NEW) == {"A": "a"}
+    assert await stored_values(settings, backend, NEW) == {"A": "a"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,10 +150,10 @@ async def test_migrate_both_ways(risoluto_data_dir, risoluto_settings):
     assert same.returncode == 1 and "already" in same.stderr
     done = cli(risoluto_data_dir, "migrate", "--to", "sqlite")
     assert done.returncode == 0, done.stderr
-    assert await values(risoluto_settings({"secrets": {"backend": "sqlite"}}), "sqlite", OLD) == secrets
+    assert await stored_values(risoluto_settings({"secrets": {"backend": "sqlite"}}), "sqlite", OLD) == secrets
     again = cli(risoluto_data_dir, "migrate", "--to", "sqlite")
     assert again.returncode == 1 and "refusing to merge" in again.stderr
     (risoluto_data_dir / "secrets.enc").rename(risoluto_data_dir / "secrets.enc.bak")
     back = cli(risoluto_data_dir, "migrate", "--to", "file", backend="sqlite")
     assert back.returncode == 0, back.stderr
-    assert await values(risoluto_settings(), "file", OLD) == secrets
+    assert await stored_values(risoluto_settings(), "file", OLD) == secrets

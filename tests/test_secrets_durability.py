@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from http_support import free_port
+from secrets_util import stored_values
 
 from risoluto.plugins.secrets.file_store import FileStore
 from risoluto.plugins.secrets.sqlite_store import SqliteStore
@@ -57,15 +58,6 @@ def env_for(data_dir: Path, backend: str, **extra: str) -> dict[str, str]:
     return {**os.environ, "DATA_DIR": str(data_dir), "MASTER_KEY": KEY, "RISOLUTO_CONFIG": str(config), **extra}
 
 
-async def fresh_values(settings, backend: str) -> dict[str, str]:
-    store = (FileStore if backend == "file" else SqliteStore)(settings, KEY)
-    await store.open()
-    try:
-        return {name: await store.get(name) for name in await store.list()}
-    finally:
-        await store.close()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_kill_9_mid_writes_loses_no_acknowledged_write(backend, risoluto_data_dir, risoluto_settings):
     settings = risoluto_settings({"secrets": {"backend": backend}})
@@ -87,17 +79,12 @@ async def test_kill_9_mid_writes_loses_no_acknowledged_write(backend, risoluto_d
         rest, err = proc.communicate(timeout=30)
         acknowledged.extend(rest.split())  # printed before the kill: acknowledged too
         assert seen == target, err
-        values = await fresh_values(settings, backend)
+        values = await stored_values(settings, backend, KEY)
         missing = [name for name in acknowledged if values.get(name) != "value-" + name]
         assert not missing, f"lost {len(missing)} acknowledged write(s), e.g. {missing[:3]}"
         assert set(values) >= set(acknowledged)
     assert not [n for n in os.listdir(risoluto_data_dir) if n.endswith(".tmp")]  # opening swept them
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
@@ -143,7 +130,7 @@ async def test_concurrent_writers_against_a_real_server(backend, risoluto_data_d
             assert keys == [f"C{i:03}" for i in range(120)]
     finally:
         stop_server(proc)
-    values = await fresh_values(risoluto_settings({"secrets": {"backend": backend}}), backend)
+    values = await stored_values(risoluto_settings({"secrets": {"backend": backend}}), backend, KEY)
     assert values == {f"C{i:03}": f"v{i}" for i in range(120)}
 
 
@@ -166,4 +153,4 @@ async def test_serve_with_the_wrong_key_exits_and_changes_nothing(backend, risol
     assert str(data) in err and "does not match" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert hashlib.sha256(data.read_bytes()).hexdigest() == before
-    assert await fresh_values(settings, backend) == {"A": "a"}
+    assert await stored_values(settings, backend, KEY) == {"A": "a"}
