@@ -17,7 +17,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,16 +29,11 @@ from typing import Any
 import docker
 import httpx
 import yaml
+from _servers import free_port  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("RISOLUTO_TEST_IMAGE", "risoluto-test:latest")
 SECRET = uuid.uuid4().hex + uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(tmp: Path, network: str, **extra: Any) -> dict[str, Any]:

@@ -25,15 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _servers import free_port  # bench/ is on sys.path when run as a script
+
 HOST = "127.0.0.1"
 SECRET = "bench-secret-" + "z" * 16
 AUTH = "Proxy-Authorization: Basic " + base64.b64encode(f"sbx-bench:{SECRET}".encode()).decode() + "\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # -- origin ------------------------------------------------------------------------------

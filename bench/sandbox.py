@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+from bench._servers import free_port  # noqa: E402
 from risoluto.app import kernel_of  # noqa: E402
 from risoluto.hookspecs.sandbox import LaunchRequest  # noqa: E402
 from risoluto.plugins.sandbox._launcher import launch  # noqa: E402
@@ -117,12 +117,6 @@ async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float]:
         client.remove_volume(vol["Name"], force=True)  # the runtime's HOME volume
     remove_network(client, network)
     return statistics.median(ours), statistics.median(theirs)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def concurrent(tmp: Path, count: int) -> tuple[list[float], int, int]:
