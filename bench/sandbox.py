@@ -43,6 +43,7 @@ from bench._servers import free_port  # noqa: E402
 from risoluto.app import kernel_of  # noqa: E402
 from risoluto.hookspecs.sandbox import LaunchRequest  # noqa: E402
 from risoluto.plugins.sandbox._launcher import launch  # noqa: E402
+from risoluto.plugins.sandbox._naming import instance_id  # noqa: E402
 from risoluto.settings import build_settings  # noqa: E402
 from risoluto.testing import running_app  # noqa: E402
 
@@ -158,14 +159,15 @@ async def concurrent(tmp: Path, count: int) -> tuple[list[float], int, int]:
         server.terminate()
         server.wait(30)
     client = docker.from_env().api
-    instance = __import__("hashlib").sha256(str(data.resolve()).encode()).hexdigest()[:16]
+    instance = instance_id(build_settings({}, None, {"DATA_DIR": str(data)}))
     label = {"label": [f"risoluto.instance={instance}"]}
     leaked = len(client.containers(all=True, filters=label))
+    leaked += len(client.containers(all=True, filters={"label": [f"risoluto.carrier={instance}"]}))
     leaked += sum(1 for v in client.volumes(filters=label).get("Volumes") or []
                   if (v.get("Labels") or {}).get("risoluto.scope") == "attempt")
     for vol in client.volumes(filters=label).get("Volumes") or []:
         client.remove_volume(vol["Name"], force=True)
-    client.remove_network(network)
+    remove_network(client, network)
     return times, failures, leaked
 
 
