@@ -62,7 +62,7 @@ class Slot:
     image: str
     uid: int
     gid: int
-    digest: str = ""
+    digest: str
 
 
 def _relative(path: str, target: str) -> str | None:
@@ -102,8 +102,9 @@ class PreparedVolumes:
         return mac.hexdigest()[:32]
 
     def claim(self, slots: list[Slot], taken_names: list[str]) -> dict[int, str]:
-        """Take pooled volumes for these slots: {slot index: volume name}. Each is appended
-        to ``taken_names`` as it leaves the pool (the launch removes them)."""
+        """Take pooled volumes for these slots and mount each in its slot's place: {slot
+        index: volume name}. Each is appended to ``taken_names`` as it leaves the pool (the
+        launch removes them). Their files stay in the spec until :meth:`confirm`."""
         wanted = {s.digest for s in slots}
         self._repeated, self._current = wanted & self._current, wanted
         for digest, (_, timer) in self._ready.items():
@@ -116,15 +117,9 @@ class PreparedVolumes:
             name, timer = self._ready.pop(slot.digest)
             timer.cancel()
             taken_names.append(name)
+            slot.mount.source = name
             taken[i] = name
         return taken
-
-    @staticmethod
-    def apply(slots: list[Slot], taken: dict[int, str]) -> None:
-        """Mount each taken volume in its slot's place. Its files stay in the spec until
-        :meth:`confirm` has checked the volume."""
-        for i, name in taken.items():
-            slots[i].mount.source = name
 
     async def confirm(self, spec: ContainerSpec, slots: list[Slot], taken: dict[int, str]) -> None:
         """After create: drop from the spec the files a taken volume already holds.

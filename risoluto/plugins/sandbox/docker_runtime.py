@@ -160,7 +160,6 @@ class DockerRuntime:
             # only a launch that got this far may take (or make out of date) a prepared volume
             slots = self._prepared.slots(spec)
             taken = self._prepared.claim(slots, volumes)
-            self._prepared.apply(slots, taken)
             labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
             kwargs = engine.create_kwargs(spec, labels)
             with anyio.CancelScope(shield=True):  # a cancelled request must not orphan the container
