@@ -17,7 +17,7 @@ import requests
 
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
-from ._naming import LABEL_SCOPE
+from ._naming import LABEL_SCOPE, SCOPE_ATTEMPT
 
 API_TIMEOUT_S = 60.0
 FACTS_TTL_S = 5.0
@@ -102,7 +102,7 @@ def _mount(m: Mount) -> dict[str, Any]:
         if m.source:  # empty: an anonymous volume, created with the container, removed with it
             out["Source"] = m.source
         # a per-attempt volume starts empty: nothing is copied up from the image
-        out["VolumeOptions"] = {"NoCopy": m.labels.get(LABEL_SCOPE) == "attempt", "Labels": dict(m.labels)}
+        out["VolumeOptions"] = {"NoCopy": m.labels.get(LABEL_SCOPE) == SCOPE_ATTEMPT, "Labels": dict(m.labels)}
     elif m.type == "tmpfs":
         out["TmpfsOptions"] = {"SizeBytes": m.tmpfs_size, "Mode": 0o1777}
     return out

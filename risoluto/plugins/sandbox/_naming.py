@@ -21,6 +21,7 @@ LABEL_POLICY = "risoluto.policy"
 LABEL_INSTANCE = "risoluto.instance"  # which kernel (DATA_DIR) manages the object
 LABEL_MANAGED = "risoluto.managed"
 LABEL_SCOPE = "risoluto.scope"  # volumes: "attempt" (removed with the container) | "issue"
+SCOPE_ATTEMPT = "attempt"  # a volume made for one launch (it starts empty, goes with it)
 
 CONTAINER_HOME = "/home/agent"
 CODEX_HOME = "/home/agent/.codex-runtime"

@@ -41,7 +41,7 @@ import attrs
 
 from ...hookspecs.sandbox import ContainerSpec, Mount
 from . import _engine as engine
-from ._naming import LABEL_INSTANCE, LABEL_MANAGED, LABEL_SCOPE
+from ._naming import LABEL_INSTANCE, LABEL_MANAGED, LABEL_SCOPE, SCOPE_ATTEMPT
 
 log = logging.getLogger("risoluto.sandbox")
 LABEL_PREPARED = "risoluto.prepared"  # on a pooled volume: the keyed digest of its files
@@ -87,7 +87,7 @@ class PreparedVolumes:
         uid, gid = engine.parse_user(spec.user)
         out = []
         for m in spec.mounts:
-            if m.type != "volume" or m.source or m.read_only or m.labels.get(LABEL_SCOPE) != "attempt":
+            if m.type != "volume" or m.source or m.read_only or m.labels.get(LABEL_SCOPE) != SCOPE_ATTEMPT:
                 continue
             target = m.target.rstrip("/")
             files = {rel: data for path, data in spec.files.items() if (rel := _relative(path, target)) is not None}
@@ -185,7 +185,7 @@ class PreparedVolumes:
 
     async def _fill(self, slot: Slot) -> str:
         name = f"risoluto-attempt-{self._rt.instance[:12]}-{secrets.token_hex(8)}"
-        labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: self._rt.instance, LABEL_SCOPE: "attempt",
+        labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: self._rt.instance, LABEL_SCOPE: SCOPE_ATTEMPT,
                   LABEL_PREPARED: slot.digest}
         await self._rt._api(lambda c: c.create_volume(name, labels=labels))
         carrier = ""

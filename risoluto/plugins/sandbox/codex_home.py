@@ -18,7 +18,7 @@ from ...hookspecs import hookimpl
 from ...hookspecs.doctor import PASS, WARN, CheckResult
 from ...hookspecs.sandbox import Mount
 from ._naming import (
-    CODEX_HOME, CONTAINER_HOME, LABEL_ISSUE, LABEL_SCOPE, WORKSPACE, auth_dir, home_volume, issue_key,
+    CODEX_HOME, CONTAINER_HOME, LABEL_ISSUE, LABEL_SCOPE, SCOPE_ATTEMPT, WORKSPACE, auth_dir, home_volume, issue_key,
 )
 
 ITEM = "sandbox codex home"
@@ -76,7 +76,7 @@ def risoluto_sandbox_spec(spec: Any, request: Any, settings: Any) -> None:
     spec.mounts.append(Mount(target=CONTAINER_HOME, source=home_volume(key, settings), type="volume",
                              labels={LABEL_SCOPE: "issue", LABEL_ISSUE: request.issue}))
     # Anonymous: a new, empty volume for every container, removed with it.
-    spec.mounts.append(Mount(target=CODEX_HOME, source="", type="volume", labels={LABEL_SCOPE: "attempt"}))
+    spec.mounts.append(Mount(target=CODEX_HOME, source="", type="volume", labels={LABEL_SCOPE: SCOPE_ATTEMPT}))
     spec.env["HOME"] = CONTAINER_HOME
     spec.env["CODEX_HOME"] = CODEX_HOME
     spec.files[CODEX_HOME + "/"] = b""  # the directory itself, owned by the container user

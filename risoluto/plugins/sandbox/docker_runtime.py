@@ -30,13 +30,14 @@ from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
 from . import _engine as engine
 from ._guard import exposed
 from ._prepared import LABEL_CARRIER, PreparedVolumes, Slot
-from ._naming import LABEL_INSTANCE, LABEL_ISSUE, LABEL_MANAGED, LABEL_SCOPE, LABEL_STARTED, instance_id
+from ._naming import (
+    LABEL_INSTANCE, LABEL_ISSUE, LABEL_MANAGED, LABEL_SCOPE, LABEL_STARTED, SCOPE_ATTEMPT, instance_id,
+)
 from ._records import Record, docker_record
 
 log = logging.getLogger("risoluto.sandbox")
 INFO_TTL_S = 10.0
 KEEP_FINISHED = 200
-ATTEMPT = "attempt"
 PREPARE_AFTER_S = 1.0
 
 
@@ -273,7 +274,7 @@ class DockerRuntime:
             m.labels = labels
             if not m.source:
                 continue
-            if m.labels.get(LABEL_SCOPE) != ATTEMPT:
+            if m.labels.get(LABEL_SCOPE) != SCOPE_ATTEMPT:
                 try:
                     vol = await self._api(lambda c, name=m.source: c.inspect_volume(name))
                     device = (vol.get("Options") or {}).get("device")
@@ -283,7 +284,7 @@ class DockerRuntime:
                     continue
                 except NotFound:
                     pass
-            if m.labels.get(LABEL_SCOPE) == ATTEMPT:
+            if m.labels.get(LABEL_SCOPE) == SCOPE_ATTEMPT:
                 attempt.append(m.source)
             await self._api(lambda c, name=m.source, lb=labels: c.create_volume(name, labels=lb))
 
@@ -508,7 +509,7 @@ class DockerRuntime:
             if row["Id"] not in self._records:
                 await self._quietly(lambda c, i=row["Id"]: c.remove_container(i, force=True, v=True))
                 count += 1
-        vols = await self._api(lambda c: c.volumes(filters={"label": [mine, f"{LABEL_SCOPE}={ATTEMPT}"]}))
+        vols = await self._api(lambda c: c.volumes(filters={"label": [mine, f"{LABEL_SCOPE}={SCOPE_ATTEMPT}"]}))
         for vol in vols.get("Volumes") or []:
             await self._quietly(lambda c, n=vol["Name"]: c.remove_volume(n, force=True))
             count += 1
