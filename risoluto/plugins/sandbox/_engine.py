@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import docker
 import requests
+from docker.transport import UnixHTTPAdapter
 
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
@@ -31,10 +32,40 @@ def docker_host(environ: Mapping[str, str]) -> str:
     return environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
+class _SocketAdapter(UnixHTTPAdapter):
+    """The SDK's unix-socket adapter, with one connection pool for the socket.
+
+    docker-py keys its pools by the full request URL, so every container's own paths
+    (``/containers/<id>/start``, ``.../wait``, ...) open a new pool and a new connection, and
+    past 25 paths it closes old ones: a launch never reused a connection. One socket, one pool.
+    """
+
+    def get_connection(self, url: Any, proxies: Any = None) -> Any:
+        return super().get_connection(f"http+unix://{self.socket_path}", proxies)
+
+
+def _tuned(client: docker.APIClient) -> docker.APIClient:
+    """On a unix socket: one pooled set of connections, and no environment lookups per call.
+
+    ``trust_env`` makes requests scan the environment for proxies and read ``~/.netrc`` on every
+    call; neither applies to a unix socket (the adapter never uses a proxy). TCP and SSH engines
+    keep the SDK's defaults, where a proxy setting may be wanted.
+    """
+    old = getattr(client, "_custom_adapter", None)  # set only for unix, npipe, ssh and TLS
+    if old is None or type(old) is not UnixHTTPAdapter:
+        return client
+    adapter = _SocketAdapter(f"http+unix://{old.socket_path}", timeout=old.timeout, max_pool_size=old.max_pool_size)
+    client.mount("http+docker://", adapter)
+    client._custom_adapter = adapter  # what the SDK's get_adapter() hands every request
+    old.close()
+    client.trust_env = False
+    return client
+
+
 def connect(environ: Mapping[str, str], timeout: float = API_TIMEOUT_S, pool: int = 10) -> docker.APIClient:
     """A connected client, or 503 ``sandbox_runtime_unavailable`` with what to do."""
     try:
-        client = docker.from_env(environment=dict(environ), timeout=int(timeout), max_pool_size=pool).api
+        client = _tuned(docker.from_env(environment=dict(environ), timeout=int(timeout), max_pool_size=pool).api)
         client.ping()
         return client
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
