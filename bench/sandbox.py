@@ -6,7 +6,9 @@
    alternately in the same run, under runc and under runsc. Target: ratio <= 1.0. Before each
    measurement (ours and the baseline alike) the runtime's background engine work (filling
    the next attempt's CODEX_HOME volume) is waited for, so it never overlaps a measurement;
-   ``BENCH_GAP_S`` adds an idle pause on top (default 0).
+   ``BENCH_GAP_S`` adds an idle pause on top (default 0). A third series, interleaved too, is
+   the floor: the same container (the runtime's own create arguments) through the bare SDK
+   sequence create, start, wait, inspect, logs, remove, with no files put.
 2. 20 concurrent ``POST /api/v1/sandboxes`` (``wait: true``) against ``risoluto serve`` on
    loopback: all must succeed, none may be left behind; p50/p95 reported.
 
@@ -42,8 +44,9 @@ sys.path.insert(0, str(ROOT))
 from bench._servers import free_port  # noqa: E402
 from risoluto.app import kernel_of  # noqa: E402
 from risoluto.hookspecs.sandbox import LaunchRequest  # noqa: E402
-from risoluto.plugins.sandbox._launcher import launch  # noqa: E402
-from risoluto.plugins.sandbox._naming import instance_id  # noqa: E402
+from risoluto.plugins.sandbox import _engine as engine  # noqa: E402
+from risoluto.plugins.sandbox._launcher import build_spec, launch  # noqa: E402
+from risoluto.plugins.sandbox._naming import LABEL_INSTANCE, instance_id  # noqa: E402
 from risoluto.settings import build_settings  # noqa: E402
 from risoluto.testing import running_app  # noqa: E402
 
@@ -87,13 +90,36 @@ async def settle(kernel: Any) -> None:
     await anyio.sleep(GAP_S)
 
 
-async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float]:
+def floor_kwargs(kernel: Any, request: LaunchRequest) -> dict[str, Any]:
+    """The runtime's own create arguments for this launch, CODEX_HOME as an anonymous volume."""
+    spec = build_spec(kernel, request, {})
+    kwargs = engine.create_kwargs(spec, {**spec.labels, LABEL_INSTANCE: kernel.runtime.instance})
+    for mount in kwargs["host_config"]["Mounts"]:
+        if mount["Target"] == "/home/agent/.codex-runtime":
+            mount.pop("Source", None)
+    return kwargs
+
+
+def sdk_floor(client: Any, kwargs: dict[str, Any]) -> float:
+    """The same container through the bare SDK sequence, no files put: what any runtime must pay."""
+    start = time.perf_counter()
+    cid = client.create_container(**kwargs)["Id"]
+    client.start(cid)
+    client.wait(cid)
+    client.inspect_container(cid)
+    client.logs(cid, tail=500)
+    client.remove_container(cid, force=True, v=True)
+    return time.perf_counter() - start
+
+
+async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float, float]:
     network = f"rsl-bench-{uuid.uuid4().hex[:6]}"
     data = tmp / f"data-{gvisor}"
     data.mkdir()
     settings = build_settings(config(tmp, network, gvisor), None, {"DATA_DIR": str(data)})
     ours: list[float] = []
     theirs: list[float] = []
+    floor: list[float] = []
     async with running_app(settings) as app:
         kernel = kernel_of(app.app)
         request = LaunchRequest(issue="BENCH-1", command=("true",))
@@ -101,6 +127,7 @@ async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float]:
         assert record["exit_code"] == 0, record
         argv = docker_run_argv(tmp, network, gvisor)
         subprocess.run(argv, check=True, capture_output=True)
+        sdk, kwargs = engine.connect(os.environ), floor_kwargs(kernel, request)
         for _ in range(rounds):
             await settle(kernel)
             start = time.perf_counter()
@@ -111,13 +138,16 @@ async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float]:
             start = time.perf_counter()
             subprocess.run(argv, check=True, capture_output=True)
             theirs.append(time.perf_counter() - start)
+            await settle(kernel)
+            floor.append(sdk_floor(sdk, kwargs))
+        sdk.close()
         instance = kernel.runtime.instance
     client = docker.from_env().api
     client.remove_volume("risoluto-home-BENCH-1", force=True)  # the baseline's HOME volume
     for vol in client.volumes(filters={"label": [f"risoluto.instance={instance}"]}).get("Volumes") or []:
         client.remove_volume(vol["Name"], force=True)  # the runtime's HOME volume
     remove_network(client, network)
-    return statistics.median(ours), statistics.median(theirs)
+    return statistics.median(ours), statistics.median(theirs), statistics.median(floor)
 
 
 async def concurrent(tmp: Path, count: int) -> tuple[list[float], int, int]:
@@ -217,17 +247,19 @@ def pct(values: list[float], q: float) -> float:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--concurrent", type=int, default=20)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="risoluto-bench-"))
     try:
         print(f"image {IMAGE}; {args.rounds} rounds each, medians; request -> exit (container removed)")
         for gvisor in (False, True):
-            ours, theirs = await compare(tmp, gvisor, args.rounds)
+            ours, theirs, floor = await compare(tmp, gvisor, args.rounds)
             name = "runsc" if gvisor else "runc"
             print(f"{name:5}  runtime {ours * 1000:7.1f} ms   docker run --rm {theirs * 1000:7.1f} ms   "
                   f"ratio {ours / theirs:.2f} (target <= 1.0)")
+            print(f"{'':5}  SDK floor {floor * 1000:5.1f} ms (create, start, wait, inspect, logs, remove; "
+                  f"no files): {floor / theirs:.2f}x docker run --rm; runtime {ours / floor:.2f}x the floor")
         times, failures, leaked = await concurrent(tmp, args.concurrent)
         base = await concurrent_docker_run(tmp, args.concurrent)
         print(f"{args.concurrent} concurrent API launches (runc, HTTP, wait=true): ok {len(times) - failures}/"
