@@ -8,10 +8,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,10 +17,10 @@ import pytest
 import yaml
 from docker_util import INSTANCE, docker_engine, sandbox_world  # noqa: F401
 from http_support import free_port
+from serve_util import RISOLUTO, ROOT, spawn, stop, wait_answering
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 SECRET = "dp-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Planes:
@@ -42,18 +40,10 @@ class Planes:
         return {**env, "RISOLUTO_DATA_PLANE_SECRET": SECRET, **extra}
 
     def _spawn(self, args: list[str], env: dict[str, str], url: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "risoluto.cli", *args], env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = spawn([*RISOLUTO, *args], env)
         self.procs.append(proc)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                httpx.get(url, timeout=1.0)
-                return proc
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise AssertionError(f"{args} did not start")
+        assert wait_answering(proc, url) is not None, proc.stderr.read()
+        return proc
 
     def start_data_plane(self, overrides: dict | None = None) -> subprocess.Popen:
         path = self.world.tmp / "dp.yaml"
@@ -86,12 +76,9 @@ class Planes:
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)  # all at once: the planes stop in parallel
         for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc, timeout=30)
 
 
 @pytest.fixture
@@ -180,12 +167,12 @@ async def test_stop_through_the_control_plane_and_cli_run(planes):
     assert removed.status_code == 200 and removed.json()["status"] == "stopped"
     assert time.monotonic() - started < 30
     # `risoluto sandbox run` on the control plane's host: streamed through the data plane
-    done = subprocess.run([sys.executable, "-m", "risoluto.cli", "sandbox", "run", "--issue", "DP-4", "--",
+    done = subprocess.run([*RISOLUTO, "sandbox", "run", "--issue", "DP-4", "--",
                            "sh", "-c", "echo streamed-1; sleep 1; echo streamed-2; exit 4"],
                           env=planes.cp_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 4, done.stderr
     assert "streamed-1\nstreamed-2" in done.stdout
-    listed = subprocess.run([sys.executable, "-m", "risoluto.cli", "sandbox", "ls", "--json"], env=planes.cp_env(),
+    listed = subprocess.run([*RISOLUTO, "sandbox", "ls", "--json"], env=planes.cp_env(),
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert listed.returncode == 0 and sandbox_id in [r["id"] for r in json.loads(listed.stdout)]
 
@@ -217,7 +204,7 @@ async def test_doctor_of_the_control_plane_reads_the_data_plane(planes):
     planes.start_data_plane()
     env = planes.cp_env()
     env.pop("DOCKER_HOST")
-    result = subprocess.run([sys.executable, "-m", "risoluto.cli", "doctor", "--json"], env=env,
+    result = subprocess.run([*RISOLUTO, "doctor", "--json"], env=env,
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     items = {i["item"]: i for i in json.loads(result.stdout)["items"]}
     assert items["sandbox data plane"]["status"] == "PASS"

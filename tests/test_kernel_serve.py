@@ -1,39 +1,18 @@
 """``risoluto serve`` as an operator runs it: a real process on a real socket."""
 
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 from http_support import free_port
+from serve_util import RISOLUTO, operator_env, spawn, wait_answering
 
 
 
 def env_for(tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RISOLUTO_") and k != "MASTER_KEY"}
-    env.update({"DATA_DIR": str(tmp_path / "data"), **extra})
-    return env
-
-
-def serve(env, cwd):
-    return subprocess.Popen([sys.executable, "-m", "risoluto.cli", "serve"], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_ready(port, proc, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read()}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/api/v1/runtime", timeout=1.0)
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError("server did not answer in time")
+    return operator_env(DATA_DIR=str(tmp_path / "data"), **extra)
 
 
 @pytest.mark.parametrize("bind", ["0.0.0.0", "::", "192.0.2.10"])
@@ -48,9 +27,10 @@ def test_serve_refuses_non_loopback_bind_without_token(tmp_path, bind):
 
 def test_serve_answers_and_shuts_down_gracefully_on_sigterm(tmp_path):
     port = free_port()
-    proc = serve(env_for(tmp_path, RISOLUTO_PORT=str(port)), tmp_path)
+    proc = spawn([*RISOLUTO, "serve"], env_for(tmp_path, RISOLUTO_PORT=str(port)), cwd=tmp_path)
     try:
-        response = wait_ready(port, proc)
+        response = wait_answering(proc, f"http://127.0.0.1:{port}/api/v1/runtime")
+        assert response is not None, proc.stderr.read()
         assert response.status_code == 200
         assert response.json()["bind"] == {"host": "127.0.0.1", "port": port}
         proc.send_signal(signal.SIGTERM)

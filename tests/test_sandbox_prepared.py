@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import anyio
 import docker
@@ -22,6 +18,7 @@ import pytest
 import yaml
 from docker_util import TEST_IMAGE, docker_engine, logs, run, sandbox_world  # noqa: F401
 from http_support import free_port
+from serve_util import RISOLUTO, operator_env, spawn, wait_answering
 
 from risoluto.hookspecs.sandbox import ContainerSpec, Mount
 from risoluto.plugins.sandbox import _prepared as prepared_module
@@ -227,22 +224,11 @@ async def test_under_risoluto_serve_a_long_run_prepares_the_next_attempt(sandbox
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(sandbox_world.config()))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RISOLUTO_") and k != "MASTER_KEY"}
-    env.update(DATA_DIR=str(sandbox_world.data), RISOLUTO_CONFIG=str(config), RISOLUTO_PORT=str(port))
-    server = subprocess.Popen([sys.executable, "-m", "risoluto.cli", "serve"], env=env,
-                              cwd=Path(__file__).resolve().parents[1],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = operator_env(DATA_DIR=str(sandbox_world.data), RISOLUTO_CONFIG=str(config), RISOLUTO_PORT=str(port))
+    server = spawn([*RISOLUTO, "serve"], env)
     base = f"http://127.0.0.1:{port}/api/v1"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                httpx.get(base + "/runtime", timeout=1.0)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "risoluto serve did not start"
-                time.sleep(0.1)
+        assert wait_answering(server, base + "/runtime") is not None, server.stderr.read()
         for n in (1, 2):
             done = httpx.post(base + "/sandboxes", timeout=60, json={
                 "issue": f"LONG-{n}", "command": ["sleep", "1.5"], "wait": True})

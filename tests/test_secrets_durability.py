@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from http_support import free_port
+from serve_util import spawn, stop, wait_answering
 from secrets_util import stored_values
 
 from risoluto.plugins.secrets.file_store import FileStore
@@ -88,30 +89,12 @@ async def test_kill_9_mid_writes_loses_no_acknowledged_write(backend, risoluto_d
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """The installed ``risoluto`` script serving; returned as soon as it answers or exits."""
     port = free_port()
-    proc = subprocess.Popen([RISOLUTO, "serve"], env={**env, "RISOLUTO_PORT": str(port)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn([RISOLUTO, "serve"], {**env, "RISOLUTO_PORT": str(port)}, stdout=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return proc, base
-        try:
-            if httpx.get(f"{base}/api/v1/runtime", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not start")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    wait_answering(proc, f"{base}/api/v1/runtime")
+    return proc, base
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -129,7 +112,7 @@ async def test_concurrent_writers_against_a_real_server(backend, risoluto_data_d
             keys = (await client.get("/api/v1/secrets")).json()["keys"]
             assert keys == [f"C{i:03}" for i in range(120)]
     finally:
-        stop_server(proc)
+        stop(proc)
     values = await stored_values(risoluto_settings({"secrets": {"backend": backend}}), backend, KEY)
     assert values == {f"C{i:03}": f"v{i}" for i in range(120)}
 
@@ -148,7 +131,7 @@ async def test_serve_with_the_wrong_key_exits_and_changes_nothing(backend, risol
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
-            stop_server(proc)
+            stop(proc)
     assert proc.returncode != 0
     assert str(data) in err and "does not match" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
