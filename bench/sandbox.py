@@ -8,7 +8,7 @@
    the next attempt's CODEX_HOME volume) is waited for, so it never overlaps a measurement;
    ``BENCH_GAP_S`` adds an idle pause on top (default 0). A third series, interleaved too, is
    the floor: the same container (the runtime's own create arguments) through the bare SDK
-   sequence create, start, wait, inspect, logs, remove, with no files put.
+   sequence create, start, wait, inspect + logs (in parallel), remove, with no files put.
 2. 20 concurrent ``POST /api/v1/sandboxes`` (``wait: true``) against ``risoluto serve`` on
    loopback: all must succeed, none may be left behind; p50/p95 reported.
 
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from risoluto.hookspecs.sandbox import LaunchRequest  # noqa: E402
 from risoluto.plugins.sandbox import _engine as engine  # noqa: E402
 from risoluto.plugins.sandbox._launcher import build_spec, launch  # noqa: E402
 from risoluto.plugins.sandbox._naming import LABEL_INSTANCE, instance_id  # noqa: E402
+from risoluto.plugins.sandbox._records import Record  # noqa: E402
 from risoluto.settings import build_settings  # noqa: E402
 from risoluto.testing import running_app  # noqa: E402
 
@@ -91,24 +93,26 @@ async def settle(kernel: Any) -> None:
 
 
 def floor_kwargs(kernel: Any, request: LaunchRequest) -> dict[str, Any]:
-    """The runtime's own create arguments for this launch, CODEX_HOME as an anonymous volume."""
+    """The runtime's own create arguments for this launch (CODEX_HOME stays an anonymous
+    volume: only a launch claims a prepared one)."""
     spec = build_spec(kernel, request, {})
-    kwargs = engine.create_kwargs(spec, {**spec.labels, LABEL_INSTANCE: kernel.runtime.instance})
-    for mount in kwargs["host_config"]["Mounts"]:
-        if mount["Target"] == "/home/agent/.codex-runtime":
-            mount.pop("Source", None)
-    return kwargs
+    return engine.create_kwargs(spec, {**spec.labels, LABEL_INSTANCE: kernel.runtime.instance})
 
 
-def sdk_floor(client: Any, kwargs: dict[str, Any]) -> float:
-    """The same container through the bare SDK sequence, no files put: what any runtime must pay."""
+def sdk_floor(client: Any, kwargs: dict[str, Any], pool: ThreadPoolExecutor) -> float:
+    """The same container through the bare SDK sequence, inspect and logs in parallel as the
+    runtime does them, no files put: what any runtime on this engine must pay."""
     start = time.perf_counter()
     cid = client.create_container(**kwargs)["Id"]
-    client.start(cid)
-    client.wait(cid)
-    client.inspect_container(cid)
-    client.logs(cid, tail=500)
-    client.remove_container(cid, force=True, v=True)
+    try:
+        client.start(cid)
+        status = client.wait(cid)["StatusCode"]
+        inspected = pool.submit(client.inspect_container, cid)
+        client.logs(cid, tail=Record.LOG_TAIL_LINES)
+        inspected.result()
+    finally:
+        client.remove_container(cid, force=True, v=True)
+    assert status == 0, status
     return time.perf_counter() - start
 
 
@@ -128,6 +132,7 @@ async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float, f
         argv = docker_run_argv(tmp, network, gvisor)
         subprocess.run(argv, check=True, capture_output=True)
         sdk, kwargs = engine.connect(os.environ), floor_kwargs(kernel, request)
+        pool = ThreadPoolExecutor(1)
         for _ in range(rounds):
             await settle(kernel)
             start = time.perf_counter()
@@ -139,7 +144,8 @@ async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float, f
             subprocess.run(argv, check=True, capture_output=True)
             theirs.append(time.perf_counter() - start)
             await settle(kernel)
-            floor.append(sdk_floor(sdk, kwargs))
+            floor.append(sdk_floor(sdk, kwargs, pool))
+        pool.shutdown()
         sdk.close()
         instance = kernel.runtime.instance
     client = docker.from_env().api
@@ -258,7 +264,7 @@ async def main() -> None:
             name = "runsc" if gvisor else "runc"
             print(f"{name:5}  runtime {ours * 1000:7.1f} ms   docker run --rm {theirs * 1000:7.1f} ms   "
                   f"ratio {ours / theirs:.2f} (target <= 1.0)")
-            print(f"{'':5}  SDK floor {floor * 1000:5.1f} ms (create, start, wait, inspect, logs, remove; "
+            print(f"{'':5}  SDK floor {floor * 1000:5.1f} ms (create, start, wait, inspect+logs, remove; "
                   f"no files): {floor / theirs:.2f}x docker run --rm; runtime {ours / floor:.2f}x the floor")
         times, failures, leaked = await concurrent(tmp, args.concurrent)
         base = await concurrent_docker_run(tmp, args.concurrent)

@@ -102,6 +102,7 @@ async def test_concurrent_writers_against_a_real_server(backend, risoluto_data_d
     proc, base = start_server(env_for(risoluto_data_dir, backend))
     try:
         assert proc.poll() is None, proc.communicate()[1]
+        assert httpx.get(f"{base}/api/v1/runtime", timeout=5).status_code == 200
         limits = httpx.Limits(max_connections=32)
         async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
             async def put(i: int) -> int:

@@ -7,6 +7,7 @@ image (``create_container`` never pulls; the high-level ``containers.run`` would
 from __future__ import annotations
 
 import io
+import logging
 import posixpath
 import tarfile
 import time
@@ -20,6 +21,7 @@ from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
 from ._naming import LABEL_SCOPE, SCOPE_ATTEMPT
 
+log = logging.getLogger("risoluto.sandbox")
 API_TIMEOUT_S = 60.0
 FACTS_TTL_S = 5.0
 START_HINT = (
@@ -37,7 +39,7 @@ class _SocketAdapter(UnixHTTPAdapter):
 
     docker-py keys its pools by the full request URL, so every container's own paths
     (``/containers/<id>/start``, ``.../wait``, ...) open a new pool and a new connection, and
-    past 25 paths it closes old ones: a launch never reused a connection. One socket, one pool.
+    past 25 paths it closes old ones: a launch rarely reused a connection. One socket, one pool.
     """
 
     def get_connection(self, url: Any, proxies: Any = None) -> Any:
@@ -49,14 +51,21 @@ def _tuned(client: docker.APIClient) -> docker.APIClient:
 
     ``trust_env`` makes requests scan the environment for proxies and read ``~/.netrc`` on every
     call; neither applies to a unix socket (the adapter never uses a proxy). TCP and SSH engines
-    keep the SDK's defaults, where a proxy setting may be wanted.
+    keep the SDK's defaults, where a proxy setting may be wanted. This reaches into the SDK's
+    transport: if a future SDK changes it, the client is used as the SDK made it (slower, same
+    behaviour) and a warning says so.
     """
     old = getattr(client, "_custom_adapter", None)  # set only for unix, npipe, ssh and TLS
     if old is None or type(old) is not UnixHTTPAdapter:
         return client
-    adapter = _SocketAdapter(f"http+unix://{old.socket_path}", timeout=old.timeout, max_pool_size=old.max_pool_size)
-    client.mount("http+docker://", adapter)
-    client._custom_adapter = adapter  # what the SDK's get_adapter() hands every request
+    try:
+        adapter = _SocketAdapter(f"http+unix://{old.socket_path}", timeout=old.timeout,
+                                 max_pool_size=old.max_pool_size)
+    except (AttributeError, TypeError) as exc:
+        log.warning("Docker SDK transport not as expected (%s); using it unchanged", type(exc).__name__)
+        return client
+    client.mount("http+docker://", adapter)  # routes every request of this client
+    client._custom_adapter = adapter  # the SDK's fallback in get_adapter(): keep it the same one
     old.close()
     client.trust_env = False
     return client

@@ -109,7 +109,9 @@ class DockerRuntime:
         """Run one SDK call in a worker thread. Engine errors become ApiErrors: 404 ->
         :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine -> 503."""
         if self._client is None:
-            pool = self.settings.codex.sandbox.max_concurrent * 2 + 8
+            # one pool for the socket: room for every sandbox's wait (held for its life), a
+            # burst of launch calls and some log followers, so connections are kept, not dropped
+            pool = self.settings.codex.sandbox.max_concurrent * 3 + 12
             self._client = await anyio.to_thread.run_sync(functools.partial(engine.connect, self._environ, pool=pool))
         client = self._client
         try:
