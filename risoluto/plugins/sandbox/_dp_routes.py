@@ -14,7 +14,6 @@ import collections
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -27,12 +26,11 @@ from ...openapi import api
 from ...requests import json_object
 from ._guard import check_spec, refuse
 from ._metrics import metrics_for
-from ._naming import workspace_root
+from ._naming import checked_id, workspace_root
 from ._wire import PREFIX, spec_from_wire, timeout_from_wire
 
 log = logging.getLogger("risoluto.data_plane")
 STATE = "sandbox.data_plane"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_POLL_S = 25.0
 HEARTBEAT_S = 10.0
 _TAGS = ("data plane",)
@@ -146,11 +144,6 @@ def blueprint(kernel: Any) -> Blueprint:
             raise ApiError(503, "sandbox_runtime_unavailable", "The data plane has no sandbox runtime yet.")
         return kernel.runtime
 
-    def checked(sandbox_id: str) -> str:
-        if not _ID.match(sandbox_id):
-            raise ApiError(404, "sandbox_not_found", "No sandbox with that id.")
-        return sandbox_id
-
     @bp.get(PREFIX + "/ping")
     @api("Data plane identity (needs the data-plane secret)", tags=_TAGS)
     async def ping() -> Any:
@@ -182,17 +175,17 @@ def blueprint(kernel: Any) -> Blueprint:
     @bp.get(PREFIX + "/sandboxes/<sandbox_id>")
     @api("One sandbox", tags=_TAGS)
     async def show(sandbox_id: str) -> Any:
-        return await runtime().inspect(checked(sandbox_id))
+        return await runtime().inspect(checked_id(sandbox_id))
 
     @bp.get(PREFIX + "/sandboxes/<sandbox_id>/logs")
     @api("Output of a sandbox", tags=_TAGS)
     async def logs(sandbox_id: str) -> Any:
-        return {"id": sandbox_id, "logs": await runtime().logs(checked(sandbox_id))}
+        return {"id": sandbox_id, "logs": await runtime().logs(checked_id(sandbox_id))}
 
     @bp.get(PREFIX + "/sandboxes/<sandbox_id>/wait")
     @api("Long-poll (timeout_s <= 25) for the exit and cleanup of a sandbox", tags=_TAGS)
     async def wait(sandbox_id: str) -> Any:
-        rt, sid, timeout = runtime(), checked(sandbox_id), _number("timeout_s", 20.0, MAX_POLL_S)
+        rt, sid, timeout = runtime(), checked_id(sandbox_id), _number("timeout_s", 20.0, MAX_POLL_S)
         with anyio.move_on_after(timeout):
             return {"done": True, "record": await rt.wait(sid)}
         return {"done": False, "record": await rt.inspect(sid)}
@@ -200,7 +193,7 @@ def blueprint(kernel: Any) -> Blueprint:
     @bp.get(PREFIX + "/sandboxes/<sandbox_id>/stream")
     @api("Output as produced: NDJSON frames {b: base64} / {} heartbeat / {end: true}", tags=_TAGS)
     async def stream(sandbox_id: str) -> Any:
-        rt, sid = runtime(), checked(sandbox_id)
+        rt, sid = runtime(), checked_id(sandbox_id)
         await rt.inspect(sid)  # 404 before the stream starts
         response = Response(_frames(rt, sid), content_type="application/x-ndjson")
         response.timeout = None  # a sandbox may run for hours; heartbeats keep the line alive
@@ -209,7 +202,7 @@ def blueprint(kernel: Any) -> Blueprint:
     @bp.delete(PREFIX + "/sandboxes/<sandbox_id>")
     @api("Stop (with grace) and remove", tags=_TAGS)
     async def remove(sandbox_id: str) -> Any:
-        return await runtime().remove(checked(sandbox_id))
+        return await runtime().remove(checked_id(sandbox_id))
 
     @bp.get(PREFIX + "/events")
     @api("Sandbox events after ?after=N&boot=B (long-poll, timeout_s <= 25); after=-1: only the position",

@@ -60,6 +60,18 @@ def issue_key(issue: str) -> str:
     return key
 
 
+# What a sandbox id or name may look like wherever one arrives from outside (API paths, the
+# data plane's routes and wire format): a container id or a valid Docker name.
+SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def checked_id(sandbox_id: str) -> str:
+    """``sandbox_id`` if it could name a sandbox, else 404 ``sandbox_not_found`` (never passed on)."""
+    if not SANDBOX_ID.match(sandbox_id):
+        raise ApiError(404, "sandbox_not_found", "No sandbox with that id.")
+    return sandbox_id
+
+
 def container_name(key: str) -> str:
     """A valid Docker name (``[a-zA-Z0-9][a-zA-Z0-9_.-]+``), unique per attempt."""
     return f"risoluto-{key}-{os.urandom(4).hex()}"

@@ -18,11 +18,11 @@ from typing import Any
 
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
+from ._naming import SANDBOX_ID
 
 PREFIX = "/dp/v1"
 SECRET_ENV = "RISOLUTO_DATA_PLANE_SECRET"
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 _MOUNT_FIELDS = {"target": str, "source": str, "type": str, "read_only": bool, "tmpfs_size": int, "labels": dict}
 _LISTS = ("command", "cap_drop", "cap_add", "security_opt")
@@ -98,7 +98,7 @@ def spec_from_wire(raw: Any) -> ContainerSpec:
     for field in _STRINGS:
         if not isinstance(raw.get(field, ""), str) or "\x00" in raw.get(field, ""):
             raise invalid(f"spec.{field} must be a string.")
-    if not _NAME.match(raw.get("name", "")):
+    if not SANDBOX_ID.match(raw.get("name", "")):
         raise invalid("spec.name must be a valid container name.")
     if not _IMAGE.match(raw.get("image", "")):
         raise invalid("spec.image must be an image reference.")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from typing import Any
 
 from quart import Blueprint
@@ -22,9 +21,9 @@ from ...openapi import api
 from ...requests import json_object
 from ._launcher import effective_policy, launch, parse_launch
 from ._metrics import metrics_for
+from ._naming import checked_id
 
 log = logging.getLogger("risoluto.sandbox")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SKIP_CLEANUP = "sandbox.skip_orphan_cleanup"
 _STR = {"type": "string"}
 LAUNCH = {
@@ -101,12 +100,6 @@ def _runtime(kernel: Any) -> Any:
     return kernel.runtime
 
 
-def _checked_id(sandbox_id: str) -> str:
-    if not _ID.match(sandbox_id):
-        raise ApiError(404, "sandbox_not_found", "No sandbox with that id.")
-    return sandbox_id
-
-
 def blueprint(kernel: Any) -> Blueprint:
     bp = Blueprint("risoluto_sandbox", __name__)
 
@@ -126,20 +119,20 @@ def blueprint(kernel: Any) -> Blueprint:
     @bp.get("/api/v1/sandboxes/<sandbox_id>")
     @api("One sandbox: status, exit code, OOM flag", responses={200: RECORD}, tags=("sandbox",))
     async def show(sandbox_id: str) -> Any:
-        return await _runtime(kernel).inspect(_checked_id(sandbox_id))
+        return await _runtime(kernel).inspect(checked_id(sandbox_id))
 
     @bp.get("/api/v1/sandboxes/<sandbox_id>/logs")
     @api("Output of a sandbox (stdout and stderr interleaved)", tags=("sandbox",),
          responses={200: {"type": "object", "properties": {"id": _STR, "logs": _STR}}})
     async def logs(sandbox_id: str) -> Any:
         runtime = _runtime(kernel)
-        text = await runtime.logs(_checked_id(sandbox_id))
+        text = await runtime.logs(checked_id(sandbox_id))
         return {"id": sandbox_id, "logs": text}
 
     @bp.delete("/api/v1/sandboxes/<sandbox_id>")
     @api("Stop (with grace) and remove a sandbox", responses={200: RECORD}, tags=("sandbox",))
     async def remove(sandbox_id: str) -> Any:
-        return await _runtime(kernel).remove(_checked_id(sandbox_id))
+        return await _runtime(kernel).remove(checked_id(sandbox_id))
 
     @bp.get("/api/v1/sandbox/policy")
     @api("The effective sandbox policy in the checklist's terms", responses={200: POLICY}, tags=("sandbox",))

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import json
 import logging
-import re
 from typing import Any, AsyncIterator, Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -35,11 +34,11 @@ import httpx
 from ...errors import ApiError
 from ...hookspecs import hookimpl
 from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
+from ._naming import checked_id
 from ._wire import PREFIX, SECRET_ENV, spec_to_wire
 
 log = logging.getLogger("risoluto.sandbox.remote")
 POLL_S = 20.0  # long-poll length of wait and events; the read timeout adds the call timeout to it
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _RELAYED = {400, 403, 404, 409, 502, 503}
 _EVENT_FIELDS = ("kind", "id", "issue", "exit_code", "oom_killed", "seconds", "reason")
 
@@ -161,9 +160,7 @@ class RemoteRuntime:
             raise
 
     def _path(self, sandbox_id: str, tail: str = "") -> str:
-        if not _ID.match(sandbox_id):
-            raise ApiError(404, "sandbox_not_found", "No sandbox with that id.")
-        return f"/sandboxes/{sandbox_id}{tail}"
+        return f"/sandboxes/{checked_id(sandbox_id)}{tail}"
 
     async def wait(self, sandbox_id: str) -> dict[str, Any]:
         while True:
