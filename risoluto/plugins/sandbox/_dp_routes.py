@@ -12,7 +12,6 @@ import asyncio
 import base64
 import collections
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -25,11 +24,10 @@ from ...errors import ApiError, StartupError
 from ...openapi import api
 from ...requests import json_object
 from ._guard import check_spec, refuse
-from ._metrics import metrics_for
+from .api import close_runtime, install_runtime, remove_leftovers
 from ._naming import checked_id, workspace_root
 from ._wire import PREFIX, spec_from_wire, timeout_from_wire
 
-log = logging.getLogger("risoluto.data_plane")
 STATE = "sandbox.data_plane"
 MAX_POLL_S = 25.0
 HEARTBEAT_S = 10.0
@@ -89,26 +87,12 @@ class DataPlaneService:
         runtime = kernel.hooks.sandbox_runtime(kernel.settings)
         if runtime is None or kernel.settings.sandbox.runtime != "docker":
             raise StartupError("a data plane needs sandbox.runtime: docker")
-        state.events = events = EventLog()
-        metrics = metrics_for(kernel)
-
-        def observe(event: Any) -> None:
-            metrics.observe(event)
-            events.push(event)
-            kernel.hooks.sandbox_event(event)
-
-        if hasattr(runtime, "attach"):
-            runtime.attach(kernel, observe)
-        kernel.runtime = runtime
-        try:
-            await runtime.cleanup_orphans()
-        except ApiError as err:  # Docker absent: start anyway; routes answer 503 until it is back
-            log.warning("sandbox runtime not usable yet: %s", err.message)
+        state.events = EventLog()
+        install_runtime(kernel, runtime, relay=state.events.push)
+        await remove_leftovers(runtime)  # without Docker: routes answer 503 until it is back
 
     async def stop(self) -> None:
-        runtime, self.kernel.runtime = self.kernel.runtime, None
-        if runtime is not None:
-            await runtime.close()
+        await close_runtime(self.kernel)
 
 
 def enforce(spec: Any, kernel: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from quart import Blueprint
 
@@ -52,6 +52,36 @@ POLICY = {"type": "object", "required": ["launchable"],
           "properties": {"launchable": {"type": "boolean"}, "policy": {"type": "object"}, "policy_digest": _STR}}
 
 
+def install_runtime(kernel: Any, runtime: Any, relay: Callable[[Any], None] | None = None) -> None:
+    """Make ``runtime`` the kernel's; its events go to the sandbox metrics, then ``relay`` (if
+    given), then the ``risoluto_sandbox_event`` hook."""
+    metrics = metrics_for(kernel)
+
+    def observe(event: Any) -> None:
+        metrics.observe(event)
+        if relay is not None:
+            relay(event)
+        kernel.hooks.sandbox_event(event)
+
+    if hasattr(runtime, "attach"):
+        runtime.attach(kernel, observe)
+    kernel.runtime = runtime
+
+
+async def remove_leftovers(runtime: Any) -> None:
+    """What a crashed run of this DATA_DIR left on the engine; without an engine, a warning."""
+    try:
+        await runtime.cleanup_orphans()
+    except ApiError as err:  # Docker absent: start anyway, report on use and in the doctor
+        log.warning("sandbox runtime not usable yet: %s", err.message)
+
+
+async def close_runtime(kernel: Any) -> None:
+    runtime, kernel.runtime = kernel.runtime, None
+    if runtime is not None:
+        await runtime.close()
+
+
 class SandboxService:
     """Chooses the runtime (``risoluto_sandbox_runtime``), sets ``kernel.runtime``, cleans up
     what a crashed run of this DATA_DIR left behind, and stops running sandboxes on shutdown."""
@@ -68,29 +98,15 @@ class SandboxService:
             log.warning("no sandbox runtime for sandbox.runtime=%r; sandbox routes answer 503",
                         kernel.settings.sandbox.runtime)
             return
-        metrics = metrics_for(kernel)
-
-        def observe(event: Any) -> None:
-            metrics.observe(event)
-            kernel.hooks.sandbox_event(event)
-
-        if hasattr(runtime, "attach"):
-            runtime.attach(kernel, observe)
-        kernel.runtime = runtime
+        install_runtime(kernel, runtime)
         # What `doctor --probe` launches its canary with: the same path as the API.
         kernel.launch_sandbox = functools.partial(launch, kernel)
-        if kernel.state.get(SKIP_CLEANUP):
-            return
-        try:
-            await runtime.cleanup_orphans()
-        except ApiError as err:  # Docker absent: start anyway, report on use and in the doctor
-            log.warning("sandbox runtime not usable yet: %s", err.message)
+        if not kernel.state.get(SKIP_CLEANUP):
+            await remove_leftovers(runtime)
 
     async def stop(self) -> None:
         self.kernel.launch_sandbox = None
-        runtime, self.kernel.runtime = self.kernel.runtime, None
-        if runtime is not None:
-            await runtime.close()
+        await close_runtime(self.kernel)
 
 
 def _runtime(kernel: Any) -> Any:
