@@ -12,7 +12,7 @@ import os
 import posixpath
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 from urllib.parse import urlparse
 
 from ...errors import ApiError
@@ -36,6 +36,19 @@ _VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _ENV_KEY = re.compile(r"^[^=\x00]{1,256}$")
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock",
                   "/var/run/docker", "/run/containerd")
+
+
+# Shorter environment values are not searched for in text: they would match innocent words.
+MIN_MATCHED_VALUE = 4
+
+
+def redact(text: str, values: Iterable[str]) -> str:
+    """``text`` with each value (of MIN_MATCHED_VALUE+ characters) replaced by ``***``: an
+    engine's or a data plane's message may echo a secret environment value back."""
+    for value in values:
+        if len(value) >= MIN_MATCHED_VALUE:
+            text = text.replace(value, "***")
+    return text
 
 
 def refuse(message: str) -> ApiError:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, LaunchRequest
-from ._guard import check_spec
+from ._guard import MIN_MATCHED_VALUE, check_spec
 from ._naming import LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, validate_issue
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -114,7 +114,7 @@ def _no_secret_outside_env(spec: ContainerSpec, secret_values: dict[str, str]) -
     """Secrets travel only as environment entries: never in argv, labels or the name."""
     visible = [spec.name, *spec.command, *spec.labels.values(), *spec.labels.keys()]
     for name, value in secret_values.items():
-        if len(value) >= 4 and any(value in text for text in visible):
+        if len(value) >= MIN_MATCHED_VALUE and any(value in text for text in visible):
             raise ApiError(400, "secret_exposed", f"the value of secret {name!r} appears in the command line "
                            "or a label; secrets are passed only as environment entries.")
 

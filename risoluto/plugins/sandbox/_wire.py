@@ -31,6 +31,12 @@ _MAPS = ("env", "labels")
 _FIELDS = {*_LISTS, *_STRINGS, *_MAPS, "mounts", "files", "read_only_rootfs", "host_config", "policy"}
 
 
+def header_safe(secret: str) -> bool:
+    """The shared secret is sent as a header value every client sends the same way:
+    printable ASCII, no spaces."""
+    return all(33 <= ord(c) <= 126 for c in secret)
+
+
 def spec_to_wire(spec: ContainerSpec) -> dict[str, Any]:
     """JSON-ready form of a final spec (callbacks excluded: the caller refuses them first)."""
     out: dict[str, Any] = {name: getattr(spec, name) for name in (*_STRINGS, *_LISTS, *_MAPS)}

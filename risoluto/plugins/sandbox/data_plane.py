@@ -35,7 +35,7 @@ from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult
 from ...hookspecs.ratelimit import RateRule
 from ._dp_routes import STATE, DataPlaneService, blueprint
-from ._wire import PREFIX, SECRET_ENV
+from ._wire import PREFIX, SECRET_ENV, header_safe
 
 log = logging.getLogger("risoluto.data_plane")
 ROLE = "data-plane"
@@ -73,17 +73,12 @@ def data_plane_settings(settings: Any, environ: Mapping[str, str]) -> Any:
 
 def check_secret(environ: Mapping[str, str]) -> str:
     secret = (environ.get(SECRET_ENV) or "").strip()
-    if len(secret) < MIN_SECRET or not _printable(secret):
+    if len(secret) < MIN_SECRET or not header_safe(secret):
         what = "is not set" if not secret else f"is shorter than {MIN_SECRET} characters" \
             if len(secret) < MIN_SECRET else "has characters other than printable ASCII"
         raise StartupError(f"refusing to start the data plane: {SECRET_ENV} {what}; set it to the same random "
                            f"value (32+ characters, e.g. `openssl rand -hex 32`) on both planes")
     return secret
-
-
-def _printable(text: str) -> bool:
-    """A header value every client sends the same way: printable ASCII, no spaces."""
-    return all(33 <= ord(c) <= 126 for c in text)
 
 
 def resolve_bind(bind: str, environ: Mapping[str, str]) -> str:
@@ -201,7 +196,7 @@ def risoluto_app_blueprints(kernel: Any) -> list[Any]:
     from ._dp_routes import DataPlaneState
 
     secret = (kernel.environ.get(SECRET_ENV) or "").strip()
-    ok = len(secret) >= MIN_SECRET and _printable(secret)
+    ok = len(secret) >= MIN_SECRET and header_safe(secret)
     digest = hashlib.sha256(secret.encode("ascii")).digest() if ok else None
     kernel.state[STATE] = DataPlaneState(digest=digest)
     return [blueprint(kernel)]

@@ -28,7 +28,7 @@ from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult
 from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
 from . import _engine as engine
-from ._guard import exposed
+from ._guard import exposed, redact
 from ._prepared import LABEL_CARRIER, PreparedVolumes, Slot
 from ._naming import (
     LABEL_INSTANCE, LABEL_ISSUE, LABEL_MANAGED, LABEL_SCOPE, LABEL_STARTED, SCOPE_ATTEMPT, instance_id,
@@ -119,10 +119,7 @@ class DockerRuntime:
         except docker.errors.NotFound as exc:
             raise NotFound(str(exc.explanation or exc)[:300]) from None
         except docker.errors.APIError as exc:
-            text = str(exc.explanation or exc)
-            for value in mask:  # never echo an environment value back
-                if len(value) >= 4:
-                    text = text.replace(value, "***")
+            text = redact(str(exc.explanation or exc), mask)  # never echo an environment value back
             raise ApiError(502, "sandbox_engine_error", f"the Docker engine refused: {text[:400]}") from None
         except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
             self._client = None  # reconnect next time

@@ -34,8 +34,9 @@ import httpx
 from ...errors import ApiError
 from ...hookspecs import hookimpl
 from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
+from ._guard import redact
 from ._naming import checked_id
-from ._wire import PREFIX, SECRET_ENV, spec_to_wire
+from ._wire import PREFIX, SECRET_ENV, header_safe, spec_to_wire
 
 log = logging.getLogger("risoluto.sandbox.remote")
 POLL_S = 20.0  # long-poll length of wait and events; the read timeout adds the call timeout to it
@@ -87,7 +88,7 @@ class RemoteRuntime:
         store = getattr(self._kernel, "secret_store", None)
         if not secret and store is not None:
             secret = ((await store.get(SECRET_ENV)) or "").strip()
-        if not secret or not all(33 <= ord(c) <= 126 for c in secret):
+        if not secret or not header_safe(secret):
             raise ApiError(503, "data_plane_unconfigured", f"set {SECRET_ENV} (environment or secret store) "
                            "to the data plane's secret (printable ASCII).")
         return secret
@@ -131,9 +132,7 @@ class RemoteRuntime:
             return _raise(503, "data_plane_busy", f"The data plane at {base} is over its rate limit "
                           "(rateLimit.api there); retry later.", retry or {"Retry-After": "5"})
         if status in _RELAYED and isinstance(code, str) and isinstance(message, str) and code != "not_found":
-            for value in mask:  # never echo an environment value, whatever the data plane said
-                if len(value) >= 4:
-                    message = message.replace(value, "***")
+            message = redact(message, mask)  # never echo an environment value, whatever the data plane said
             return _raise(status, code, message[:600], retry)
         return _raise(502, "data_plane_bad_response", f"{base} answered HTTP {status} without a data plane's "
                       "answer; is sandbox.dataPlaneUrl a `risoluto serve --data-plane`?")
