@@ -72,12 +72,16 @@ def forbidden_paths(settings: Settings, environ: Mapping[str, str]) -> dict[str,
     return {name: os.path.realpath(path) for name, path in out.items()}
 
 
+def overlaps(a: str, b: str) -> bool:
+    """Normalised absolute paths: one is the other, or lies inside it."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
 def exposed(source: str, settings: Settings, environ: Mapping[str, str]) -> str | None:
     """The forbidden path a bind of ``source`` would expose (itself, inside or below), or None."""
-    real = Path(os.path.realpath(source))
+    real = os.path.realpath(source)
     for name, path in forbidden_paths(settings, environ).items():
-        target = Path(path)
-        if real == target or real.is_relative_to(target) or target.is_relative_to(real):
+        if overlaps(real, path):
             return name
     return None
 

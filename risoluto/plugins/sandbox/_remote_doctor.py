@@ -13,16 +13,14 @@ import httpx
 
 from ...errors import ApiError
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult
+from ._guard import DOCKER_SOCKETS
 from ._wire import PREFIX, SECRET_ENV
 from .remote_runtime import RemoteRuntime
-
-DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock")
-
 
 def docker_access(environ: Mapping[str, str]) -> list[str]:
     """Ways this process could reach a Docker engine (empty: none found)."""
     found = [f"DOCKER_HOST is set ({environ['DOCKER_HOST'][:80]})"] if environ.get("DOCKER_HOST", "").strip() else []
-    for path in DOCKER_SOCKETS:
+    for path in DOCKER_SOCKETS:  # the directories in that list are no sockets: skipped
         try:
             is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
         except OSError:

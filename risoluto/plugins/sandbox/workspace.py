@@ -21,7 +21,7 @@ from ...errors import ApiError
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult, Probe
 from ...hookspecs.sandbox import Mount
-from ._guard import forbidden_paths
+from ._guard import forbidden_paths, overlaps
 from ._naming import LABEL_WORKSPACE, WORKSPACE, container_user, issue_key, workspace_root
 from ._probes import failed, facts, passed, probe, seen
 
@@ -111,10 +111,6 @@ def host_mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[s
     return (best[1], best[2]) if best else None
 
 
-def _overlaps(a: str, b: str) -> bool:
-    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
 def make_hidden_judge(paths: dict[str, str], host: dict[str, tuple[str, str]], marks: dict[str, str],
                       compare_devices: bool) -> Any:
     fix = ("remove the plugin or volume that exposes it; DATA_DIR, master.key, ~/.codex and the Docker socket "
@@ -136,7 +132,7 @@ def make_hidden_judge(paths: dict[str, str], host: dict[str, tuple[str, str]], m
         if compare_devices:  # runc: the canary's mount table names host devices (gVisor's does not)
             for dev, root, point, *_ in mounts:
                 for name, (host_dev, rel) in host.items():
-                    if dev == host_dev and _overlaps(root, rel):
+                    if dev == host_dev and overlaps(root, rel):
                         leaks.append(f"{point} mounts {root} of device {dev}, which holds {name}")
         if leaks:
             return failed(HIDDEN, "; ".join(sorted(set(leaks)))[:400], fix)
