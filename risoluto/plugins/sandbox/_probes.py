@@ -28,6 +28,12 @@ def facts(out: str) -> dict[str, str]:
     return found
 
 
+def values(out: str, key: str) -> list[str]:
+    """Every ``key=value`` line's value, in order (for facts that repeat)."""
+    prefix = key + "="
+    return [line[len(prefix):] for line in out.splitlines() if line.startswith(prefix)]
+
+
 def seen(out: str, limit: int = 160) -> str:
     """The canary's output on one short line, for a reason."""
     text = " | ".join(line.strip() for line in out.strip().splitlines() if line.strip())

@@ -14,7 +14,7 @@ from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult, Probe
 from ...hookspecs.sandbox import Mount
 from ...settings import parse_size
-from ._probes import facts, failed, not_proven, passed, probe, seen
+from ._probes import facts, failed, not_proven, passed, probe, seen, values
 
 LOG_DRIVERS_WITH_ROTATION = ("json-file", "local")
 
@@ -108,7 +108,7 @@ LIMITS_SCRIPT = (
 def judge_root(out: str, rc: int) -> CheckResult:
     found = facts(out)
     options = found.get("options", "").split(",")
-    written = [line.split("=", 1)[1] for line in out.splitlines() if line.startswith("written=")]
+    written = values(out, "written")
     if rc != 0 or found.get("done") != "1" or options == [""]:
         return failed(ROOT_ITEM, f"unexpected probe output (exit {rc}): {seen(out)}", "re-run the probe")
     if "ro" not in options or written:

@@ -23,7 +23,7 @@ from ...hookspecs.doctor import FAIL, PASS, CheckResult, Probe
 from ...hookspecs.sandbox import Mount
 from ._guard import forbidden_paths, overlaps
 from ._naming import LABEL_WORKSPACE, WORKSPACE, container_user, issue_key, workspace_root
-from ._probes import failed, facts, passed, probe, seen
+from ._probes import failed, facts, passed, probe, seen, values
 
 ITEM = "sandbox workspace"
 
@@ -122,11 +122,11 @@ def make_hidden_judge(paths: dict[str, str], host: dict[str, tuple[str, str]], m
             return failed(HIDDEN, f"the scan did not complete (exit {rc}): {seen(out)}",
                           "re-run; check the canary image")
         leaks = [f"{name} visible at {path}" for name, path in paths.items() if f"visible={path}" in lines]
-        found = [line[len("found="):] for line in lines if line.startswith("found=")]
+        found = values(out, "found")
         for hit in found:
             name = next((n for n, m in marks.items() if posixpath.basename(hit) == m), "a Docker socket")
             leaks.append(f"{name} reachable at {hit}")
-        mounts = [line[len("mount="):].split() for line in lines if line.startswith("mount=")]
+        mounts = [value.split() for value in values(out, "mount")]
         if not mounts:
             return failed(HIDDEN, f"no mount table in the canary's output: {seen(out)}", "re-run")
         if compare_devices:  # runc: the canary's mount table names host devices (gVisor's does not)
