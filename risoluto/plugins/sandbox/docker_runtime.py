@@ -177,8 +177,7 @@ class DockerRuntime:
                 await self._api(lambda c, r=root, a=archive: c.put_archive(cid, r, a))
             await self._start(cid, spec.network)
         except BaseException as exc:
-            self._images_seen.clear()
-            self._networks_ok.clear()
+            self._forget_engine_answers()
             with anyio.CancelScope(shield=True):
                 await self._discard(created, volumes, spec, rec, exc)
             self._active -= 1
@@ -214,10 +213,14 @@ class DockerRuntime:
             # The image or network may have gone since it was last seen: look again (uncached),
             # so a vanished image is a plain image_not_found (never pulled) and a removed
             # network is re-created, as without the cache; then try once more.
-            self._images_seen.clear()
-            self._networks_ok.clear()
+            self._forget_engine_answers()
             await gather(self._check_image(spec.image), self._ensure_network(spec.network))
             return await self._api(create, mask=tuple(spec.env.values()))
+
+    def _forget_engine_answers(self) -> None:
+        """Look images and networks up again at the next launch (after any failure)."""
+        self._images_seen.clear()
+        self._networks_ok.clear()
 
     async def _start(self, cid: str, network: str) -> None:
         try:
@@ -273,7 +276,8 @@ class DockerRuntime:
             m.labels = labels
             if not m.source:
                 continue
-            if m.labels.get(LABEL_SCOPE) != SCOPE_ATTEMPT:
+            per_attempt = m.labels.get(LABEL_SCOPE) == SCOPE_ATTEMPT
+            if not per_attempt:
                 try:
                     vol = await self._api(lambda c, name=m.source: c.inspect_volume(name))
                     device = (vol.get("Options") or {}).get("device")
@@ -283,7 +287,7 @@ class DockerRuntime:
                     continue
                 except NotFound:
                     pass
-            if m.labels.get(LABEL_SCOPE) == SCOPE_ATTEMPT:
+            if per_attempt:
                 attempt.append(m.source)
             await self._api(lambda c, name=m.source, lb=labels: c.create_volume(name, labels=lb))
 
