@@ -1,4 +1,4 @@
-"""Helpers for benchmarks: free ports, server subprocesses, wrk runs."""
+"""Helpers for benchmarks: free ports, server subprocesses, wrk runs, latency summaries."""
 
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ import contextlib
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from typing import Iterator
 
 import httpx
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    """p50, mean and p90 of durations in seconds, in microseconds."""
+    samples = sorted(samples)
+    return {"p50": statistics.median(samples) * 1e6, "mean": statistics.fmean(samples) * 1e6,
+            "p90": samples[int(len(samples) * 0.9)] * 1e6}
 
 
 def free_port() -> int:

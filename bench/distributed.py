@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from limits.aio.storage import RedisStorage  # noqa: E402
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
+from bench._servers import stats  # noqa: E402
 from risoluto_postgres.store import PostgresStore  # noqa: E402
 from risoluto_redis.limiter import RedisLimiter  # noqa: E402
 
@@ -124,12 +124,6 @@ async def bench_redis(ops: int, rounds: int, concurrency: int) -> None:
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------
-
-
-def stats(samples: list[float]) -> dict[str, float]:
-    samples = sorted(samples)
-    return {"p50": statistics.median(samples) * 1e6, "mean": statistics.fmean(samples) * 1e6,
-            "p90": samples[int(len(samples) * 0.9)] * 1e6}
 
 
 async def bench_postgres(ops: int, size: int) -> None:

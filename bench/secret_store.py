@@ -14,7 +14,6 @@ import argparse
 import base64
 import os
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._servers import stats  # noqa: E402
 from risoluto.plugins.secrets.crypto import seal_value  # noqa: E402
 from risoluto.plugins.secrets.file_store import FileStore  # noqa: E402
 from risoluto.plugins.secrets.sqlite_store import SqliteStore  # noqa: E402
@@ -31,12 +31,6 @@ from risoluto.settings import build_settings  # noqa: E402
 
 KEY = "bench master key"
 VALUE = "v" * 40  # a typical API token
-
-
-def stats(samples: list[float]) -> dict[str, float]:
-    samples = sorted(samples)
-    return {"p50": statistics.median(samples) * 1e6, "mean": statistics.fmean(samples) * 1e6,
-            "p90": samples[int(len(samples) * 0.9)] * 1e6}
 
 
 async def populate(backend: str, size: int, root: Path) -> FileStore | SqliteStore:

@@ -70,19 +70,16 @@ def _private_transport(dsn: str) -> bool:
 def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     if kernel.settings.secrets.backend != BACKEND:
         return []
-    from risoluto.plugins.secrets.master_key import resolve_master_key
+    from risoluto.plugins.secrets.master_key import key_for_check
 
-    try:
-        mk = resolve_master_key(kernel.settings)
-    except Exception as exc:
-        return [CheckResult(item=ITEM, status=FAIL, reason=str(exc), fix="fix the master key first")]
-    if mk is None:
-        return []  # the master-key check already reports locked mode
+    key, report = key_for_check(kernel.settings, ITEM)
+    if key is None:
+        return report  # a key error, or nothing: the master-key check already reports locked mode
     dsn = postgres_dsn()
     where = redact_dsn(dsn)
     try:
         with psycopg.connect(dsn, connect_timeout=3, autocommit=True, application_name="risoluto-doctor") as conn:
-            found = verify_sync(conn, derive_key(mk.value), where)
+            found = verify_sync(conn, derive_key(key), where)
             fsync = conn.execute("SHOW fsync").fetchone()[0]  # type: ignore[index]
     except psycopg.Error as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
