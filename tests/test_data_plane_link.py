@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 from http_support import ServerThread, free_port
+from serve_util import RISOLUTO
 
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.sandbox import ContainerSpec, Mount
@@ -26,7 +26,6 @@ from risoluto.plugins.sandbox.data_plane import KEEP
 
 pytestmark = pytest.mark.anyio
 SECRET = "s3cret-" + "7" * 40
-RISOLUTO = [sys.executable, "-m", "risoluto.cli"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

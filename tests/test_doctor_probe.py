@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ import docker
 import pytest
 
 from docker_util import docker_engine, sandbox_world  # noqa: F401
+from serve_util import RISOLUTO
+
 from risoluto.doctor import report, run_probes
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN
@@ -56,7 +57,7 @@ async def cli_probe(world: Any, overrides: dict[str, Any] | None = None) -> tupl
     config.write_text(json.dumps(world.config(overrides)))
     env = {**os.environ, "DATA_DIR": str(world.data), "RISOLUTO_CONFIG": str(config)}
     env.pop("MASTER_KEY", None)
-    done = await anyio.run_process([sys.executable, "-m", "risoluto.cli", "doctor", "--probe", "--json"],
+    done = await anyio.run_process([*RISOLUTO, "doctor", "--probe", "--json"],
                                    env=env, check=False)
     return done.returncode, json.loads(done.stdout), done.stderr.decode(errors="replace")
 

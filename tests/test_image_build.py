@@ -10,7 +10,6 @@ import json
 import os
 import pty
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import docker
 import pytest
 import yaml
 from docker_util import TEST_IMAGE, docker_engine, logs, run, sandbox_world  # noqa: F401
+from serve_util import RISOLUTO
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 ROOT = Path(__file__).resolve().parent.parent
-RISOLUTO = [sys.executable, "-m", "risoluto.cli"]
 
 GOOD = f"""FROM {TEST_IMAGE}
 ARG GREETING=none

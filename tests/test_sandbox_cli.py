@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from docker_util import docker_engine, sandbox_world  # noqa: F401
+from serve_util import RISOLUTO
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
-RISOLUTO = [sys.executable, "-m", "risoluto.cli"]
 
 
 def cli(world, *args: str, overrides=None, timeout: float = 120) -> subprocess.CompletedProcess:
