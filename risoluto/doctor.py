@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from .kernel import Kernel
 
 _ORDER = {FAIL: 0, WARN: 1, PASS: 2}
+SEEN_LIMIT = 160
+
+
+def seen(out: str, limit: int = SEEN_LIMIT) -> str:
+    """A probe's output on one short line, to quote in a CheckResult's reason."""
+    text = " | ".join(line.strip() for line in out.strip().splitlines() if line.strip())
+    return (text[:limit] + "...") if len(text) > limit else (text or "no output")
 _COLOURS = {PASS: "\033[32m", WARN: "\033[33m", FAIL: "\033[31m"}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Callable
 
+from risoluto.doctor import seen
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult, Probe
 
@@ -93,11 +94,6 @@ def _lines(out: str) -> dict[str, str]:
     return found
 
 
-def _seen(out: str) -> str:
-    text = " | ".join(line.strip() for line in out.strip().splitlines() if line.strip())
-    return (text[:160] + "...") if len(text) > 160 else (text or "no output")
-
-
 def _result(item: str, status: str, reason: str, fix: str = "") -> CheckResult:
     return CheckResult(item=f"{item} (probe)", status=status, reason=reason, fix=fix if status != PASS else "")
 
@@ -153,11 +149,11 @@ def network_judge(item: str, targets: Targets, plan: Callable[[str], tuple[list[
             return _result(item, FAIL, "reached from the canary: " + "; ".join(reached + more + hits)[:300], fix)
         if not keys and not resolvers:
             why = targets.outside_why if needs_outside else "no host address to listen on"
-            return _result(item, WARN, f"not proven: {why or _seen(out)}",
+            return _result(item, WARN, f"not proven: {why or seen(out)}",
                            "run `risoluto doctor --probe` as root with iproute2")
         if untested or untested_r or rc != 0:
             return _result(item, WARN, f"not proven: the canary could not try {', '.join(untested + untested_r)} "
-                           f"(exit {rc}; {_seen(out)})", "use a worker image with python3 or curl")
+                           f"(exit {rc}; {seen(out)})", "use a worker image with python3 or curl")
         tried = ", ".join(keys + resolvers)
         if needs_outside and not targets.outside:
             return _result(item, WARN, f"not proven in full: no answer from {tried}, but {targets.outside_why}",

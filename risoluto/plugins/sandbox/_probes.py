@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ...doctor import seen
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult, Probe
+
+__all__ = ["HAS_PY", "facts", "values", "seen", "item_of", "passed", "failed", "not_proven", "probe"]
 
 HAS_PY = "command -v python3 >/dev/null 2>&1"
 
@@ -32,12 +35,6 @@ def values(out: str, key: str) -> list[str]:
     """Every ``key=value`` line's value, in order (for facts that repeat)."""
     prefix = key + "="
     return [line[len(prefix):] for line in out.splitlines() if line.startswith(prefix)]
-
-
-def seen(out: str, limit: int = 160) -> str:
-    """The canary's output on one short line, for a reason."""
-    text = " | ".join(line.strip() for line in out.strip().splitlines() if line.strip())
-    return (text[:limit] + "...") if len(text) > limit else (text or "no output")
 
 
 def item_of(name: str) -> str:
