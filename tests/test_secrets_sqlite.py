@@ -249,3 +249,72 @@ async def test_writes_racing_a_rotation_never_mix_keys(backend, risoluto_setting
     for name in names:
         assert await fresh.get(name) in (f"old{name[3:]}", f"new{name[3:]}")
     await fresh.close()
+
+
+WAL_WORKING_SIZE = 32 + 1000 * (4096 + 24)  # header + SQLite's default checkpoint threshold in frames
+
+
+async def test_commits_overwrite_a_preallocated_wal_instead_of_growing_it(risoluto_data_dir, risoluto_settings):
+    store = await opened(risoluto_settings(SQLITE))
+    wal = risoluto_data_dir / "risoluto.db-wal"
+    size = wal.stat().st_size
+    assert size >= WAL_WORKING_SIZE
+    for i in range(40):
+        await store.set(f"S{i}", f"value-{i}")
+    assert wal.stat().st_size == size  # every commit landed in space that was already there
+    assert wal.stat().st_mode & 0o777 == 0o600
+    await store.close()
+
+
+async def test_preallocating_keeps_every_frame_another_connection_left(risoluto_data_dir, risoluto_settings, tmp_path):
+    """A WAL shorter than the working size, holding frames no checkpoint copied yet (another
+    process writing with SQLite's defaults): growing it must not touch one of them, and a crash
+    image taken afterwards (the files copied mid-flight, no -shm) must recover all of them."""
+    from risoluto.plugins.secrets.crypto import derive_key, seal_value
+    from risoluto.plugins.secrets.sqlite_store import _UPSERT
+
+    settings = risoluto_settings(SQLITE)
+    await (await opened(settings)).close()  # schema and key check, then the WAL is gone
+    db = risoluto_data_dir / "risoluto.db"
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("PRAGMA wal_autocheckpoint = 0")  # its frames stay in the WAL
+    key = derive_key(KEY)
+    for i in range(30):
+        s = seal_value(key, f"O{i}", f"other-{i}")
+        other.execute(_UPSERT, (f"O{i}", s.ciphertext, s.iv, s.auth_tag, "2024-01-01T00:00:00.000Z"))
+    wal = risoluto_data_dir / "risoluto.db-wal"
+    assert 0 < wal.stat().st_size < WAL_WORKING_SIZE
+    store = await opened(settings)
+    assert wal.stat().st_size >= WAL_WORKING_SIZE
+    await store.set("MINE", "mine")
+    s = seal_value(key, "LATE", "late")  # the other writer appends into the zeroed space
+    other.execute(_UPSERT, ("LATE", s.ciphertext, s.iv, s.auth_tag, "2024-01-01T00:00:00.000Z"))
+    expected = {**{f"O{i}": f"other-{i}" for i in range(30)}, "MINE": "mine", "LATE": "late"}
+    assert {n: await store.get(n) for n in await store.list()} == expected
+    crash = tmp_path / "crash-image"
+    crash.mkdir(mode=0o700)
+    for name in ("risoluto.db", "risoluto.db-wal"):
+        (crash / name).write_bytes((risoluto_data_dir / name).read_bytes())
+    await store.close()
+    other.close()
+    recovered = await opened(risoluto_settings(SQLITE, {"DATA_DIR": str(crash)}))
+    assert recovered.path == crash / "risoluto.db"
+    assert {n: await recovered.get(n) for n in await recovered.list()} == expected
+    await recovered.close()
+
+
+async def test_a_failed_preallocation_is_logged_and_the_store_works(risoluto_settings, monkeypatch, caplog):
+    import errno
+
+    from risoluto.plugins.secrets import sqlite_store
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(sqlite_store.os, "pwrite", full)
+    store = await opened(risoluto_settings(SQLITE))
+    await store.set("A", "a")
+    assert await store.get("A") == "a"
+    await store.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "risoluto.secrets"]
+    assert any("preallocation failed" in w and "No space left" in w for w in warnings), warnings

@@ -15,6 +15,7 @@ other plugins (the webhook inbox) share the database file.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 from datetime import datetime, timezone
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from risoluto.settings import Settings
 
 DB_NAME = "risoluto.db"
+_WAL_HEADER, _WAL_FRAME_HEADER = 32, 24  # bytes, from SQLite's WAL file format
+log = logging.getLogger("risoluto.secrets")
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS encrypted_secrets (key TEXT PRIMARY KEY, ciphertext TEXT NOT NULL, "
     "iv TEXT NOT NULL, auth_tag TEXT NOT NULL, updated_at TEXT NOT NULL, aad INTEGER NOT NULL DEFAULT 0)",
@@ -145,6 +148,7 @@ class SqliteStore:
         await self._worker().run(job)
         with contextlib.suppress(Exception):  # drop old-key pages from the WAL; best effort
             await self._read(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+            await self._write(self._preallocate_wal)
 
     async def close(self) -> None:
         def _close() -> None:
@@ -217,11 +221,46 @@ class SqliteStore:
             if seen_check != self._check:  # first open, or a table last keyed by the original
                 conn.execute("INSERT OR REPLACE INTO encrypted_secrets_meta (name, value) VALUES ('key_check', ?)",
                              (self._check,))
+            self._preallocate_wal(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _preallocate_wal(self, conn: sqlite3.Connection) -> None:
+        """Zero-fill the WAL up to the size it reaches before a checkpoint; caller holds the write lock.
+
+        Why: SQLite appends to the WAL until a checkpoint, then starts again from the top. On
+        ext4 the fsync of a commit that grew the file also commits the new size in the journal,
+        one that overwrites does not (about 220 against 130 us on this project's test machine).
+        This is what PostgreSQL does with its WAL segments. A zeroed frame is never taken for a
+        frame (page number 0 is invalid, the salts differ), as after SQLite's own WAL restart.
+        Only bytes past the current end are written, under BEGIN IMMEDIATE, so no frame is
+        touched. It is speed, not safety: a failure is logged and the store goes on.
+        """
+        pages = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        target = _WAL_HEADER + max(pages, 0) * (_WAL_FRAME_HEADER + page_size)
+        try:  # never created here: the WAL is SQLite's file, with SQLite's mode
+            fd = os.open(f"{self.path}-wal", os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("%s-wal: not preallocated (%s)", self.path, exc.strerror or exc)
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size < target:
+                zeros = memoryview(bytes(target - size))
+                while zeros:
+                    zeros = zeros[os.pwrite(fd, zeros, target - len(zeros)):]
+                os.fdatasync(fd)
+        except OSError as exc:
+            log.warning("%s-wal: preallocation failed (%s); commits that grow it are slower", self.path,
+                        exc.strerror or exc)
+        finally:
+            os.close(fd)
 
     # -- reads and writes ------------------------------------------------------------------
 
