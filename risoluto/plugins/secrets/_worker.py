@@ -2,7 +2,7 @@
 
 Why not ``anyio.to_thread.run_sync`` for every call: a connection belongs on one thread,
 and the hand-off here is a ``SimpleQueue`` put plus one ``call_soon_threadsafe``, about a
-third of a ``to_thread`` round trip (measured by ``bench/secret_store.py``; on a disk whose
+third of a ``to_thread`` round trip (measured by ``bench/secrets.py``; on a disk whose
 fsync takes ~250 us that round trip alone was half the cost of a durable commit). On
 asyncio (Quart's loop) the result comes back directly; on any other anyio backend the
 call goes through ``anyio.to_thread`` and waits for the same thread, so it stays correct.
