@@ -46,9 +46,11 @@ NO_PROXY = "localhost,127.0.0.1,::1"
 
 
 def docker_client() -> Any:
-    import docker
+    import os
 
-    return docker.from_env(timeout=30)
+    from risoluto.docker_transport import from_env
+
+    return from_env(os.environ, timeout=30)  # one pool, and no ~/.netrc credentials sent to the engine
 
 
 def ensure_network(client: Any, name: str) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import docker
 import requests
-from docker.transport import UnixHTTPAdapter
 
+from ... import docker_transport
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
 from ._naming import LABEL_SCOPE, SCOPE_ATTEMPT
@@ -34,47 +34,10 @@ def docker_host(environ: Mapping[str, str]) -> str:
     return environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
-class _SocketAdapter(UnixHTTPAdapter):
-    """The SDK's unix-socket adapter, with one connection pool for the socket.
-
-    docker-py keys its pools by the full request URL, so every container's own paths
-    (``/containers/<id>/start``, ``.../wait``, ...) open a new pool and a new connection, and
-    past 25 paths it closes old ones: a launch rarely reused a connection. One socket, one pool.
-    """
-
-    def get_connection(self, url: Any, proxies: Any = None) -> Any:
-        return super().get_connection(f"http+unix://{self.socket_path}", proxies)
-
-
-def _tuned(client: docker.APIClient) -> docker.APIClient:
-    """On a unix socket: one pooled set of connections, and no environment lookups per call.
-
-    ``trust_env`` makes requests scan the environment for proxies and read ``~/.netrc`` on every
-    call; neither applies to a unix socket (the adapter never uses a proxy). TCP and SSH engines
-    keep the SDK's defaults, where a proxy setting may be wanted. This reaches into the SDK's
-    transport: if a future SDK changes it, the client is used as the SDK made it (slower, same
-    behaviour) and a warning says so.
-    """
-    old = getattr(client, "_custom_adapter", None)  # set only for unix, npipe, ssh and TLS
-    if old is None or type(old) is not UnixHTTPAdapter:
-        return client
-    try:
-        adapter = _SocketAdapter(f"http+unix://{old.socket_path}", timeout=old.timeout,
-                                 max_pool_size=old.max_pool_size)
-    except (AttributeError, TypeError) as exc:
-        log.warning("Docker SDK transport not as expected (%s); using it unchanged", type(exc).__name__)
-        return client
-    client.mount("http+docker://", adapter)  # routes every request of this client
-    client._custom_adapter = adapter  # the SDK's fallback in get_adapter(): keep it the same one
-    old.close()
-    client.trust_env = False
-    return client
-
-
 def connect(environ: Mapping[str, str], timeout: float = API_TIMEOUT_S, pool: int = 10) -> docker.APIClient:
     """A connected client, or 503 ``sandbox_runtime_unavailable`` with what to do."""
     try:
-        client = _tuned(docker.from_env(environment=dict(environ), timeout=int(timeout), max_pool_size=pool).api)
+        client = docker_transport.from_env(environ, int(timeout), pool).api
         client.ping()
         return client
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
@@ -110,7 +73,7 @@ def engine_facts(kernel: Any) -> dict[str, Any]:
         return cached
     facts: dict[str, Any] = {"at": time.monotonic(), "ok": False, "error": "", "runtimes": {}, "networks": {}}
     try:
-        client = docker.from_env(environment=dict(kernel.environ), timeout=3).api
+        client = docker_transport.from_env(kernel.environ, timeout=3).api
         info = client.info()
         facts.update(ok=True, runtimes=info.get("Runtimes") or {}, version=info.get("ServerVersion", ""))
         facts["networks"] = {n["Name"]: n for n in client.networks()}

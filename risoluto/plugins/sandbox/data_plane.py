@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import attrs
 
+from ... import docker_transport
 from ...errors import ApiError, StartupError
 from ...fsutil import append_line
 from ...hookspecs import hookimpl
@@ -106,7 +107,7 @@ def network_gateway(name: str, environ: Mapping[str, str]) -> str:
     import docker
 
     try:
-        client = docker.from_env(environment=dict(environ), timeout=5).api
+        client = docker_transport.from_env(environ, timeout=5).api
         try:
             configs = (client.inspect_network(name).get("IPAM") or {}).get("Config") or []
         finally:

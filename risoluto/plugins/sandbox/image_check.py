@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ... import docker_transport
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from ._naming import LABEL_INSTANCE, LABEL_MANAGED, instance_id
@@ -99,7 +100,7 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
 
     image = kernel.settings.codex.sandbox.image
     try:
-        client = docker.from_env(environment=dict(kernel.environ), timeout=SCAN_TIMEOUT_S).api
+        client = docker_transport.from_env(kernel.environ, timeout=SCAN_TIMEOUT_S).api
     except Exception as exc:
         return [CheckResult(item="sandbox image", status=FAIL, reason=f"cannot inspect {image}: Docker is not "
                             f"reachable ({type(exc).__name__})", fix="start Docker")]
