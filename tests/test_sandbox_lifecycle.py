@@ -290,3 +290,33 @@ async def test_cached_image_and_network_answers_do_not_outlive_the_objects(sandb
     with pytest.raises(docker.errors.NotFound):
         sandbox_world.docker.inspect_image(tag)
     assert mine(sandbox_world) == []
+
+
+async def test_many_log_followers_do_not_starve_other_engine_calls(sandbox_world, caplog):
+    # each follower holds a worker thread for the sandbox's life; on anyio's shared default
+    # limiter (40 threads) enough of them would leave every other engine call waiting
+    client, kernel = await sandbox_world.app()
+    response = await client.post("/api/v1/sandboxes", json={
+        "issue": "FOLLOW-1", "command": ["sh", "-c", "echo started; exec sleep 300"]})
+    created = await response.get_json()
+    await wait_for_log(client, created["id"], "started")
+    followers = anyio.to_thread.current_default_thread_limiter().total_tokens + 5
+    seen: list[bytes] = []
+
+    async def follow() -> None:
+        async for chunk in kernel.runtime.stream_logs(created["id"]):
+            seen.append(chunk)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(followers):
+            tg.start_soon(follow)
+        with anyio.fail_after(20):
+            while len(seen) < followers:  # every follower has its stream open
+                await anyio.sleep(0.05)
+        with anyio.fail_after(10):
+            assert "started" in await logs(client, created["id"])  # an engine call through the runtime
+            final = await (await client.delete(f"/api/v1/sandboxes/{created['id']}")).get_json()
+        assert final["status"] == "stopped"
+    assert mine(sandbox_world) == []
+    # and their connections went back to the pool instead of being dropped one by one
+    assert "Connection pool is full" not in caplog.text

@@ -39,6 +39,9 @@ log = logging.getLogger("risoluto.sandbox")
 INFO_TTL_S = 10.0
 KEEP_FINISHED = 200
 PREPARE_AFTER_S = 1.0
+# Log followers each hold a worker thread for as long as they follow; they get their own
+# threads so that they can never take anyio's shared ones (40) from every other engine call.
+MAX_LOG_FOLLOWERS = 64
 
 
 async def gather(*aws: Any) -> list[Any]:
@@ -92,6 +95,7 @@ class DockerRuntime:
         self._lock = anyio.Lock()
         self._info_lock = anyio.Lock()
         self._waits: anyio.CapacityLimiter | None = None
+        self._follows: anyio.CapacityLimiter | None = None
         self._prepared = PreparedVolumes(self)
         self.observer: Callable[[SandboxEvent], None] | None = None
 
@@ -110,8 +114,8 @@ class DockerRuntime:
         :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine -> 503."""
         if self._client is None:
             # one pool for the socket: room for every sandbox's wait (held for its life), a
-            # burst of launch calls and some log followers, so connections are kept, not dropped
-            pool = self.settings.codex.sandbox.max_concurrent * 3 + 12
+            # burst of launch calls and every log follower, so connections are kept, not dropped
+            pool = self.settings.codex.sandbox.max_concurrent * 3 + 12 + MAX_LOG_FOLLOWERS
             self._client = await anyio.to_thread.run_sync(functools.partial(engine.connect, self._environ, pool=pool))
         client = self._client
         try:
@@ -474,7 +478,9 @@ class DockerRuntime:
             finally:
                 anyio.from_thread.run_sync(send.close)  # on the event loop: streams are not thread-safe
 
-        task = asyncio.get_running_loop().create_task(self._api(pump))
+        if self._follows is None:
+            self._follows = anyio.CapacityLimiter(MAX_LOG_FOLLOWERS)
+        task = asyncio.get_running_loop().create_task(self._api(pump, limiter=self._follows))
         streamed = 0
         try:
             async with receive:
