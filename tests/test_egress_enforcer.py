@@ -206,3 +206,24 @@ def test_embedded_dns_leak_check(tmp_path, docker_engine):  # noqa: F811
     kernel = kernel_with(tmp_path, ["allowed.test"])
     expected = FAIL if _loopback_resolvers() and not _engine_fixed(docker_engine.version()["Version"]) else PASS
     assert checks(kernel)["egress DNS"][0] == expected
+
+
+def test_firewall_and_namespace_tools_get_no_server_secrets(tmp_path, monkeypatch):
+    # iptables, nft and ip need a PATH, not MASTER_KEY or the tokens the server runs with
+    from risoluto.plugins.egress import _probe_targets, host_firewall
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for tool in ("iptables", "ip"):
+        script = fake_bin / tool
+        script.write_text(f"#!/bin/sh\nenv > {tmp_path}/{tool}.env\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    monkeypatch.setenv("MASTER_KEY", "master-key-value-1234")
+    monkeypatch.setenv("RISOLUTO_WRITE_TOKEN", "write-token-value-1234")
+    host_firewall._run("iptables", "-S", check=False)
+    _probe_targets._ip("link", "show")
+    for tool in ("iptables", "ip"):
+        seen = (tmp_path / f"{tool}.env").read_text()
+        assert f"PATH={fake_bin}:" in seen  # it ran, with the PATH it needs
+        assert "master-key-value-1234" not in seen and "write-token-value-1234" not in seen

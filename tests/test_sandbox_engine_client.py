@@ -151,3 +151,22 @@ def test_no_engine_client_sends_netrc_credentials(make, monkeypatch, tmp_path):
     assert [h["path"] for h in _FakeEngine.seen][0] == "/version"  # the probe, then the calls
     assert len(_FakeEngine.seen) >= 2
     assert not [h["path"] for h in _FakeEngine.seen if "Authorization" in h]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("refusal", [docker.errors.NotFound, docker.errors.APIError])
+async def test_engine_refusals_never_echo_a_masked_value(refusal, risoluto_settings):
+    # whatever the engine says back (a 404 included) goes through the mask of the call
+    from risoluto.errors import ApiError
+    from risoluto.plugins.sandbox.docker_runtime import DockerRuntime
+
+    value = "s3cret-env-value-for-the-agent"
+    runtime = DockerRuntime(risoluto_settings(), environ={})
+    runtime._client = object()  # never used: the call below raises before touching it
+
+    def call(_client):
+        raise refusal(f"failed to create task: env GH_TOKEN={value} rejected")
+
+    with pytest.raises(ApiError) as info:
+        await runtime._api(call, mask=(value,))
+    assert value not in info.value.message and "***" in info.value.message

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 import anyio
 import attrs
 
+from .host_firewall import tool_env
+
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel
 
@@ -42,7 +44,7 @@ class Targets:
 
 # --- the targets ---------------------------------------------------------------------------------
 def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20, env=tool_env())
 
 
 class OutsideNamespace:

@@ -58,8 +58,17 @@ class FirewallError(Exception):
     pass
 
 
+def tool_env() -> dict[str, str]:
+    """The environment for iptables, nft and ip: a PATH and nothing else.
+
+    The server's own environment holds MASTER_KEY, the write token and the data-plane secret;
+    a tool that needs none of them should not get them (they would sit in its /proc/PID/environ).
+    """
+    return {"PATH": os.environ.get("PATH") or "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
 def _run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True, timeout=30)
+    done = subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True, timeout=30, env=tool_env())
     if check and done.returncode != 0:
         raise FirewallError(f"{tool} {' '.join(args)}: {done.stderr.strip() or done.returncode}")
     return done

@@ -121,7 +121,7 @@ class DockerRuntime:
         try:
             return await anyio.to_thread.run_sync(call, client, limiter=limiter, abandon_on_cancel=True)
         except docker.errors.NotFound as exc:
-            raise NotFound(str(exc.explanation or exc)[:300]) from None
+            raise NotFound(redact(str(exc.explanation or exc), mask)[:300]) from None
         except docker.errors.APIError as exc:
             text = redact(str(exc.explanation or exc), mask)  # never echo an environment value back
             raise ApiError(502, "sandbox_engine_error", f"the Docker engine refused: {text[:400]}") from None
@@ -179,7 +179,7 @@ class DockerRuntime:
             for root, files in engine.put_groups(spec).items():
                 archive = engine.build_archive(root, files, uid, gid)
                 await self._api(lambda c, r=root, a=archive: c.put_archive(cid, r, a))
-            await self._start(cid, spec.network)
+            await self._start(cid, spec.network, tuple(spec.env.values()))
         except BaseException as exc:
             self._forget_engine_answers()
             with anyio.CancelScope(shield=True):
@@ -226,16 +226,16 @@ class DockerRuntime:
         self._images_seen.clear()
         self._networks_ok.clear()
 
-    async def _start(self, cid: str, network: str) -> None:
+    async def _start(self, cid: str, network: str, mask: tuple[str, ...]) -> None:
         try:
-            await self._api(lambda c: c.start(cid))
+            await self._api(lambda c: c.start(cid), mask=mask)
         except NotFound:
             # The engine resolves the network at start: if the cached one was removed, re-create it once.
             if network not in self._networks_ok:
                 raise
             self._networks_ok.discard(network)
             await self._ensure_network(network)
-            await self._api(lambda c: c.start(cid))
+            await self._api(lambda c: c.start(cid), mask=mask)
 
     async def _check_image(self, image: str) -> None:
         if time.monotonic() - self._images_seen.get(image, -INFO_TTL_S) < INFO_TTL_S:
