@@ -320,3 +320,40 @@ async def test_many_log_followers_do_not_starve_other_engine_calls(sandbox_world
     assert mine(sandbox_world) == []
     # and their connections went back to the pool instead of being dropped one by one
     assert "Connection pool is full" not in caplog.text
+
+
+def _threads_in(function: str) -> int:
+    """Threads whose stack is inside ``function`` right now."""
+    import sys
+
+    count = 0
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == function and "docker_runtime" in frame.f_code.co_filename:
+                count += 1
+                break
+            frame = frame.f_back
+    return count
+
+
+async def test_a_follower_that_goes_away_frees_its_thread_while_the_sandbox_stays_quiet(sandbox_world):
+    # a follower blocks in the engine's log read until the container prints again; when its
+    # reader leaves, that read must end too, or each departed follower keeps a thread for days
+    client, kernel = await sandbox_world.app()
+    created = await (await client.post("/api/v1/sandboxes", json={
+        "issue": "QUIET-1", "command": ["sh", "-c", "echo started; exec sleep 300"]})).get_json()
+    await wait_for_log(client, created["id"], "started")
+
+    async def follow_once() -> None:
+        stream = kernel.runtime.stream_logs(created["id"])
+        assert b"started" in await stream.__anext__()
+        await stream.aclose()  # the reader leaves; the container stays quiet
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(follow_once)
+    with anyio.fail_after(5):
+        while _threads_in("pump"):
+            await anyio.sleep(0.05)
+    assert kernel.runtime._follows.borrowed_tokens == 0
+    await client.delete(f"/api/v1/sandboxes/{created['id']}")

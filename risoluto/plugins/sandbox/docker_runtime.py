@@ -12,6 +12,7 @@ removes what its crashed predecessor left, and nothing of another kernel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import logging
@@ -109,9 +110,10 @@ class DockerRuntime:
 
     # --- engine access ------------------------------------------------------------
     async def _api(self, call: Callable[..., Any], limiter: Any = None,
-                   mask: tuple[str, ...] = ()) -> Any:
+                   mask: tuple[str, ...] = (), abandon: bool = True) -> Any:
         """Run one SDK call in a worker thread. Engine errors become ApiErrors: 404 ->
-        :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine -> 503."""
+        :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine -> 503.
+        ``abandon=False``: a cancelled caller waits for the thread, which keeps its limiter token."""
         if self._client is None:
             # one pool for the socket: room for every sandbox's wait (held for its life), a
             # burst of launch calls and every log follower, so connections are kept, not dropped
@@ -119,7 +121,7 @@ class DockerRuntime:
             self._client = await anyio.to_thread.run_sync(functools.partial(engine.connect, self._environ, pool=pool))
         client = self._client
         try:
-            return await anyio.to_thread.run_sync(call, client, limiter=limiter, abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(call, client, limiter=limiter, abandon_on_cancel=abandon)
         except docker.errors.NotFound as exc:
             raise NotFound(redact(str(exc.explanation or exc), mask)[:300]) from None
         except docker.errors.APIError as exc:
@@ -468,19 +470,33 @@ class DockerRuntime:
         if rec is None:
             raise ApiError(404, "sandbox_not_found", "No sandbox with that id (or it was not launched here).")
         send, receive = anyio.create_memory_object_stream[bytes](64)
+        # The engine stream, once open, so that a departing reader can shut it: the thread is
+        # blocked reading it and would otherwise stay until the container prints or exits.
+        opened: list[Any] = []
+        left = False
 
         def pump(client: docker.APIClient) -> None:
             try:
-                for chunk in client.logs(rec.id, stream=True, follow=True):
+                stream = client.logs(rec.id, stream=True, follow=True)
+                opened.append(stream)
+                if left:  # the reader left while the stream was being opened
+                    stream.close()
+                    return
+                for chunk in stream:
                     anyio.from_thread.run(send.send, chunk)
             except (docker.errors.NotFound, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
+            except Exception:
+                if not left:
+                    raise
+                # reading a stream shut from the other side fails in one of several ways: expected
             finally:
                 anyio.from_thread.run_sync(send.close)  # on the event loop: streams are not thread-safe
 
         if self._follows is None:
             self._follows = anyio.CapacityLimiter(MAX_LOG_FOLLOWERS)
-        task = asyncio.get_running_loop().create_task(self._api(pump, limiter=self._follows))
+        # not abandoned: the follower's thread keeps its token until the read has really ended
+        task = asyncio.get_running_loop().create_task(self._api(pump, limiter=self._follows, abandon=False))
         streamed = 0
         try:
             async with receive:
@@ -491,6 +507,10 @@ class DockerRuntime:
             if len(rec.logs) > streamed and not rec.logs_truncated:
                 yield rec.logs[streamed:]  # the stream ended early (container removed first)
         finally:
+            left = True
+            for stream in opened:
+                with contextlib.suppress(Exception):
+                    stream.close()  # shutdown(): the blocked read returns at once
             task.cancel()
 
     # --- stop, cleanup ---------------------------------------------------------------------
