@@ -30,7 +30,7 @@ from .settings import Settings
 
 log = logging.getLogger("risoluto")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",

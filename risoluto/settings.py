@@ -9,18 +9,20 @@ range raises :class:`ConfigError` naming the key path: never a silent default.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import attrs
 import yaml
 
 from .errors import ConfigError
+from .text import is_text
 
-_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmg]?$", re.IGNORECASE)
+_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmg]?\Z", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -32,14 +34,32 @@ def parse_size(text: str) -> int:
     return int(float(number) * _SIZE_UNITS[unit])
 
 
+MAX_SIZE = 2**50  # 1 PiB: above any memory, tmpfs or log size Docker would be asked for
+
+
 def _size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
-    if not _SIZE.match(value) or parse_size(value) <= 0:
-        raise ValueError(f"{value!r} is not a size such as 512m or 4g")
+    try:
+        ok = bool(_SIZE.match(value)) and 0 < parse_size(value) <= MAX_SIZE
+    except OverflowError:  # "9" * 400 parses as a float infinity
+        ok = False
+    if not ok:
+        raise ValueError(f"{value!r} is not a size such as 512m or 4g (at most 1 PiB)")
 
 
-def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"must be greater than 0, got {value}")
+_size.allowed = "size, <= 1 PiB"  # type: ignore[attr-defined]  # for the docs
+
+
+def _positive(limit: float) -> Callable[[Any, attrs.Attribute, float], None]:
+    """Greater than 0 and at most ``limit``: also refuses NaN and infinity (YAML's .nan, .inf),
+    and values so large that they would be a denial of service rather than a setting."""
+
+    def check(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+        if not 0 < value <= limit:
+            raise ValueError(f"must be greater than 0 and at most {limit:g}, got {value}")
+
+    shown = f"{limit:,}".replace(",", " ")
+    check.allowed = f"> 0, <= {shown}"  # type: ignore[attr-defined]  # for the docs
+    return check
 
 
 def _cidrs(_inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
@@ -71,8 +91,8 @@ class ResourcesConfig:
     memory: str = attrs.field(default="4g", validator=_size)
     memory_reservation: str = attrs.field(default="1g", validator=_size)
     memory_swap: str = attrs.field(default="4g", validator=_size)
-    cpus: float = attrs.field(default=2.0, validator=_positive)
-    pids_limit: int = attrs.field(default=512, validator=_positive)
+    cpus: float = attrs.field(default=2.0, validator=_positive(1024))
+    pids_limit: int = attrs.field(default=512, validator=_positive(4_194_304))
     tmpfs_size: str = attrs.field(default="512m", validator=_size)
 
 
@@ -80,7 +100,7 @@ class ResourcesConfig:
 class LogsConfig:
     driver: str = "json-file"
     max_size: str = attrs.field(default="50m", validator=_size)
-    max_file: int = attrs.field(default=3, validator=_positive)
+    max_file: int = attrs.field(default=3, validator=_positive(100))
 
 
 @attrs.frozen(kw_only=True)
@@ -92,9 +112,9 @@ class SandboxConfig:
     resources: ResourcesConfig = attrs.field(factory=ResourcesConfig)
     logs: LogsConfig = attrs.field(factory=LogsConfig)
     user: str = ""  # "uid:gid"; empty = the kernel process's own uid:gid
-    timeout_s: float = attrs.field(default=3600.0, validator=_positive)
-    max_concurrent: int = attrs.field(default=8, validator=_positive)
-    stop_grace_s: float = attrs.field(default=10.0, validator=_positive)
+    timeout_s: float = attrs.field(default=3600.0, validator=_positive(7 * 24 * 3600))
+    max_concurrent: int = attrs.field(default=8, validator=_positive(1024))
+    stop_grace_s: float = attrs.field(default=10.0, validator=_positive(3600))
 
 
 @attrs.frozen(kw_only=True)
@@ -123,8 +143,8 @@ class SecretsConfig:
 
 @attrs.frozen(kw_only=True)
 class BucketConfig:
-    limit: int = attrs.field(default=300, validator=_positive)
-    window_seconds: float = attrs.field(default=60.0, validator=_positive)
+    limit: int = attrs.field(default=300, validator=_positive(1_000_000_000))
+    window_seconds: float = attrs.field(default=60.0, validator=_positive(366 * 24 * 3600))
 
 
 @attrs.frozen(kw_only=True)
@@ -132,7 +152,7 @@ class RateLimitConfig:
     api: BucketConfig = attrs.field(factory=BucketConfig)
     webhooks: BucketConfig = attrs.field(factory=lambda: BucketConfig(limit=600))
     backend: str = "memory"
-    max_clients: int = attrs.field(default=1_000_000, validator=_positive)
+    max_clients: int = attrs.field(default=1_000_000, validator=_positive(100_000_000))
     fail_open: bool = False
 
 
@@ -143,7 +163,7 @@ class ServerConfig:
     trusted_proxies: list[str] = attrs.field(factory=list, validator=_cidrs)
     write_token: str = attrs.field(default="", repr=False)
     read_token: str = attrs.field(default="", repr=False)
-    max_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
+    max_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive(2**30))
 
 
 @attrs.frozen(kw_only=True)
@@ -156,9 +176,9 @@ class EgressConfig:
     resolver: str = ""
     hosts: dict[str, str] = attrs.field(factory=dict)
     allow_private_networks: list[str] = attrs.field(factory=list, validator=_cidrs)
-    max_connections: int = attrs.field(default=256, validator=_positive)
-    idle_timeout_s: float = attrs.field(default=60.0, validator=_positive)
-    connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    max_connections: int = attrs.field(default=256, validator=_positive(65_536))
+    idle_timeout_s: float = attrs.field(default=60.0, validator=_positive(24 * 3600))
+    connect_timeout_s: float = attrs.field(default=10.0, validator=_positive(3600))
 
 
 @attrs.frozen(kw_only=True)
@@ -168,7 +188,7 @@ class RuntimeConfig:
     # "data-plane": serve only the sandbox runtime operations (``risoluto serve --data-plane``,
     # docs/data-plane.md); fixed when the app is created, an overlay cannot switch it.
     role: Literal["control", "data-plane"] = "control"
-    data_plane_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    data_plane_timeout_s: float = attrs.field(default=30.0, validator=_positive(3600))
 
 
 @attrs.frozen(kw_only=True)
@@ -296,10 +316,18 @@ def _value(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {str(value)[:40]}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+        if "\x00" in value or not is_text(value):
+            raise ConfigError(f"{where}: must be text without NUL characters or lone surrogates")
         return value
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
 

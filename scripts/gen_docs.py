@@ -49,7 +49,8 @@ def _rows(cls: type, prefix: str) -> list[str]:
         value = getattr(default, field.name)
         shown = "(secret, env only)" if not field.repr else f"`{value!r}`".replace("'", '"')
         env = f"`{_ENV[key]}`" if key in _ENV else ""
-        rows.append(f"| `{key}` | {_type(tp)} | {shown} | {env} |")
+        allowed = getattr(field.validator, "allowed", "")
+        rows.append(f"| `{key}` | {_type(tp)} | {shown} | {allowed} | {env} |")
     return rows
 
 
@@ -60,8 +61,11 @@ def configuration() -> str:
         "Every key may be written in camelCase (shown) or snake_case. `dataDir`, `masterKey` and the",
         "tokens come only from the environment. See [configuration.md](configuration.md) for the rules.",
         "",
-        "| Key | Type | Default | Environment |",
-        "|---|---|---|---|",
+        "Numbers must be finite; strings must not hold NUL or a lone surrogate. A value outside",
+        "its range is refused at startup and by `PUT /api/v1/config/overlay` (400 `invalid_config`).",
+        "",
+        "| Key | Type | Default | Range | Environment |",
+        "|---|---|---|---|---|",
         *_rows(Settings, ""),
     ]
     return "\n".join(lines) + "\n"

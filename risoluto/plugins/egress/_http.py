@@ -14,9 +14,9 @@ import attrs
 from .allowlist import HostError, split_host_port
 
 MAX_HEAD = 16 * 1024
-_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_TARGET_OK = re.compile(r"^[\x21-\x7e]+$")
+_TARGET_OK = re.compile(r"^[\x21-\x7e]+\Z")
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "proxy-connection",
     "te", "trailer", "upgrade", "host",

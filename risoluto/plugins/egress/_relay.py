@@ -21,7 +21,7 @@ from ._http import BadRequest
 
 BUF = 256 * 1024
 PIPE_SIZE = 1024 * 1024
-_HEX = re.compile(rb"^[0-9a-fA-F]{1,15}$")
+_HEX = re.compile(rb"^[0-9a-fA-F]{1,15}\Z")
 _SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)) if _SPLICE else 0
 

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from risoluto.settings import Settings
 
 DEFAULT_PORTS = frozenset({80, 443})
-_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+_PORT = re.compile(r"^[0-9]{1,5}\Z")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -196,7 +196,12 @@ def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings:
 @hookimpl
 def risoluto_settings_validate(settings: Settings) -> None:
     """Refuse an invalid entry at startup and at overlay PUT, not only at the next launch."""
+    from ._dns import parse_pins, parse_resolver  # _dns builds on this module
+
     Allowlist(settings.codex.sandbox.egress_allowlist)
+    if settings.egress.resolver:
+        parse_resolver(settings.egress.resolver)
+    parse_pins(settings.egress.hosts)
 
 
 @hookimpl

@@ -32,8 +32,8 @@ _BAD_SECURITY_OPT = re.compile(
     r"|no-new-privileges[=:]false)$",
     re.IGNORECASE,
 )
-_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
-_ENV_KEY = re.compile(r"^[^=\x00]{1,256}$")
+_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
+_ENV_KEY = re.compile(r"^[^=\x00]{1,256}\Z")
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock",
                   "/var/run/docker", "/run/containerd")
 
@@ -72,6 +72,14 @@ def forbidden_paths(settings: Settings, environ: Mapping[str, str]) -> dict[str,
     return {name: os.path.realpath(path) for name, path in out.items()}
 
 
+def _path_text(path: str) -> bool:
+    """Whether the OS could take ``path`` at all: no NUL, and text that encodes to bytes."""
+    try:
+        return "\x00" not in path and bool(os.fsencode(path))
+    except UnicodeEncodeError:
+        return False
+
+
 def overlaps(a: str, b: str) -> bool:
     """Normalised absolute paths: one is the other, or lies inside it."""
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
@@ -107,7 +115,7 @@ def _check_mounts(spec: ContainerSpec, settings: Settings, environ: Mapping[str,
             raise refuse(f"two mounts target {m.target}.")
         targets.add(m.target)
         if m.type == "bind":
-            if not os.path.isabs(m.source):
+            if not os.path.isabs(m.source) or not _path_text(m.source):
                 raise refuse(f"bind mount source {m.source!r} must be an absolute host path.")
             hit = exposed(m.source, settings, environ)
             if hit:

@@ -13,14 +13,15 @@ import re
 from typing import Any
 
 from ...errors import ApiError
+from ...text import is_text
 from ...hookspecs.sandbox import ContainerSpec, LaunchRequest
 from ._guard import MIN_MATCHED_VALUE, check_spec
 from ._naming import LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, validate_issue
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_SECRET_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
-_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,256}\Z")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 _FIELDS = {"issue", "command", "image", "env", "secrets", "timeout_s", "wait"}
 _RESERVED_ENV = {"HOME", "CODEX_HOME"}
 
@@ -37,7 +38,7 @@ def parse_launch(data: dict[str, Any]) -> tuple[LaunchRequest, bool]:
     issue = validate_issue(data.get("issue"))
     command = data.get("command", [])
     if not isinstance(command, list) or len(command) > 1000 or not all(
-        isinstance(a, str) and "\x00" not in a and len(a) <= 65536 for a in command
+        isinstance(a, str) and "\x00" not in a and len(a) <= 65536 and is_text(a) for a in command
     ):
         raise bad("command must be a list of at most 1000 strings (argv; no shell is added).")
     image = data.get("image", "")
@@ -49,11 +50,11 @@ def parse_launch(data: dict[str, Any]) -> tuple[LaunchRequest, bool]:
     for key, value in env.items():
         if not _ENV_KEY.match(key) or key in _RESERVED_ENV:
             raise bad(f"env name {key[:64]!r} is not allowed (letters, digits, _; not HOME or CODEX_HOME).")
-        if not isinstance(value, str) or "\x00" in value or len(value) > 32768:
+        if not isinstance(value, str) or "\x00" in value or len(value) > 32768 or not is_text(value):
             raise bad(f"env value of {key} must be a string without NUL, at most 32 KiB.")
     secrets = data.get("secrets", [])
     if not isinstance(secrets, list) or not all(isinstance(s, str) and _SECRET_NAME.match(s) for s in secrets):
-        raise bad("secrets must be a list of secret names (^[A-Za-z0-9_.:-]{1,256}$).")
+        raise bad("secrets must be a list of secret names ([A-Za-z0-9_.:-]{1,256}).")
     if len(set(secrets)) != len(secrets) or set(secrets) & (set(env) | _RESERVED_ENV):
         raise bad("a secret is named twice, or also given in env.")
     timeout = data.get("timeout_s")

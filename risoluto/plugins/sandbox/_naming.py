@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ...errors import ApiError
 from ...settings import Settings
+from ...text import is_text
 
 LABEL_ISSUE = "risoluto.issue"
 LABEL_WORKSPACE = "risoluto.workspace"
@@ -31,7 +32,7 @@ MAX_ISSUE_CHARS = 200  # longer identifiers are refused with 400 invalid_issue
 _KEY_CHARS = 64  # the readable part of a sanitised key
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_USER = re.compile(r"^([0-9]{1,10}):([0-9]{1,10})$")
+_USER = re.compile(r"^([0-9]{1,10}):([0-9]{1,10})\Z")
 
 
 def validate_issue(issue: object) -> str:
@@ -42,6 +43,8 @@ def validate_issue(issue: object) -> str:
         raise ApiError(400, "invalid_issue", f"issue is longer than {MAX_ISSUE_CHARS} characters.")
     if _CONTROL.search(issue):
         raise ApiError(400, "invalid_issue", "issue must not contain control characters.")
+    if not is_text(issue):  # a lone surrogate, from JSON or from an argv byte that is not UTF-8
+        raise ApiError(400, "invalid_issue", "issue must be valid Unicode text.")
     return issue
 
 
@@ -62,7 +65,7 @@ def issue_key(issue: str) -> str:
 
 # What a sandbox id or name may look like wherever one arrives from outside (API paths, the
 # data plane's routes and wire format): a container id or a valid Docker name.
-SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 
 def checked_id(sandbox_id: str) -> str:

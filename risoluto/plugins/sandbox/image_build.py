@@ -20,7 +20,7 @@ from ...errors import ApiError
 
 DEFAULT_RECIPE = Path("contrib") / "Dockerfile.sandbox"
 EXIT_BUILD_FAILED, EXIT_USAGE = 1, 2
-_ARG = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ARG = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE)
 _ARG_LINE = re.compile(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)(?:=(\S*))?", re.IGNORECASE)
 _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")

@@ -7,19 +7,19 @@ import re
 from typing import Any
 
 from risoluto.errors import ApiError
+from risoluto.requests import strict_loads
+from risoluto.text import is_text
 
-_DELIVERY_ID = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+_DELIVERY_ID = re.compile(r"^[\x21-\x7e]{1,256}\Z")  # printable ASCII, no spaces
 
 
 def json_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or 400 ``invalid_payload`` (NaN/Infinity refused)."""
+    """The body as a JSON object, or 400 ``invalid_payload`` (see ``strict_loads``)."""
     try:
-        data = json.loads(body, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = strict_loads(body)
+        if not is_text(json.dumps(data, ensure_ascii=False)):  # stored as text: no lone surrogate
+            raise ValueError("lone surrogate")
+    except ValueError:
         raise ApiError(400, "invalid_payload", "The webhook body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_payload", "The webhook body must be a JSON object.")

@@ -19,7 +19,7 @@ from risoluto.hookspecs.webhooks import SecretReader, hmac_sha256_matches, signi
 from ._payload import delivery_id, json_object, one_header, signature_header
 
 SECRET = "GITHUB_WEBHOOK_SECRET"
-_EVENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_EVENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 class GitHubProvider:

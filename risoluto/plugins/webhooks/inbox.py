@@ -27,7 +27,7 @@ from risoluto.openapi import api
 from ._store import Inbox
 
 log = logging.getLogger("risoluto.webhooks")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 _STATE = "webhooks.inbox"
 _ACK = {
     "type": "object", "required": ["ok", "duplicate"],
