@@ -158,11 +158,27 @@ def _install_pipeline(app: Quart, kernel: Kernel) -> None:
         rate_headers = info.extra.get("rate_headers")
         if rate_headers:
             out.extend(rate_headers)
-        try:
-            kernel.hooks.request_completed(info, response.status_code, time.perf_counter() - info.extra["started"])
-        except Exception:  # observers must never turn a response into a 500
-            log.exception("request_completed hook failed")
+        _completed(kernel, info, response.status_code)
         return response
+
+    @app.teardown_request
+    async def _left(_exc: BaseException | None) -> None:
+        info = g.get("info")
+        if info is not None and not info.extra.get("completed"):
+            # no response went out: the client left and Quart cancelled the handler. Observers
+            # (the write audit among them) still hear of the request, as nginx's 499.
+            _completed(kernel, info, CLIENT_CLOSED_REQUEST)
+
+
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _completed(kernel: Kernel, info: RequestInfo, status: int) -> None:
+    info.extra["completed"] = True
+    try:
+        kernel.hooks.request_completed(info, status, time.perf_counter() - info.extra["started"])
+    except Exception:  # observers must never turn a response into a 500
+        log.exception("request_completed hook failed")
 
 
 async def _rate_limit(kernel: Kernel, info: RequestInfo) -> ApiError | None:

@@ -13,6 +13,7 @@ from .errors import ApiError, ConfigError
 from .fsutil import append_line, atomic_write
 from .openapi import api
 from .requests import json_object
+from .shielded import to_the_end
 from .settings import load_yaml, snake, with_overlay
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
     @api("The saved config overlay", tags=("config",), responses={200: OVERLAY_SCHEMA})
     async def get_overlay() -> Any:
         path = kernel.settings.overlay_path
-        data = load_yaml(path, "overlay") if path.exists() else {}
+        # parsed in a thread: a large overlay (a long egressAllowlist) takes the YAML parser a second
+        data = await anyio.to_thread.run_sync(lambda: load_yaml(path, "overlay") if path.exists() else {})
         return {"overlay": data}
 
     @bp.put("/api/v1/config/overlay")
@@ -59,18 +61,22 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
             except ConfigError as exc:
                 raise ApiError(400, "invalid_config", f"Overlay rejected: {exc}") from None
             path = kernel.settings.overlay_path
-            text = yaml.safe_dump(overlay, sort_keys=True, allow_unicode=True)
-            await anyio.to_thread.run_sync(atomic_write, path, text.encode("utf-8"))
-            kernel.settings = new
             info = g.get("info")
             entry = {
                 "at": _now(), "operation": "overlay_put", "keys": sorted(overlay),
                 "principal": getattr(info, "principal", ""), "remote": getattr(info, "client", ""),
                 "request_id": getattr(info, "request_id", ""),
             }
-            await anyio.to_thread.run_sync(
-                append_line, path.parent / "overlay.audit.log", json.dumps(entry)
-            )
+
+            def save() -> None:  # in a thread: dumping a large overlay takes YAML a while
+                atomic_write(path, yaml.safe_dump(overlay, sort_keys=True, allow_unicode=True).encode("utf-8"))
+
+            async def save_apply_audit() -> None:
+                await anyio.to_thread.run_sync(save)
+                kernel.settings = new
+                await anyio.to_thread.run_sync(append_line, path.parent / "overlay.audit.log", json.dumps(entry))
+
+            await to_the_end(save_apply_audit())  # all three even if the client leaves half-way
         return {"overlay": overlay, "restart_required_for": sorted(k for k in overlay if snake(k) in RESTART_KEYS)}
 
     return bp

@@ -24,6 +24,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.secrets import SecretEvent, SecretStore, SecretStoreError
 from risoluto.openapi import api
 from risoluto.requests import json_object
+from risoluto.shielded import to_the_end
 
 from .service import announce
 
@@ -121,9 +122,14 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
             value = check_value(body.get("value"))
         except ValueError as exc:
             raise ApiError(400, "invalid_secret_value", str(exc)) from None
-        async with _store_errors():
-            await store.set(key, value)
-        await announce(kernel.hooks, kernel.settings, _event(kernel, "set", key))
+        event = _event(kernel, "set", key)
+
+        async def commit_and_audit() -> None:
+            async with _store_errors():
+                await store.set(key, value)
+            await announce(kernel.hooks, kernel.settings, event)
+
+        await to_the_end(commit_and_audit())  # a client that leaves never skips the audit line
         return "", 204
 
     @bp.delete("/api/v1/secrets/<path:key>")
@@ -131,11 +137,17 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
     async def delete_secret(key: str) -> Any:
         store = _store(kernel)
         _checked_name(key)
-        async with _store_errors():
-            existed = await store.delete(key)
-        if not existed:
+        event = _event(kernel, "delete", key)
+
+        async def commit_and_audit() -> bool:
+            async with _store_errors():
+                existed = await store.delete(key)
+            if existed:
+                await announce(kernel.hooks, kernel.settings, event)
+            return existed
+
+        if not await to_the_end(commit_and_audit()):
             raise ApiError(404, "secret_not_found", "No secret has that name.")
-        await announce(kernel.hooks, kernel.settings, _event(kernel, "delete", key))
         return "", 204
 
     return [bp]

@@ -23,6 +23,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.webhooks import WebhookDelivery, WebhookProvider
 from risoluto.openapi import api
+from risoluto.shielded import to_the_end
 
 from ._store import Inbox
 
@@ -85,17 +86,24 @@ def _view(state: WebhookState, provider: WebhookProvider) -> Any:
         except ApiError as err:
             state.deliveries.labels(provider.name, err.code).inc()
             raise
-        fresh = await state.inbox.record(provider.name, delivery_id, event, body, _now())
-        if not fresh:
+        async def record_and_hand_on() -> bool:
+            fresh = await state.inbox.record(provider.name, delivery_id, event, body, _now())
+            if not fresh:
+                return False
+            delivery = WebhookDelivery(provider=provider.name, delivery_id=delivery_id, event=event,
+                                       payload=payload, received_at=_now())
+            try:
+                state.kernel.hooks.webhook_received(delivery)
+            except Exception:  # stored durably already; a broken consumer must not make the sender retry
+                log.exception("a risoluto_webhook_received hook failed for %s %s", provider.name, delivery_id)
+            return True
+
+        # recorded and handed on together: if the sender hung up in between, its retry would be
+        # a duplicate and the delivery would never reach a consumer
+        if not await to_the_end(record_and_hand_on()):
             state.deliveries.labels(provider.name, "duplicate").inc()
             return {"ok": True, "duplicate": True}
         state.deliveries.labels(provider.name, "accepted").inc()
-        delivery = WebhookDelivery(provider=provider.name, delivery_id=delivery_id, event=event,
-                                   payload=payload, received_at=_now())
-        try:
-            state.kernel.hooks.webhook_received(delivery)
-        except Exception:  # stored durably already; a broken consumer must not make the sender retry
-            log.exception("a risoluto_webhook_received hook failed for %s %s", provider.name, delivery_id)
         return {"ok": True, "duplicate": False}
 
     receive.__name__ = f"webhook_{provider.name.replace('-', '_')}"
