@@ -357,3 +357,18 @@ async def test_a_follower_that_goes_away_frees_its_thread_while_the_sandbox_stay
             await anyio.sleep(0.05)
     assert kernel.runtime._follows.borrowed_tokens == 0
     await client.delete(f"/api/v1/sandboxes/{created['id']}")
+
+
+async def test_logs_are_capped_in_bytes_while_running_and_after_exit(sandbox_world):
+    # 3000 lines of 4000 bytes fit in the 10 000-line tail, but are 12 MB: the answer must stay
+    # within the 1 MiB cap (the engine's 16 KiB entries could make that tail 160 MB)
+    client, _ = await sandbox_world.app()
+    script = 'yes "$(head -c 4000 /dev/zero | tr "\\0" x)" | head -n 3000; echo LAST-LINE; exec sleep 300'
+    created = await (await client.post("/api/v1/sandboxes", json={
+        "issue": "LOUD-1", "command": ["sh", "-c", script]})).get_json()
+    running = await wait_for_log(client, created["id"], "LAST-LINE")
+    assert len(running.encode()) <= 1024 * 1024 and running.endswith("LAST-LINE\n")
+    final = await (await client.delete(f"/api/v1/sandboxes/{created['id']}")).get_json()
+    assert final["status"] == "stopped"
+    kept = await logs(client, created["id"])
+    assert len(kept.encode()) <= 1024 * 1024 and kept.endswith("LAST-LINE\n")

@@ -48,8 +48,8 @@ class Record:
             env_keys=sorted(spec.env), timeout_s=timeout_s, created_at=created_at,
         )
 
-    def set_logs(self, data: bytes) -> None:
-        self.logs_truncated = len(data) > self.LOG_CAP_BYTES or data.count(b"\n") >= self.LOG_TAIL_LINES
+    def set_logs(self, data: bytes, cut: bool = False) -> None:
+        self.logs_truncated = cut or len(data) > self.LOG_CAP_BYTES or data.count(b"\n") >= self.LOG_TAIL_LINES
         self.logs = data[-self.LOG_CAP_BYTES:]
 
     def public(self) -> dict[str, Any]:

@@ -45,6 +45,10 @@ PREPARE_AFTER_S = 1.0
 MAX_LOG_FOLLOWERS = 64
 
 
+def _tail(client: docker.APIClient, cid: str) -> tuple[bytes, bool]:
+    return engine.log_tail(client, cid, Record.LOG_TAIL_LINES, Record.LOG_CAP_BYTES)
+
+
 async def gather(*aws: Any) -> list[Any]:
     """Await concurrently; results in order; the first failure is re-raised as itself."""
     results: list[Any] = [None] * len(aws)
@@ -355,10 +359,10 @@ class DockerRuntime:
         if scope.cancelled_caught:
             rec.timed_out, rec.reason = True, "timeout"
             await self._stop(rec.id)
-        info, output = await gather(self._api(lambda c: c.inspect_container(rec.id)),
-                                    self._api(lambda c: c.logs(rec.id, tail=Record.LOG_TAIL_LINES)))
+        info, (output, cut) = await gather(self._api(lambda c: c.inspect_container(rec.id)),
+                                           self._api(lambda c: _tail(c, rec.id)))
         rec.exit_code, rec.oom_killed = info["State"].get("ExitCode"), bool(info["State"].get("OOMKilled"))
-        rec.set_logs(output)
+        rec.set_logs(output, cut)
         rec.status = "timed_out" if rec.timed_out else "stopped" if rec.stop_requested else "exited"
 
     async def _stop(self, cid: str) -> None:
@@ -449,7 +453,7 @@ class DockerRuntime:
             return rec.logs.decode("utf-8", "replace")
         cid = rec.id if rec is not None else (await self.inspect(sandbox_id))["id"]
         try:
-            data = await self._api(lambda c: c.logs(cid, tail=Record.LOG_TAIL_LINES))
+            data = (await self._api(lambda c: _tail(c, cid)))[0]
         except NotFound:
             data = rec.logs if rec is not None else b""
         except ApiError:
