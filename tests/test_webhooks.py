@@ -502,3 +502,33 @@ def test_cli_doctor_reads_the_store(tmp_path):
                        cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60)
     item = doctor()
     assert item["status"] == "PASS" and "v4lue" not in json.dumps(item)
+
+
+async def test_a_locked_database_does_not_starve_other_requests_of_threads(risoluto_client, risoluto_data_dir):
+    # another process holds risoluto.db's write lock; deliveries wait for it on the inbox's own
+    # thread, not on anyio's shared ones (40), which the overlay GET below needs
+    import sqlite3
+
+    import anyio
+
+    client, received, _ = await make(risoluto_client)
+    blocker = sqlite3.connect(risoluto_data_dir / "risoluto.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    answers = []
+
+    async def deliver(n):
+        body = linear_body()
+        status, _ = await post(client, "/webhooks/linear", body, linear_headers(body, delivery=f"lock-{n}"))
+        answers.append(status)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for n in range(45):
+                tg.start_soon(deliver, n)
+            await anyio.sleep(0.5)
+            with anyio.fail_after(2):
+                assert (await client.get("/api/v1/config/overlay")).status_code == 200
+            blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    assert answers == [200] * 45 and len(received.deliveries) == 45

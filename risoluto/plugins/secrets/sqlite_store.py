@@ -27,7 +27,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
 
-from ._worker import WorkerThread
+from risoluto.worker_thread import WorkerThread
 from .crypto import (
     DecryptError, FormatError, Sealed, Verified, assess, derive_key, key_check, open_row, open_value, seal_value,
 )

@@ -2,21 +2,22 @@
 
 One row per verified delivery, unique per (provider, delivery id) and also per
 (provider, SHA-256 of the body): the delivery-id headers are not signed, so a captured
-body replayed under a fresh id is still a duplicate. SQLite runs in worker threads
-(``anyio.to_thread``) on one connection guarded by a lock; WAL journal, synchronous=FULL
-so an acknowledged delivery survives a crash.
+body replayed under a fresh id is still a duplicate. The connection lives on its own thread
+(``risoluto.worker_thread``), which runs its queries one at a time; WAL journal,
+synchronous=FULL so an acknowledged delivery survives a crash. It used anyio's shared threads
+with a lock: while another process held the database's write lock, 45 deliveries took all 40
+of them, each waiting out the busy timeout, and unrelated requests waited behind them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
-import threading
 from pathlib import Path
 
-import anyio
-
 from risoluto.fsutil import ensure_private_dir
+from risoluto.worker_thread import WorkerThread
 
 DB_NAME = "risoluto.db"
 _COLUMNS = {
@@ -33,18 +34,28 @@ class Inbox:
     def __init__(self, data_dir: Path):
         self.path = data_dir / DB_NAME
         self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._thread: WorkerThread | None = None
+
+    def _worker(self) -> WorkerThread:
+        if self._thread is None:
+            raise RuntimeError("webhook inbox is closed")
+        return self._thread
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(self._open_sync)
+        self._thread = WorkerThread(f"risoluto-webhook-inbox:{self.path}")
+        try:
+            await self._thread.run(self._open_sync)
+        except BaseException:
+            self._thread.stop()
+            self._thread = None
+            raise
 
     def _open_sync(self) -> None:
         ensure_private_dir(self.path.parent)
-        fresh = not self.path.exists()
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        # created 0600 by us: sqlite would make it 0644 until a chmod (its -wal/-shm copy this mode)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
         try:
-            if fresh:
-                self.path.chmod(0o600)
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
@@ -69,35 +80,37 @@ class Inbox:
     async def record(self, provider: str, delivery_id: str, event: str, body: bytes, received_at: str) -> bool:
         """Store a verified delivery; False if it was already there (a duplicate)."""
         digest = hashlib.sha256(body).hexdigest()
-        return await anyio.to_thread.run_sync(self._record_sync, provider, delivery_id, event, digest, body,
-                                              received_at)
+        return bool(await self._worker().run(self._record_sync, provider, delivery_id, event, digest, body,
+                                             received_at))
 
     def _record_sync(self, provider: str, delivery_id: str, event: str, digest: str, body: bytes,
                      received_at: str) -> bool:
-        with self._lock:
-            if self._conn is None:
-                raise RuntimeError("webhook inbox is closed")
-            cur = self._conn.execute(
-                "INSERT OR IGNORE INTO webhook_inbox (provider, delivery_id, event, body_sha256, payload, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (provider, delivery_id, event, digest, body, received_at),
-            )
-            return cur.rowcount == 1
+        if self._conn is None:
+            raise RuntimeError("webhook inbox is closed")
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO webhook_inbox (provider, delivery_id, event, body_sha256, payload, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (provider, delivery_id, event, digest, body, received_at),
+        )
+        return cur.rowcount == 1
 
     async def count(self, provider: str) -> int:
         def run() -> int:
-            with self._lock:
-                assert self._conn is not None
-                return int(self._conn.execute("SELECT COUNT(*) FROM webhook_inbox WHERE provider = ?",
-                                              (provider,)).fetchone()[0])
+            assert self._conn is not None
+            return int(self._conn.execute("SELECT COUNT(*) FROM webhook_inbox WHERE provider = ?",
+                                          (provider,)).fetchone()[0])
 
-        return await anyio.to_thread.run_sync(run)
+        return int(await self._worker().run(run))
 
     async def close(self) -> None:
         def run() -> None:
-            with self._lock:
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
-        await anyio.to_thread.run_sync(run)
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            try:
+                await thread.run(run)
+            finally:
+                thread.stop()

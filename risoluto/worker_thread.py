@@ -1,4 +1,6 @@
-"""One dedicated thread per SQLite connection (the aiosqlite pattern).
+"""One dedicated thread per SQLite connection (the aiosqlite pattern): the secret store's
+and the webhook inbox's. Neither takes a thread from anyio's shared pool, so a locked
+database file never starves other work of threads.
 
 Why not ``anyio.to_thread.run_sync`` for every call: a connection belongs on one thread,
 and the hand-off here is a ``SimpleQueue`` put plus one ``call_soon_threadsafe``, about a
