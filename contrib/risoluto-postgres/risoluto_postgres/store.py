@@ -31,6 +31,7 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 import psycopg
+import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
 
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
@@ -65,6 +66,9 @@ DELETE = (
     " SELECT (SELECT value FROM chk), (SELECT count(*) FROM del)"
 )
 _OPEN_LOCK = "SELECT pg_advisory_xact_lock(hashtext('risoluto.encrypted_secrets'))"
+
+LOCK_TIMEOUT_MS = 5_000
+STATEMENT_TIMEOUT_MS = 30_000
 
 
 def now_iso() -> str:
@@ -255,6 +259,11 @@ class PostgresStore:
             sync = (await (await conn.execute("SHOW synchronous_commit")).fetchone())[0]  # type: ignore[index]
             if sync == "off":  # the server's default may trade durability for speed; we do not
                 await conn.execute("SET synchronous_commit = on")
+            # No wait without an end: a transaction elsewhere holding a row lock, or a stuck query,
+            # would otherwise hold this store's lock and every caller behind it (the sqlite
+            # backend's busy timeout is 5 s too).
+            await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_MS}ms'")
+            await conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT_MS}ms'")
         except BaseException:
             await conn.close()
             raise
@@ -270,6 +279,10 @@ class PostgresStore:
                 return await fn(self._conn)
             except SecretStoreError:
                 raise
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                raise SecretStoreError(
+                    f"PostgreSQL at {self.location} is busy ({what}): a lock or the query took longer than "
+                    f"{LOCK_TIMEOUT_MS // 1000} s / {STATEMENT_TIMEOUT_MS // 1000} s; try again") from None
             except psycopg.OperationalError as exc:
                 await self._drop()
                 raise SecretStoreError(

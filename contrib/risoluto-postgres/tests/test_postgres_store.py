@@ -367,3 +367,21 @@ async def test_doctor_pass_warn_fail(tmp_path, schema_dsn, db):
     assert doctor_item(tmp_path, schema_dsn)["status"] == "WARN"
     down = doctor_item(tmp_path, f"postgresql://risoluto:hunter2@127.0.0.1:{free_port()}/risoluto")
     assert down["status"] == "FAIL" and "unreachable" in down["reason"] and "hunter2" not in json.dumps(down)
+
+
+async def test_a_lock_held_elsewhere_is_a_clear_error_in_seconds_not_a_hang(schema_dsn, db):
+    # another session holds the key check row (as a rotation elsewhere would) and does not let go
+    store = await opened(schema_dsn)
+    try:
+        await store.set("A", "1")
+        with psycopg.connect(schema_dsn) as holder:  # not autocommit: the lock stays until rollback
+            holder.execute("SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check' FOR UPDATE")
+            with anyio.fail_after(15):
+                with pytest.raises(SecretStoreError, match="busy"):
+                    await store.set("B", "2")
+                assert await store.get("A") == "1"  # the store itself is free again at once
+            holder.rollback()
+        await store.set("B", "2")
+        assert await store.get("B") == "2"
+    finally:
+        await store.close()
