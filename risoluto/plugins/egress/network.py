@@ -214,7 +214,11 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     if not sandbox.egress_allowlist:
         return []
     try:
-        info = docker_client().info()
+        client = docker_client()
+        try:
+            info = client.info()
+        finally:
+            client.close()
     except Exception as exc:  # noqa: BLE001 - any engine failure is reported, not raised
         return [CheckResult(item="egress network", status=FAIL, fix="start the Docker engine",
                             reason=f"Docker engine not reachable: {type(exc).__name__}")]

@@ -113,10 +113,12 @@ def engine_facts(kernel: Any) -> dict[str, Any]:
     facts: dict[str, Any] = {"at": time.monotonic(), "ok": False, "error": "", "runtimes": {}, "networks": {}}
     try:
         client = docker_transport.from_env(kernel.environ, timeout=3).api
-        info = client.info()
-        facts.update(ok=True, runtimes=info.get("Runtimes") or {}, version=info.get("ServerVersion", ""))
-        facts["networks"] = {n["Name"]: n for n in client.networks()}
-        client.close()
+        try:
+            info = client.info()
+            facts.update(ok=True, runtimes=info.get("Runtimes") or {}, version=info.get("ServerVersion", ""))
+            facts["networks"] = {n["Name"]: n for n in client.networks()}
+        finally:
+            client.close()
     except Exception as exc:  # the doctor reports, never raises
         facts["error"] = f"not reachable at {docker_host(kernel.environ)} ({type(exc).__name__})"
     kernel.state["sandbox.engine_facts"] = facts
