@@ -94,3 +94,24 @@ class WorkerThread:
         self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
+
+
+async def started(name: str, opener: Callable[[], None]) -> WorkerThread:
+    """A new worker that has run ``opener`` (opening its connection); stopped again if it raised."""
+    thread = WorkerThread(name)
+    try:
+        await thread.run(opener)
+    except BaseException:
+        thread.stop()
+        raise
+    return thread
+
+
+async def finished(thread: WorkerThread | None, closer: Callable[[], None]) -> None:
+    """Run ``closer`` (closing the connection) on ``thread``, then stop it; nothing if None."""
+    if thread is None:
+        return
+    try:
+        await thread.run(closer)
+    finally:
+        thread.stop()

@@ -27,7 +27,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
 
-from risoluto.worker_thread import WorkerThread
+from risoluto.worker_thread import WorkerThread, finished, started
 from .crypto import (
     DecryptError, FormatError, Sealed, Verified, assess, derive_key, key_check, open_row, open_value, seal_value,
 )
@@ -79,13 +79,7 @@ class SqliteStore:
     # -- protocol --------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._thread = WorkerThread(f"risoluto-secrets-sqlite:{self.path}")
-        try:
-            await self._thread.run(self._open_sync)
-        except BaseException:
-            self._thread.stop()
-            self._thread = None
-            raise
+        self._thread = await started(f"risoluto-secrets-sqlite:{self.path}", self._open_sync)
 
     async def list(self) -> list[str]:
         rows = await self._read(lambda c: c.execute("SELECT key FROM encrypted_secrets ORDER BY key").fetchall())
@@ -156,12 +150,8 @@ class SqliteStore:
                 self._conn.close()
                 self._conn = None
 
-        if self._thread is not None:
-            thread, self._thread = self._thread, None
-            try:
-                await thread.run(_close)
-            finally:
-                thread.stop()
+        thread, self._thread = self._thread, None
+        await finished(thread, _close)
 
     # -- opening ---------------------------------------------------------------------------
 

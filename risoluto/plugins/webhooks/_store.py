@@ -17,7 +17,7 @@ import sqlite3
 from pathlib import Path
 
 from risoluto.fsutil import ensure_private_dir
-from risoluto.worker_thread import WorkerThread
+from risoluto.worker_thread import WorkerThread, finished, started
 
 DB_NAME = "risoluto.db"
 _COLUMNS = {
@@ -42,13 +42,7 @@ class Inbox:
         return self._thread
 
     async def open(self) -> None:
-        self._thread = WorkerThread(f"risoluto-webhook-inbox:{self.path}")
-        try:
-            await self._thread.run(self._open_sync)
-        except BaseException:
-            self._thread.stop()
-            self._thread = None
-            raise
+        self._thread = await started(f"risoluto-webhook-inbox:{self.path}", self._open_sync)
 
     def _open_sync(self) -> None:
         ensure_private_dir(self.path.parent)
@@ -108,9 +102,5 @@ class Inbox:
                 self._conn.close()
                 self._conn = None
 
-        if self._thread is not None:
-            thread, self._thread = self._thread, None
-            try:
-                await thread.run(run)
-            finally:
-                thread.stop()
+        thread, self._thread = self._thread, None
+        await finished(thread, run)
