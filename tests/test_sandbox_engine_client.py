@@ -41,6 +41,30 @@ def test_calls_on_many_container_paths_reuse_one_connection(docker_engine, monke
     assert opened == []
 
 
+@pytest.mark.docker
+def test_log_tails_read_through_the_pool_too(docker_engine, monkeypatch):
+    # the block reader must read each answer to its end, or requests closes the connection
+    client = engine.connect({})
+    cid = client.create_container("risoluto-test:latest", ["sh", "-c", "echo out; echo err >&2"])["Id"]
+    try:
+        client.start(cid)
+        client.wait(cid)
+        opened: list[str] = []
+        real_connect = UnixHTTPConnection.connect
+
+        def counting(self):
+            opened.append(self.unix_socket)
+            return real_connect(self)
+
+        monkeypatch.setattr(UnixHTTPConnection, "connect", counting)
+        for _ in range(10):
+            assert engine.log_tail(client, cid, 100, 1024) == (b"out\nerr\n", False)
+        assert opened == []
+    finally:
+        client.remove_container(cid, force=True)
+        client.close()
+
+
 def test_a_unix_socket_client_gets_one_pool_and_ignores_the_environment(monkeypatch, tmp_path):
     # no engine needed: the client is only built, never used
     netrc = tmp_path / "netrc"

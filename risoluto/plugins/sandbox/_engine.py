@@ -64,7 +64,7 @@ def log_tail(client: docker.APIClient, cid: str, lines: int, cap: int) -> tuple[
         except requests.exceptions.HTTPError as exc:
             raise docker.errors.create_api_error_from_http_exception(exc) from None
         pending, kept, cut = bytearray(), bytearray(), False
-        for block in res.raw.stream(1 << 16, decode_content=False):
+        for block in res.iter_content(1 << 16):  # read to the end: the connection goes back to the pool
             pending += block
             while len(pending) >= _FRAME.size:
                 end = _FRAME.size + _FRAME.unpack_from(pending)[1]
