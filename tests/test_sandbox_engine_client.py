@@ -18,9 +18,9 @@ from risoluto.errors import StartupError
 from risoluto.plugins.sandbox import _engine as engine
 
 
-@pytest.mark.docker
-def test_calls_on_many_container_paths_reuse_one_connection(docker_engine, monkeypatch):
-    # docker-py keys its pools by the full URL: every container path used to open a connection
+@pytest.fixture
+def connects(monkeypatch) -> list[str]:
+    """Every new connection to an engine socket, from now on, by socket path."""
     opened: list[str] = []
     real_connect = UnixHTTPConnection.connect
 
@@ -29,6 +29,13 @@ def test_calls_on_many_container_paths_reuse_one_connection(docker_engine, monke
         return real_connect(self)
 
     monkeypatch.setattr(UnixHTTPConnection, "connect", counting)
+    return opened
+
+
+@pytest.mark.docker
+def test_calls_on_many_container_paths_reuse_one_connection(docker_engine, connects):
+    # docker-py keys its pools by the full URL: every container path used to open a connection
+    opened = connects
     client = engine.connect({})
     opened.clear()  # the SDK's version probe and our ping: the pooled connection is open now
     try:
@@ -42,25 +49,18 @@ def test_calls_on_many_container_paths_reuse_one_connection(docker_engine, monke
 
 
 @pytest.mark.docker
-def test_log_tails_read_through_the_pool_too(docker_engine, monkeypatch):
+def test_log_tails_read_through_the_pool_too(docker_engine, connects):
     # the block reader must read each answer to its end, or requests closes the connection
     client = engine.connect({})
     cid = client.create_container("risoluto-test:latest", ["sh", "-c", "echo out; echo err >&2"])["Id"]
     try:
         client.start(cid)
         client.wait(cid)
-        opened: list[str] = []
-        real_connect = UnixHTTPConnection.connect
-
-        def counting(self):
-            opened.append(self.unix_socket)
-            return real_connect(self)
-
-        monkeypatch.setattr(UnixHTTPConnection, "connect", counting)
+        connects.clear()
         for _ in range(10):
             data, cut = engine.log_tail(client, cid, 100, 1024)
             assert sorted(data.splitlines()) == [b"err", b"out"] and not cut  # two pipes: either order
-        assert opened == []
+        assert connects == []
     finally:
         client.remove_container(cid, force=True)
         client.close()
