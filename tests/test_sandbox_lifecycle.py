@@ -108,6 +108,9 @@ async def test_unknown_image_is_a_400_and_never_pulled(sandbox_world):
     with pytest.raises(docker.errors.NotFound):
         sandbox_world.docker.inspect_image("risoluto-no-such-image:1")
     assert mine(sandbox_world) == []
+    # and no HOME volume was made for the issue of a launch that could never run
+    volumes = sandbox_world.docker.volumes(filters={"label": f"risoluto.instance={sandbox_world.instance}"})
+    assert [v["Name"] for v in volumes.get("Volumes") or [] if v["Name"].endswith("-I-1")] == []
 
 
 @pytest.mark.parametrize("issue", ["../../etc", "a/b", "with space", "ünïcødé-✓", ".", "..", "-lead", "x" * 200])

@@ -163,10 +163,11 @@ class DockerRuntime:
         volumes: list[str] = []
         created: list[str] = []
         try:
-            # Independent look-ups in parallel: each is an engine round trip on the launch path.
             await self._preflight(spec)
-            await gather(self._check_image(spec.image), self._ensure_network(spec.network),
-                         self._ensure_volumes(spec, volumes))
+            # the image first (cached for INFO_TTL_S, so usually free): a launch that can never run
+            # creates nothing, not even the HOME volume; then the rest in parallel
+            await self._check_image(spec.image)
+            await gather(self._ensure_network(spec.network), self._ensure_volumes(spec, volumes))
             # only a launch that got this far may take (or make out of date) a prepared volume
             slots = self._prepared.slots(spec)
             taken = self._prepared.claim(slots, volumes)
