@@ -7,7 +7,6 @@ image (``create_container`` never pulls; the high-level ``containers.run`` would
 from __future__ import annotations
 
 import io
-import logging
 import posixpath
 import struct
 import tarfile
@@ -22,7 +21,6 @@ from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
 from ._naming import LABEL_SCOPE, SCOPE_ATTEMPT
 
-log = logging.getLogger("risoluto.sandbox")
 API_TIMEOUT_S = 60.0
 FACTS_TTL_S = 5.0
 START_HINT = (
