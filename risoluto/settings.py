@@ -35,6 +35,7 @@ def parse_size(text: str) -> int:
 
 
 MAX_SIZE = 2**50  # 1 PiB: above any memory, tmpfs or log size Docker would be asked for
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a sandbox's timeout, in the config and in a launch request
 
 
 def _size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -57,7 +58,7 @@ def _positive(limit: float) -> Callable[[Any, attrs.Attribute, float], None]:
         if not 0 < value <= limit:
             raise ValueError(f"must be greater than 0 and at most {limit:g}, got {value}")
 
-    shown = f"{limit:,}".replace(",", " ")
+    shown = f"{int(limit) if float(limit).is_integer() else limit:,}".replace(",", " ")
     check.allowed = f"> 0, <= {shown}"  # type: ignore[attr-defined]  # for the docs
     return check
 
@@ -112,7 +113,7 @@ class SandboxConfig:
     resources: ResourcesConfig = attrs.field(factory=ResourcesConfig)
     logs: LogsConfig = attrs.field(factory=LogsConfig)
     user: str = ""  # "uid:gid"; empty = the kernel process's own uid:gid
-    timeout_s: float = attrs.field(default=3600.0, validator=_positive(7 * 24 * 3600))
+    timeout_s: float = attrs.field(default=3600.0, validator=_positive(MAX_TIMEOUT_S))
     max_concurrent: int = attrs.field(default=8, validator=_positive(1024))
     stop_grace_s: float = attrs.field(default=10.0, validator=_positive(3600))
 

@@ -15,10 +15,10 @@ from typing import Any
 from ...errors import ApiError
 from ...text import is_text
 from ...hookspecs.sandbox import ContainerSpec, LaunchRequest
+from ...settings import MAX_TIMEOUT_S
 from ._guard import MIN_MATCHED_VALUE, check_spec
 from ._naming import LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, validate_issue
 
-MAX_TIMEOUT_S = 7 * 24 * 3600.0
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,256}\Z")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")

@@ -18,11 +18,11 @@ from typing import Any
 
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
+from ...settings import MAX_TIMEOUT_S
 from ._naming import SANDBOX_ID
 
 PREFIX = "/dp/v1"
 SECRET_ENV = "RISOLUTO_DATA_PLANE_SECRET"
-MAX_TIMEOUT_S = 7 * 24 * 3600.0
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 _MOUNT_FIELDS = {"target": str, "source": str, "type": str, "read_only": bool, "tmpfs_size": int, "labels": dict}
 _LISTS = ("command", "cap_drop", "cap_add", "security_opt")
