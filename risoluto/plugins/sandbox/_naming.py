@@ -66,6 +66,8 @@ def issue_key(issue: str) -> str:
 # What a sandbox id or name may look like wherever one arrives from outside (API paths, the
 # data plane's routes and wire format): a container id or a valid Docker name.
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+# An image reference as a launch request or the data plane's wire format may give it.
+IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 
 
 def checked_id(sandbox_id: str) -> str:

@@ -13,17 +13,15 @@ import base64
 import binascii
 import math
 import posixpath
-import re
 from typing import Any
 
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
 from ...settings import MAX_TIMEOUT_S
-from ._naming import SANDBOX_ID
+from ._naming import IMAGE_REF, SANDBOX_ID
 
 PREFIX = "/dp/v1"
 SECRET_ENV = "RISOLUTO_DATA_PLANE_SECRET"
-_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 _MOUNT_FIELDS = {"target": str, "source": str, "type": str, "read_only": bool, "tmpfs_size": int, "labels": dict}
 _LISTS = ("command", "cap_drop", "cap_add", "security_opt")
 _STRINGS = ("name", "image", "user", "runtime", "network", "working_dir")
@@ -106,7 +104,7 @@ def spec_from_wire(raw: Any) -> ContainerSpec:
             raise invalid(f"spec.{field} must be a string.")
     if not SANDBOX_ID.match(raw.get("name", "")):
         raise invalid("spec.name must be a valid container name.")
-    if not _IMAGE.match(raw.get("image", "")):
+    if not IMAGE_REF.match(raw.get("image", "")):
         raise invalid("spec.image must be an image reference.")
     for field in ("host_config", "policy"):
         if not isinstance(raw.get(field, {}), dict):
