@@ -13,6 +13,13 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
+def ensure_private_file(path: Path) -> Path:
+    """Create ``path`` with mode 0600 if missing (an existing file is left as it is). For a
+    file another library then opens, SQLite for one, which would create it 0644."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    return path
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never half."""
     ensure_private_dir(path.parent)

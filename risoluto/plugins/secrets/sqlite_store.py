@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 
-from risoluto.fsutil import ensure_private_dir
+from risoluto.fsutil import ensure_private_dir, ensure_private_file
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
@@ -158,7 +158,7 @@ class SqliteStore:
     def connect(self) -> sqlite3.Connection:
         ensure_private_dir(self.path.parent)
         # create it 0600 ourselves: sqlite would use 0644; its -wal/-shm copy this mode
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        ensure_private_file(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
         conn.execute("PRAGMA busy_timeout = 5000")
         return conn

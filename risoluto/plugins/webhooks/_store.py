@@ -12,11 +12,10 @@ of them, each waiting out the busy timeout, and unrelated requests waited behind
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 from pathlib import Path
 
-from risoluto.fsutil import ensure_private_dir
+from risoluto.fsutil import ensure_private_dir, ensure_private_file
 from risoluto.worker_thread import WorkerThread, finished, started
 
 DB_NAME = "risoluto.db"
@@ -46,8 +45,7 @@ class Inbox:
 
     def _open_sync(self) -> None:
         ensure_private_dir(self.path.parent)
-        # created 0600 by us: sqlite would make it 0644 until a chmod (its -wal/-shm copy this mode)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        ensure_private_file(self.path)  # sqlite would make it 0644 (its -wal/-shm copy this mode)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
         try:
             conn.execute("PRAGMA busy_timeout = 5000")
