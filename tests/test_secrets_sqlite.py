@@ -251,6 +251,26 @@ async def test_writes_racing_a_rotation_never_mix_keys(backend, risoluto_setting
     await fresh.close()
 
 
+@pytest.mark.parametrize("backend", ["file", "sqlite"])
+async def test_writes_after_a_rotation_use_the_new_key(backend, risoluto_settings):
+    from risoluto.plugins.secrets.file_store import FileStore
+
+    settings = risoluto_settings({"secrets": {"backend": backend}})
+    kind = FileStore if backend == "file" else SqliteStore
+    store = kind(settings, KEY)
+    await store.open()
+    await store.set("OLD", "old")
+    await store.rotate("rotated key")
+    await store.set("NEW", "new")
+    assert await store.get("NEW") == "new"
+    await store.close()
+    fresh = kind(settings, "rotated key")
+    await fresh.open()
+    assert getattr(fresh, "damaged", {}) == {}
+    assert {n: await fresh.get(n) for n in await fresh.list()} == {"OLD": "old", "NEW": "new"}
+    await fresh.close()
+
+
 WAL_WORKING_SIZE = 32 + 1000 * (4096 + 24)  # header + SQLite's default checkpoint threshold in frames
 
 

@@ -77,9 +77,10 @@ class Sealed:
     ciphertext: str
 
 
-def seal(key: bytes, plaintext: bytes, aad: bytes | None = None) -> Sealed:
+def seal(key: bytes | AESGCM, plaintext: bytes, aad: bytes | None = None) -> Sealed:
+    """``key`` may be the ``AESGCM`` made from it, which a store that writes often keeps."""
     iv = os.urandom(IV_BYTES)
-    out = AESGCM(key).encrypt(iv, plaintext, aad)
+    out = (key if isinstance(key, AESGCM) else AESGCM(key)).encrypt(iv, plaintext, aad)
     # cryptography appends the tag; the original stores it in its own field
     return Sealed(iv=b64e(iv), auth_tag=b64e(out[-TAG_BYTES:]), ciphertext=b64e(out[:-TAG_BYTES]))
 
@@ -153,7 +154,7 @@ def row_aad(name: str) -> bytes:
     return name.encode("utf-8")
 
 
-def seal_value(key: bytes, name: str, value: str) -> Sealed:
+def seal_value(key: bytes | AESGCM, name: str, value: str) -> Sealed:
     return seal(key, value.encode("utf-8"), row_aad(name))
 
 

@@ -18,9 +18,10 @@ import contextlib
 import logging
 import os
 import sqlite3
-from datetime import datetime, timezone
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from risoluto.fsutil import ensure_private_dir, ensure_private_file
 from risoluto.hookspecs import hookimpl
@@ -59,7 +60,13 @@ _GUARDED_UPSERT = (
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"  # as JS toISOString()
+    """UTC, millisecond precision, as JS ``toISOString()`` writes it.
+
+    Built from ``time`` rather than ``datetime.strftime``: it is on every write's path,
+    right after a thread wake-up, where the datetime version cost 14-20 us (2.3 warm)."""
+    t = time.time()
+    whole = int(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((t - whole) * 1000):03d}Z"
 
 
 class SqliteStore:
@@ -70,6 +77,7 @@ class SqliteStore:
         self.location = str(self.path)
         self._key = derive_key(master_key)
         self._check = key_check(self._key)
+        self._cipher = AESGCM(self._key)  # made once: every set() seals with it
         self._conn: sqlite3.Connection | None = None
         # owns the connection and runs every query in submission order, one at a time: that
         # queue is what serializes mutations (no extra lock, no extra trip round the loop)
@@ -95,8 +103,8 @@ class SqliteStore:
     async def set(self, name: str, value: str) -> None:
         # sealed here, off the connection thread; the job carries the check of the key it was
         # sealed with, so a rotation queued in between makes it refuse, never mix keys
-        key, check = self._key, self._check
-        s = seal_value(key, name, value)
+        cipher, check = self._cipher, self._check
+        s = seal_value(cipher, name, value)
         row = (name, s.ciphertext, s.iv, s.auth_tag, _now())
         await self._worker().run(self._set_sync, row, check)
         self.damaged.pop(name, None)
@@ -137,7 +145,7 @@ class SqliteStore:
         def job() -> None:
             self._write_sync(lambda c: self._reencrypt(c, new_key), self._check)
             # swapped on the connection thread, after COMMIT and before any later job runs
-            self._key, self._check = new_key, key_check(new_key)
+            self._key, self._check, self._cipher = new_key, key_check(new_key), AESGCM(new_key)
 
         await self._worker().run(job)
         with contextlib.suppress(Exception):  # drop old-key pages from the WAL; best effort
