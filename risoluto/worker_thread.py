@@ -18,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import queue
 import threading
 from typing import Any, Callable
 
 import anyio
+
+log = logging.getLogger("risoluto")
 
 
 class _JobFuture(asyncio.Future):  # type: ignore[type-arg]
@@ -34,7 +37,11 @@ class _JobFuture(asyncio.Future):  # type: ignore[type-arg]
     one trip round the event loop fewer per call.
     """
 
+    first_cancel: tuple[Any] | None = None  # (message,) of the first cancel() it refused
+
     def cancel(self, msg: Any = None) -> bool:
+        if self.first_cancel is None:
+            self.first_cancel = (msg,)
         return False
 
 
@@ -46,7 +53,10 @@ class WorkerThread:
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            job()
+            try:
+                job()
+            except Exception:  # a job reports its own errors; this is a bug, and must not end the thread
+                log.exception("a job on %s failed outside its error handling", self._thread.name)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -77,16 +87,26 @@ class WorkerThread:
             try:
                 settle, outcome = fut.set_result, fn(*args)
             except BaseException as exc:
+                outcome = exc
                 if isinstance(exc, StopIteration):  # a Future refuses it, and would never settle
-                    exc = RuntimeError(f"{fn!r} raised StopIteration")
-                settle, outcome = fut.set_exception, exc
+                    outcome = RuntimeError("the job raised StopIteration")
+                    outcome.__cause__ = exc
+                settle = fut.set_exception
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
                 loop.call_soon_threadsafe(settle, outcome)
 
         self._jobs.put(job)
         # a failed job's exception counts as retrieved even when the caller was cancelled:
         # Task wakes on a Future subclass through its result()
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancels that came while the job ran arrive as one, with the last one's message.
+            # asyncio would have delivered the first at once, and anyio knows its own scope's by
+            # the message, so the caller sees the first (as with the shield() this replaced).
+            if fut.first_cancel is None:  # the job itself raised CancelledError
+                raise
+            raise asyncio.CancelledError(*[m for m in fut.first_cancel if m is not None]) from None
 
     def stop(self) -> None:
         self._jobs.put(None)

@@ -148,3 +148,55 @@ def test_the_worker_outlives_a_caller_whose_loop_closed(worker):
     caller.start()
     caller.join(5)
     assert answers == [42], "the worker thread died with the closed loop"
+
+
+def test_cancels_that_pile_up_during_a_job_are_seen_as_the_first(worker):
+    """An anyio deadline fires, then an asyncio timeout inside it, both while the job runs:
+    asyncio would deliver the first at once, and anyio knows its own by the message."""
+    async def main() -> str:
+        with anyio.move_on_after(0.01) as scope:
+            async with asyncio.timeout(0.05):
+                await worker.run(time.sleep, 0.3)
+        assert scope.cancelled_caught
+        return "went on after the expired scope"
+
+    assert anyio.run(main, backend="asyncio") == "went on after the expired scope"
+
+    async def first_message() -> tuple:
+        task = asyncio.ensure_future(worker.run(time.sleep, 0.2))
+        await asyncio.sleep(0.02)
+        task.cancel("first")
+        await asyncio.sleep(0.02)
+        task.cancel("second")
+        try:
+            await task
+        except asyncio.CancelledError as exc:
+            return exc.args
+        return ()
+
+    assert asyncio.run(first_message()) == ("first",)
+
+
+def test_a_job_whose_error_handling_fails_leaves_the_worker_running(worker):
+    class Unprintable:
+        def __repr__(self) -> str:
+            raise ValueError("no repr")
+
+        def __call__(self) -> None:
+            raise StopIteration
+
+    outcomes: list[BaseException | int] = []
+
+    async def main() -> None:
+        try:
+            await worker.run(Unprintable())
+        except BaseException as exc:
+            outcomes.append(exc)
+        outcomes.append(await worker.run(lambda: 7))
+
+    caller = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    caller.start()
+    caller.join(5)
+    assert not caller.is_alive(), "a caller hangs"
+    assert isinstance(outcomes[0], RuntimeError) and isinstance(outcomes[0].__cause__, StopIteration)
+    assert outcomes[1] == 7
