@@ -156,7 +156,7 @@ async def store_transaction(store: SqliteStore, name: str) -> float:
     def timed() -> float:
         t0 = time.perf_counter()
         s = seal_value(store._key, name, VALUE)
-        store._set_sync((name, s.ciphertext, s.iv, s.auth_tag, "2024-01-01T00:00:00.000Z"), store._check)
+        store._set_sync((name, s.ciphertext, s.iv, s.auth_tag), store._check)
         return time.perf_counter() - t0
 
     return await store._worker().run(timed)

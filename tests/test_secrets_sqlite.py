@@ -251,6 +251,42 @@ async def test_writes_racing_a_rotation_never_mix_keys(backend, risoluto_setting
     await fresh.close()
 
 
+async def test_updated_at_is_written_as_the_original_writes_it(risoluto_data_dir, risoluto_settings):
+    """UTC with milliseconds, as JS toISOString(): by set, set_many and rotation alike."""
+    import re
+    import time
+    from datetime import datetime
+
+    def stamps() -> dict[str, str]:
+        conn = sqlite3.connect(risoluto_data_dir / "risoluto.db")
+        try:
+            return dict(conn.execute("SELECT key, updated_at FROM encrypted_secrets").fetchall())
+        finally:
+            conn.close()
+
+    def check(stamp: str, after: float) -> None:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+        at = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+        assert after - 0.002 <= at <= time.time() + 0.002, (stamp, after)
+
+    store = await opened(risoluto_settings(SQLITE))
+    t0 = time.time()
+    await store.set("ONE", "1")
+    await store.set_many({"TWO": "2", "THREE": "3"})
+    for stamp in stamps().values():
+        check(stamp, t0)
+    time.sleep(0.01)
+    t1 = time.time()
+    await store.set("ONE", "1b")
+    assert stamps()["ONE"] > stamps()["TWO"]
+    check(stamps()["ONE"], t1)
+    t2 = time.time()
+    await store.rotate("rotated key")
+    for stamp in stamps().values():
+        check(stamp, t2)
+    await store.close()
+
+
 @pytest.mark.parametrize("backend", ["file", "sqlite"])
 async def test_writes_after_a_rotation_use_the_new_key(backend, risoluto_settings):
     from risoluto.plugins.secrets.file_store import FileStore
@@ -301,14 +337,14 @@ async def test_preallocating_keeps_every_frame_another_connection_left(risoluto_
     key = derive_key(KEY)
     for i in range(30):
         s = seal_value(key, f"O{i}", f"other-{i}")
-        other.execute(_UPSERT, (f"O{i}", s.ciphertext, s.iv, s.auth_tag, "2024-01-01T00:00:00.000Z"))
+        other.execute(_UPSERT, (f"O{i}", s.ciphertext, s.iv, s.auth_tag))
     wal = risoluto_data_dir / "risoluto.db-wal"
     assert 0 < wal.stat().st_size < WAL_WORKING_SIZE
     store = await opened(settings)
     assert wal.stat().st_size >= WAL_WORKING_SIZE
     await store.set("MINE", "mine")
     s = seal_value(key, "LATE", "late")  # the other writer appends into the zeroed space
-    other.execute(_UPSERT, ("LATE", s.ciphertext, s.iv, s.auth_tag, "2024-01-01T00:00:00.000Z"))
+    other.execute(_UPSERT, ("LATE", s.ciphertext, s.iv, s.auth_tag))
     expected = {**{f"O{i}": f"other-{i}" for i in range(30)}, "MINE": "mine", "LATE": "late"}
     assert {n: await store.get(n) for n in await store.list()} == expected
     crash = tmp_path / "crash-image"

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -45,28 +44,21 @@ _SCHEMA = (
     "iv TEXT NOT NULL, auth_tag TEXT NOT NULL, updated_at TEXT NOT NULL, aad INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS encrypted_secrets_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
+# updated_at as JS toISOString() writes it (UTC, milliseconds), by SQLite: off the event loop,
+# where a Python timestamp cost 10-20 us right after a wake-up
+_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _UPSERT = (
-    "INSERT INTO encrypted_secrets (key, ciphertext, iv, auth_tag, updated_at, aad) VALUES (?, ?, ?, ?, ?, 1) "
+    f"INSERT INTO encrypted_secrets (key, ciphertext, iv, auth_tag, updated_at, aad) VALUES (?, ?, ?, ?, {_NOW}, 1) "
     "ON CONFLICT(key) DO UPDATE SET ciphertext = excluded.ciphertext, iv = excluded.iv, "
     "auth_tag = excluded.auth_tag, updated_at = excluded.updated_at, aad = 1"
 )
 # One statement, one implicit transaction: writes only while key_check is still ours.
 _GUARDED_UPSERT = (
-    "INSERT INTO encrypted_secrets (key, ciphertext, iv, auth_tag, updated_at, aad) SELECT ?, ?, ?, ?, ?, 1 "
+    f"INSERT INTO encrypted_secrets (key, ciphertext, iv, auth_tag, updated_at, aad) SELECT ?, ?, ?, ?, {_NOW}, 1 "
     "WHERE (SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check') = ? "
     "ON CONFLICT(key) DO UPDATE SET ciphertext = excluded.ciphertext, iv = excluded.iv, "
     "auth_tag = excluded.auth_tag, updated_at = excluded.updated_at, aad = 1"
 )
-
-
-def _now() -> str:
-    """UTC, millisecond precision, as JS ``toISOString()`` writes it.
-
-    Built from ``time`` rather than ``datetime.strftime``: it is on every write's path,
-    right after a thread wake-up, where the datetime version cost 14-20 us (2.3 warm)."""
-    t = time.time()
-    whole = int(t)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((t - whole) * 1000):03d}Z"
 
 
 class SqliteStore:
@@ -105,7 +97,7 @@ class SqliteStore:
         # sealed with, so a rotation queued in between makes it refuse, never mix keys
         cipher, check = self._cipher, self._check
         s = seal_value(cipher, name, value)
-        row = (name, s.ciphertext, s.iv, s.auth_tag, _now())
+        row = (name, s.ciphertext, s.iv, s.auth_tag)
         await self._worker().run(self._set_sync, row, check)
         self.damaged.pop(name, None)
 
@@ -125,11 +117,10 @@ class SqliteStore:
 
     async def set_many(self, items: dict[str, str]) -> None:
         key, check = self._key, self._check
-        now = _now()
         rows = []
         for name, value in items.items():
             s = seal_value(key, name, value)
-            rows.append((name, s.ciphertext, s.iv, s.auth_tag, now))
+            rows.append((name, s.ciphertext, s.iv, s.auth_tag))
         await self._worker().run(self._write_sync, lambda c: c.executemany(_UPSERT, rows), check)
         for name in items:
             self.damaged.pop(name, None)
@@ -335,13 +326,12 @@ class SqliteStore:
                 f"rotation aborted: {len(bad)} secret(s) fail authentication ({', '.join(sorted(bad)[:10])}); "
                 "re-set or delete them first. Nothing was changed."
             )
-        now = _now()
         updates = []
         for name, value in plain.items():
             s = seal_value(new_key, name, value)
-            updates.append((s.ciphertext, s.iv, s.auth_tag, now, name))
+            updates.append((s.ciphertext, s.iv, s.auth_tag, name))
         conn.executemany(
-            "UPDATE encrypted_secrets SET ciphertext = ?, iv = ?, auth_tag = ?, updated_at = ?, aad = 1 WHERE key = ?",
+            f"UPDATE encrypted_secrets SET ciphertext = ?, iv = ?, auth_tag = ?, updated_at = {_NOW}, aad = 1 WHERE key = ?",
             updates,
         )
         conn.execute("UPDATE encrypted_secrets_meta SET value = ? WHERE name = 'key_check'", (key_check(new_key),))
