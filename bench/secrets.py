@@ -92,7 +92,7 @@ def bare_insert(conn: sqlite3.Connection, name: str) -> float:
 
 
 class BareOnThread:
-    """Diagnostic floor of any store that keeps the commit off its caller's thread: the bare
+    """Yardstick for a store that keeps the commit off its caller's thread: the bare
     insert+commit on a plain thread while the caller blocks on a queue (no asyncio, no crypto,
     and the caller's thread blocked rather than serving others, so it is cheaper than a store
     can be). What it adds to the bare figure is the cost of two thread wake-ups on this machine."""
@@ -222,7 +222,7 @@ async def main(quick: bool) -> int:
     print(f"  sqlite set @10000 / set @100          {scale:5.2f}x  (target <= 2.0x)")
     print(f"  sqlite set / bare insert+commit (max) {vs_bare:5.2f}x  (target <= 1.5x)")
     print(f"  store write in its thread / bare      {txn:5.2f}x  (diagnostic: set() minus the thread hand-off)")
-    print(f"  bare on a thread / bare               {hop_floor:5.2f}x  (diagnostic: the floor of any off-thread commit)")
+    print(f"  bare on a thread / bare               {hop_floor:5.2f}x  (diagnostic: two thread wake-ups, no asyncio)")
     print(f"  file set @10000 / set @100            {file_scale:5.2f}x  (whole-file rewrite, no target)")
     ok = scale <= 2.0 and vs_bare <= 1.5
     print("PASS" if ok else "FAIL")
