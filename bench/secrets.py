@@ -94,8 +94,9 @@ def bare_insert(conn: sqlite3.Connection, name: str) -> float:
 class BareOnThread:
     """Yardstick for a store that keeps the commit off its caller's thread: the bare
     insert+commit on a plain thread while the caller blocks on a queue (no asyncio, no crypto,
-    and the caller's thread blocked rather than serving others, so it is cheaper than a store
-    can be). What it adds to the bare figure is the cost of two thread wake-ups on this machine."""
+    the caller's thread blocked rather than serving others). What it adds to the bare figure is
+    the cost of two thread wake-ups on this machine. Timed at another point of each round than
+    set(), so the two are close rather than strictly ordered."""
 
     def __init__(self, size: int, root: Path):
         self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
