@@ -88,10 +88,6 @@ class SandboxRuntime(Protocol):
 
     Records are plain dicts (``id``, ``name``, ``issue``, ``status``, ``exit_code``,
     ``oom_killed``, ...) and never carry environment values.
-
-    Optional: ``async check_image(image: str) -> None``, raising when the image cannot run.
-    A launch calls it before the spec hooks, which make the issue's workspace, so a launch
-    that can never start leaves nothing behind.
     """
 
     name: str
@@ -131,9 +127,7 @@ def risoluto_sandbox_runtime(settings: Settings) -> SandboxRuntime | None:
     Called once at startup by the ``sandbox.api`` service, which sets ``kernel.runtime``, calls
     the runtime's ``attach(kernel, observer)`` if it has one (live settings, events, metrics)
     and ``cleanup_orphans()``; firstresult. Construct without connecting: the app must start
-    when the engine is down (routes then answer 503 ``sandbox_runtime_unavailable``). A launch
-    calls the runtime's ``check_image(image)`` if it has one, before the spec hooks, so an image
-    it reports as 400 ``image_not_found`` leaves nothing behind (not even the workspace).
+    when the engine is down (routes then answer 503 ``sandbox_runtime_unavailable``).
 
     Example::
 

@@ -129,20 +129,6 @@ def effective_policy(kernel: Any) -> dict[str, Any]:
     return {"launchable": True, "policy": spec.policy, "policy_digest": spec.labels[LABEL_POLICY]}
 
 
-async def _image_known(runtime: Any, image: str) -> None:
-    """image_not_found before the spec hooks run, so a launch that can never start leaves
-    nothing behind, not even the issue's workspace. Any other failure (no engine) is left to
-    the launch itself, which reports it after the policy checks, as before."""
-    check_image = getattr(runtime, "check_image", None)  # optional in the runtime protocol
-    if check_image is None:
-        return
-    try:
-        await check_image(image)
-    except ApiError as err:
-        if err.code == "image_not_found":
-            raise
-
-
 async def launch(kernel: Any, request: LaunchRequest, wait: bool = False) -> dict[str, Any]:
     runtime = kernel.runtime
     if runtime is None:
@@ -150,7 +136,6 @@ async def launch(kernel: Any, request: LaunchRequest, wait: bool = False) -> dic
                        f"No sandbox runtime {kernel.settings.sandbox.runtime!r} is loaded; check sandbox.runtime "
                        "and that its plugin is enabled, and that Docker is running.")
     secret_values = await resolve_secrets(kernel, request.secrets)
-    await _image_known(runtime, request.image or kernel.settings.codex.sandbox.image)
     spec = build_spec(kernel, request, secret_values)
     timeout = request.timeout_s or kernel.settings.codex.sandbox.timeout_s
     record = await runtime.launch(spec, timeout)

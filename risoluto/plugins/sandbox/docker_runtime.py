@@ -166,7 +166,7 @@ class DockerRuntime:
             await self._preflight(spec)
             # the image first (cached for INFO_TTL_S, so usually free): a launch that can never run
             # creates nothing, not even the issue's HOME volume; then the rest in parallel
-            await self.check_image(spec.image)
+            await self._check_image(spec.image)
             await gather(self._ensure_network(spec.network), self._ensure_volumes(spec, volumes))
             # only a launch that got this far may take (or make out of date) a prepared volume
             slots = self._prepared.slots(spec)
@@ -225,7 +225,7 @@ class DockerRuntime:
             # so a vanished image is a plain image_not_found (never pulled) and a removed
             # network is re-created, as without the cache; then try once more.
             self._forget_engine_answers()
-            await gather(self.check_image(spec.image), self._ensure_network(spec.network))
+            await gather(self._check_image(spec.image), self._ensure_network(spec.network))
             return await self._api(create, mask=tuple(spec.env.values()))
 
     def _forget_engine_answers(self) -> None:
@@ -244,8 +244,7 @@ class DockerRuntime:
             await self._ensure_network(network)
             await self._api(lambda c: c.start(cid), mask=mask)
 
-    async def check_image(self, image: str) -> None:
-        """400 image_not_found unless the engine has ``image`` (never pulled); cached briefly."""
+    async def _check_image(self, image: str) -> None:
         if time.monotonic() - self._images_seen.get(image, -INFO_TTL_S) < INFO_TTL_S:
             return  # create_container never pulls: a vanished image still fails the launch
         try:
