@@ -156,8 +156,8 @@ async def store_transaction(store: SqliteStore, name: str) -> float:
     thread, i.e. set() without the hand-off between the event loop and that thread."""
     def timed() -> float:
         t0 = time.perf_counter()
-        s = seal_value(store._key, name, VALUE)
-        store._set_sync((name, s.ciphertext, s.iv, s.auth_tag), store._check)
+        s = seal_value(store._keys.cipher, name, VALUE)
+        store._set_sync((name, s.ciphertext, s.iv, s.auth_tag), store._keys.check)
         return time.perf_counter() - t0
 
     return await store._worker().run(timed)

@@ -20,6 +20,7 @@ import os
 import sqlite3
 from typing import TYPE_CHECKING, Any, Callable
 
+import attrs
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from risoluto.fsutil import ensure_private_dir, ensure_private_file
@@ -61,15 +62,28 @@ _GUARDED_UPSERT = (
 )
 
 
+@attrs.frozen
+class _Keys:
+    """The master key's derived key, its check and its cipher, swapped as one object, so a
+    reader never pairs one key's cipher with another key's check."""
+
+    key: bytes
+    check: str
+    cipher: AESGCM
+
+    @classmethod
+    def of(cls, key: bytes) -> _Keys:
+        return cls(key=key, check=key_check(key), cipher=AESGCM(key))
+
+
 class SqliteStore:
     backend = "sqlite"
 
     def __init__(self, settings: Settings, master_key: str):
         self.path = settings.data_path / DB_NAME
         self.location = str(self.path)
-        self._key = derive_key(master_key)
-        self._check = key_check(self._key)
-        self._cipher = AESGCM(self._key)  # made once: every set() seals with it
+        # replaced only on the connection thread, right after a rotation's COMMIT
+        self._keys = _Keys.of(derive_key(master_key))
         self._conn: sqlite3.Connection | None = None
         # owns the connection and runs every query in submission order, one at a time: that
         # queue is what serializes mutations (no extra lock, no extra trip round the loop)
@@ -86,19 +100,22 @@ class SqliteStore:
         return [r[0] for r in rows]
 
     async def get(self, name: str) -> str | None:
-        row = await self._read(lambda c: c.execute(
-            "SELECT ciphertext, iv, auth_tag, aad FROM encrypted_secrets WHERE key = ?", (name,)).fetchone())
+        # the keys are taken with the row, on the connection thread: a rotation that commits
+        # after the read cannot leave an old-key row to be opened with the new key
+        row, keys = await self._read(lambda c: (c.execute(
+            "SELECT ciphertext, iv, auth_tag, aad FROM encrypted_secrets WHERE key = ?", (name,)).fetchone(),
+            self._keys))
         if row is None:
             return None
-        return open_row(self._key, name, row, self.path)
+        return open_row(keys.key, name, row, self.path)
 
     async def set(self, name: str, value: str) -> None:
         # sealed here, off the connection thread; the job carries the check of the key it was
         # sealed with, so a rotation queued in between makes it refuse, never mix keys
-        cipher, check = self._cipher, self._check
-        s = seal_value(cipher, name, value)
+        keys = self._keys
+        s = seal_value(keys.cipher, name, value)
         row = (name, s.ciphertext, s.iv, s.auth_tag)
-        await self._worker().run(self._set_sync, row, check)
+        await self._worker().run(self._set_sync, row, keys.check)
         self.damaged.pop(name, None)
 
     def _set_sync(self, row: tuple[str, ...], check: str) -> None:
@@ -116,27 +133,29 @@ class SqliteStore:
         self._write_sync(lambda c: c.execute(_UPSERT, row), check)
 
     async def set_many(self, items: dict[str, str]) -> None:
-        key, check = self._key, self._check
+        keys = self._keys
         rows = []
         for name, value in items.items():
-            s = seal_value(key, name, value)
+            s = seal_value(keys.cipher, name, value)
             rows.append((name, s.ciphertext, s.iv, s.auth_tag))
-        await self._worker().run(self._write_sync, lambda c: c.executemany(_UPSERT, rows), check)
+        # the rowcount, not the cursor: a cursor let go of on the event loop resets its statement
+        # from that thread while the connection thread may be using the connection
+        await self._worker().run(self._write_sync, lambda c: c.executemany(_UPSERT, rows).rowcount, keys.check)
         for name in items:
             self.damaged.pop(name, None)
 
     async def delete(self, name: str) -> bool:
-        cur = await self._write(lambda c: c.execute("DELETE FROM encrypted_secrets WHERE key = ?", (name,)))
+        deleted = await self._write(lambda c: c.execute("DELETE FROM encrypted_secrets WHERE key = ?", (name,)).rowcount)
         self.damaged.pop(name, None)
-        return cur.rowcount > 0
+        return bool(deleted > 0)
 
     async def rotate(self, new_master_key: str) -> None:
         new_key = derive_key(new_master_key)
 
         def job() -> None:
-            self._write_sync(lambda c: self._reencrypt(c, new_key), self._check)
+            self._write_sync(lambda c: self._reencrypt(c, new_key), self._keys.check)
             # swapped on the connection thread, after COMMIT and before any later job runs
-            self._key, self._check, self._cipher = new_key, key_check(new_key), AESGCM(new_key)
+            self._keys = _Keys.of(new_key)
 
         await self._worker().run(job)
         with contextlib.suppress(Exception):  # drop old-key pages from the WAL; best effort
@@ -189,7 +208,7 @@ class SqliteStore:
             columns = {r[1] for r in conn.execute("PRAGMA table_info(encrypted_secrets)")}
             aad = "aad" if "aad" in columns else "0"
             rows = conn.execute(f"SELECT key, ciphertext, iv, auth_tag, {aad} FROM encrypted_secrets")
-        return assess(self._key, self._check, rows, stored_check, self.path)
+        return assess(self._keys.key, self._keys.check, rows, stored_check, self.path)
 
     def _prepare(self, conn: sqlite3.Connection, seen_check: str | None) -> None:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -207,9 +226,9 @@ class SqliteStore:
             row = conn.execute("SELECT value FROM encrypted_secrets_meta WHERE name = 'key_check'").fetchone()
             if (row[0] if row else None) != seen_check:
                 raise SecretStoreError(f"{self.path} changed while it was being opened; start again")
-            if seen_check != self._check:  # first open, or a table last keyed by the original
+            if seen_check != self._keys.check:  # first open, or a table last keyed by the original
                 conn.execute("INSERT OR REPLACE INTO encrypted_secrets_meta (name, value) VALUES ('key_check', ?)",
-                             (self._check,))
+                             (self._keys.check,))
             self._preallocate_wal(conn)
             conn.execute("COMMIT")
         except BaseException:
@@ -285,7 +304,7 @@ class SqliteStore:
         return await self._worker().run(run)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        return await self._worker().run(lambda: self._write_sync(fn, self._check))  # check read in the thread
+        return await self._worker().run(lambda: self._write_sync(fn, self._keys.check))  # check read in the thread
 
     def _write_sync(self, fn: Callable[[sqlite3.Connection], Any], check: str) -> Any:
         with self._errors("write"):
@@ -318,7 +337,8 @@ class SqliteStore:
         bad: list[str] = []
         for name, ct, iv, tag, bound in rows:
             try:
-                plain[name] = open_value(self._key, name, Sealed(iv=iv, auth_tag=tag, ciphertext=ct), bool(bound))[0]
+                plain[name] = open_value(self._keys.key, name, Sealed(iv=iv, auth_tag=tag, ciphertext=ct),
+                                         bool(bound))[0]
             except (DecryptError, FormatError):
                 bad.append(name)
         if bad:
