@@ -46,6 +46,9 @@ async def test_json_the_parser_must_not_choke_on_is_a_400(risoluto_client, metho
     ({"issue": "CMD-1", "command": ["echo", "\ud800"]}, "invalid_request"),
     ({"issue": "SEC-1", "secrets": ["TOKEN\n"]}, "invalid_request"),
     ({"issue": "IMG-1", "image": "img:1\n"}, "invalid_image"),
+    # the SDK puts the name into the engine's URL as it is: this one was GET /containers/json
+    ({"issue": "IMG-2", "image": "x/../../containers"}, "invalid_image"),
+    ({"issue": "IMG-3", "image": "a//b"}, "invalid_image"),
     ({"issue": "T-1", "timeout_s": 2**63 - 1}, "invalid_request"),
 ])
 async def test_launch_fields_that_cannot_reach_the_engine_are_a_400(risoluto_client, launch, code):
@@ -67,6 +70,7 @@ async def test_launch_fields_that_cannot_reach_the_engine_are_a_400(risoluto_cli
     {"workspace": {"root": "/tmp/a\u0000b"}},
     {"workspace": {"root": "/tmp/\ud800"}},
     {"egress": {"resolver": "garbage:::"}},
+    {"codex": {"sandbox": {"image": "x/../../containers"}}},
     {"egress": {"hosts": {"api.example.test": "not-an-ip"}}},
 ])
 async def test_overlay_values_that_would_break_the_server_are_refused(risoluto_client, risoluto_data_dir, overlay):
@@ -125,3 +129,21 @@ async def test_a_signed_webhook_with_unstorable_fields_is_a_400(risoluto_client,
                                  scope_base={"client": ("198.51.100.60", 443)})
     assert response.status_code == 400, await response.get_data()
     assert (await response.get_json())["error"]["code"] == "invalid_payload"
+
+
+def test_image_references_follow_dockers_grammar_and_cannot_blow_up():
+    import time
+
+    from risoluto.plugins.sandbox._naming import valid_image_ref
+
+    good = ["risoluto-test:latest", "debian", "library/debian:12", "localhost:5000/a/b:tag", "my_img__x.y-z:V1.2_rc",
+            "registry.example.com/team/img@sha256:" + "a" * 64, "sha256:" + "b" * 64, "x--y", "a/b/c/d", "a" * 200]
+    bad = ["x/../../containers", "../x", "a/./b", "x/..", "a..b", "a.-b", "a//b", "a/", "/a", "-a", "a:", "a:-t",
+           "MyRepo/foo", "a@sha256:short", "x:t:t", "a b", "\u00e9", "a" * 256]
+    assert [r for r in good if not valid_image_ref(r)] == []
+    assert [r for r in bad if valid_image_ref(r)] == []
+    for evil in ("a" * 254 + "!", "a-" * 127 + "!", "a." * 127 + "!", ("a" * 20 + "/") * 12 + "!", "a_" * 127 + "!",
+                 "a" + "-" * 250 + "!", "a.b" * 80 + "/!"):
+        t0 = time.perf_counter()
+        assert not valid_image_ref(evil)
+        assert time.perf_counter() - t0 < 0.05, evil[:20]

@@ -17,7 +17,7 @@ from ...text import is_text
 from ...hookspecs.sandbox import ContainerSpec, LaunchRequest
 from ...settings import MAX_TIMEOUT_S
 from ._guard import MIN_MATCHED_VALUE, check_spec
-from ._naming import IMAGE_REF, LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, validate_issue
+from ._naming import valid_image_ref, LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, validate_issue
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,256}\Z")
@@ -41,7 +41,7 @@ def parse_launch(data: dict[str, Any]) -> tuple[LaunchRequest, bool]:
     ):
         raise bad("command must be a list of at most 1000 strings (argv; no shell is added).")
     image = data.get("image", "")
-    if not isinstance(image, str) or (image and not IMAGE_REF.match(image)):
+    if not isinstance(image, str) or (image and not valid_image_ref(image)):
         raise bad("image must be an image reference such as risoluto-codex:latest.", "invalid_image")
     env = data.get("env", {})
     if not isinstance(env, dict) or len(env) > 256:

@@ -66,8 +66,23 @@ def issue_key(issue: str) -> str:
 # What a sandbox id or name may look like wherever one arrives from outside (API paths, the
 # data plane's routes and wire format): a container id or a valid Docker name.
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-# An image reference as a launch request or the data plane's wire format may give it.
-IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
+# An image reference as a launch request or the data plane's wire format may give it: Docker's
+# reference grammar (distribution/reference), so nothing the engine would read as a path
+# reaches its API (the SDK puts the name into the URL as it is: "x/../../containers" became
+# GET /containers/json). Separators are non-empty here (Docker: [-]*), which matches the
+# same names and keeps the pattern free of nested ambiguous repeats (no backtracking blow-up).
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = (rf"(?:localhost(?::[0-9]+)?|{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+(?::[0-9]+)?"
+           rf"|{_DOMAIN_PART}:[0-9]+)")
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE_REF = re.compile(rf"(?:{_DOMAIN}/)?{_PATH_PART}(?:/{_PATH_PART})*(?::{_TAG})?(?:@{_DIGEST})?\Z")
+MAX_IMAGE_REF = 255
+
+
+def valid_image_ref(text: str) -> bool:
+    return len(text) <= MAX_IMAGE_REF and IMAGE_REF.match(text) is not None
 
 
 def checked_id(sandbox_id: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
 from ...settings import MAX_TIMEOUT_S
-from ._naming import IMAGE_REF, SANDBOX_ID
+from ._naming import valid_image_ref, SANDBOX_ID
 
 PREFIX = "/dp/v1"
 SECRET_ENV = "RISOLUTO_DATA_PLANE_SECRET"
@@ -104,7 +104,7 @@ def spec_from_wire(raw: Any) -> ContainerSpec:
             raise invalid(f"spec.{field} must be a string.")
     if not SANDBOX_ID.match(raw.get("name", "")):
         raise invalid("spec.name must be a valid container name.")
-    if not IMAGE_REF.match(raw.get("image", "")):
+    if not valid_image_ref(raw.get("image", "")):
         raise invalid("spec.image must be an image reference.")
     for field in ("host_config", "policy"):
         if not isinstance(raw.get(field, {}), dict):

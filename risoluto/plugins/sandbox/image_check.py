@@ -21,9 +21,10 @@ import os
 from typing import Any
 
 from ... import docker_transport
+from ...errors import ConfigError
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult
-from ._naming import LABEL_INSTANCE, LABEL_MANAGED, instance_id
+from ._naming import LABEL_INSTANCE, LABEL_MANAGED, instance_id, valid_image_ref
 
 _CACHE = "sandbox.image_scan"
 SCAN_TIMEOUT_S = 120
@@ -33,6 +34,15 @@ SCRIPT = (
     f"for d in /workspace /home/agent; do [ -d $d ] && echo '{_MARK} dir' $d; done; echo '{_MARK} done'"
 )
 _ROOT_USERS = {"", "0", "root"}
+
+
+@hookimpl
+def risoluto_settings_validate(settings: Any) -> None:
+    """The default image must be an image reference, as a launch request's image must."""
+    image = settings.codex.sandbox.image
+    if not valid_image_ref(image):
+        raise ConfigError(f"codex.sandbox.image: {image[:100]!r} is not an image reference "
+                          "(such as risoluto-codex:latest)")
 
 
 def scan(client: Any, image_id: str, labels: dict[str, str]) -> dict[str, Any]:
