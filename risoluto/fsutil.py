@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -14,9 +16,29 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def ensure_private_file(path: Path) -> Path:
-    """Create ``path`` with mode 0600 if missing (an existing file is left as it is). For a
-    file another library then opens, SQLite for one, which would create it 0644."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    """Create ``path`` empty with mode 0600 if missing, for a file another library then opens
+    (SQLite, for one, would create it 0644). An existing file is never opened.
+
+    Why never: closing *any* descriptor of a file drops every POSIX lock this process holds on
+    it, SQLite's included. One ``open``/``close`` of ``risoluto.db`` while the secret store had
+    it open made other processes (the CLI) take the database for unused: they checkpointed and
+    deleted the WAL under the server, and acknowledged writes were lost. So the file is made
+    under a temporary name, closed, and only then linked into place (EEXIST: someone else made
+    it first, which is as good).
+    """
+    if os.path.lexists(path):
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: create in place (closed at once)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    finally:
+        os.unlink(tmp)
     return path
 
 

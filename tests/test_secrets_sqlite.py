@@ -346,6 +346,71 @@ async def test_a_read_racing_a_rotation_opens_the_row_with_its_own_key(risoluto_
     await store.close()
 
 
+def _our_locks(path: Path) -> list[str]:
+    """This process's POSIX locks on ``path``: /proc/locks lines "N: POSIX ADVISORY READ pid maj:min:inode ..."."""
+    inode, pid = str(os.stat(path).st_ino), str(os.getpid())
+    with open("/proc/locks") as fh:
+        held = [line.split() for line in fh if "->" not in line]  # "->": a waiter, not a holder
+    return [" ".join(f) for f in held if f[1] == "POSIX" and f[4] == pid and f[5].rsplit(":", 1)[1] == inode]
+
+
+def test_making_sure_a_database_file_exists_keeps_sqlites_locks(tmp_path):
+    """Closing any descriptor of a file drops all of the process's POSIX locks on it."""
+    from risoluto.fsutil import ensure_private_file
+
+    db = ensure_private_file(tmp_path / "risoluto.db")
+    assert db.stat().st_mode & 0o777 == 0o600 and db.stat().st_size == 0
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (x)")
+    before = _our_locks(db)
+    assert before, "SQLite holds no lock to lose: the test proves nothing"
+    ensure_private_file(db)  # what the second component to open the database does
+    assert _our_locks(db) == before
+    conn.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["risoluto.db"]  # no temporary file left
+
+
+async def test_the_cli_cannot_pull_the_database_from_under_the_server(risoluto_data_dir, risoluto_settings):
+    """The server has the secret store and the webhook inbox open on risoluto.db; CLI writes
+    come and go. Once the inbox dropped the server's locks, the CLI took the database for
+    unused, checkpointed and deleted the WAL under the server, and acknowledged writes were lost."""
+    import sys
+
+    from risoluto.plugins.webhooks._store import Inbox
+
+    settings = risoluto_settings(SQLITE)
+    server = await opened(settings)
+    inbox = Inbox(risoluto_data_dir)
+    await inbox.open()
+    cli = (
+        "import asyncio, sys\n"
+        "from risoluto.settings import build_settings\n"
+        "from risoluto.plugins.secrets.sqlite_store import SqliteStore\n"
+        "async def main():\n"
+        "    s = SqliteStore(build_settings({'secrets': {'backend': 'sqlite'}}, None, {'DATA_DIR': sys.argv[1]}),"
+        " sys.argv[2])\n"
+        "    await s.open(); await s.set(sys.argv[3], 'cli'); await s.close()\n"
+        "asyncio.run(main())\n"
+    )
+
+    def cli_set(name: str) -> None:
+        subprocess.run([sys.executable, "-c", cli, str(risoluto_data_dir), KEY, name], check=True, timeout=60)
+
+    await server.set("A", "server")
+    cli_set("C")
+    await server.set("B", "server")
+    cli_set("D")
+    cli_set("E")
+    await server.set("F", "server")
+    assert await server.list() == ["A", "B", "C", "D", "E", "F"]
+    await inbox.close()
+    await server.close()
+    fresh = await opened(settings)
+    assert await fresh.list() == ["A", "B", "C", "D", "E", "F"]
+    await fresh.close()
+
+
 WAL_WORKING_SIZE = 32 + 1000 * (4096 + 24)  # header + SQLite's default checkpoint threshold in frames
 
 
