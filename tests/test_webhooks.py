@@ -532,3 +532,76 @@ async def test_a_locked_database_does_not_starve_other_requests_of_threads(risol
     finally:
         blocker.close()
     assert answers == [200] * 45 and len(received.deliveries) == 45
+
+
+# --- a crash between storing and handing on -------------------------------------------------
+
+
+def handed_on(data_dir):
+    with sqlite3.connect(data_dir / "risoluto.db") as conn:
+        return conn.execute("SELECT delivery_id, handed_on FROM webhook_inbox ORDER BY id").fetchall()
+
+
+def crash_before_hand_on(data_dir, delivery_id):
+    """What a process killed between the INSERT's commit and the hand-on leaves behind."""
+    conn = sqlite3.connect(data_dir / "risoluto.db")
+    with conn:
+        conn.execute("UPDATE webhook_inbox SET handed_on = 0 WHERE delivery_id = ?", (delivery_id,))
+    conn.close()
+
+
+async def test_a_delivery_stored_but_not_handed_on_is_handed_on_at_the_next_start(risoluto_client,
+                                                                                    risoluto_data_dir):
+    client, received, _ = await make(risoluto_client)
+    body = linear_body()
+    assert (await post(client, "/webhooks/linear", body, linear_headers(body, delivery="d-9")))[0] == 200
+    assert handed_on(risoluto_data_dir) == [("d-9", 1)]
+    crash_before_hand_on(risoluto_data_dir, "d-9")
+
+    _, after_restart, _ = await make(risoluto_client)  # a new server on the same DATA_DIR
+    assert [(d.provider, d.delivery_id, d.event) for d in after_restart.deliveries] == [
+        ("linear", "d-9", received.deliveries[0].event)]
+    assert after_restart.deliveries[0].payload == json.loads(body)
+    assert handed_on(risoluto_data_dir) == [("d-9", 1)]
+    _, third_start, _ = await make(risoluto_client)
+    assert third_start.deliveries == []
+
+
+async def test_a_senders_retry_hands_on_what_a_crash_left_stored(risoluto_client, risoluto_data_dir):
+    client, received, _ = await make(risoluto_client)
+    body = b'{"action": "opened"}'
+    headers = github_headers(body, delivery="g-7")
+    assert (await post(client, "/webhooks/github", body, headers)) == (200, {"ok": True, "duplicate": False})
+    crash_before_hand_on(risoluto_data_dir, "g-7")  # as if stored by a run that then died
+    # the sender got no answer then, so it retries: still a duplicate, and now handed on
+    assert (await post(client, "/webhooks/github", body, headers)) == (200, {"ok": True, "duplicate": True})
+    assert [d.delivery_id for d in received.deliveries] == ["g-7", "g-7"]
+    assert (await post(client, "/webhooks/github", body, headers)) == (200, {"ok": True, "duplicate": True})
+    assert len(received.deliveries) == 2 and handed_on(risoluto_data_dir) == [("g-7", 1)]
+
+
+async def test_rows_from_before_the_hand_on_mark_are_not_replayed(risoluto_client, risoluto_data_dir):
+    risoluto_data_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(risoluto_data_dir / "risoluto.db")
+    with conn:
+        conn.execute("CREATE TABLE webhook_inbox (id INTEGER PRIMARY KEY AUTOINCREMENT, provider TEXT NOT NULL DEFAULT '',"
+                     " delivery_id TEXT NOT NULL DEFAULT '', event TEXT NOT NULL DEFAULT '', body_sha256 TEXT,"
+                     " payload BLOB, received_at TEXT NOT NULL DEFAULT '')")
+        conn.execute("INSERT INTO webhook_inbox (provider, delivery_id, event, body_sha256, payload, received_at)"
+                     " VALUES ('linear', 'old-1', 'Issue.create', 'x', '{}', '2026-01-01T00:00:00.000Z')")
+    conn.close()
+    _, received, _ = await make(risoluto_client)
+    assert received.deliveries == [] and handed_on(risoluto_data_dir) == [("old-1", 1)]
+
+
+async def test_concurrent_copies_of_a_delivery_are_handed_on_once(risoluto_client, risoluto_data_dir):
+    import asyncio
+
+    client, received, _ = await make(risoluto_client)
+    for n in range(5):
+        body = json.dumps({"action": "opened", "n": n}).encode()
+        headers = github_headers(body, delivery=f"c-{n}")
+        answers = await asyncio.gather(*[post(client, "/webhooks/github", body, headers) for _ in range(12)])
+        assert sorted(data["duplicate"] for _, data in answers) == [False] + [True] * 11
+    assert sorted(d.delivery_id for d in received.deliveries) == [f"c-{n}" for n in range(5)]
+    assert all(flag == 1 for _, flag in handed_on(risoluto_data_dir))

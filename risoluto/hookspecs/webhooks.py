@@ -81,7 +81,10 @@ def risoluto_webhook_providers(settings: Settings) -> list[WebhookProvider]:
 
 @hookspec
 def risoluto_webhook_received(delivery: WebhookDelivery) -> None:
-    """A verified, first-seen delivery. Called once per delivery id; collected.
+    """A verified, first-seen delivery; collected. At least once per delivery id: a server
+    killed between storing a delivery and handing it on hands it on at its next start (or at
+    the sender's retry), and one killed just after handing it on may hand it on again, so
+    deduplicate by ``(provider, delivery_id)``.
 
     Example::
 

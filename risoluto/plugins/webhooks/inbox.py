@@ -4,12 +4,15 @@
 Per request: the provider verifies the exact body with secrets read from the secret
 store at that moment (rotation without restart), the delivery is stored once in
 ``webhook_inbox`` and handed to ``risoluto_webhook_received``; a duplicate answers
-200 ``{"ok": true, "duplicate": true}`` and is not handed on. These routes are exempt
+200 ``{"ok": true, "duplicate": true}`` and is not handed on. A row is marked once handed
+on; what a crash left stored but not handed on is handed on at the next start or at the
+sender's retry (at least once). These routes are exempt
 from the write guard (matched route under ``/webhooks/``): the HMAC is their guard.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from datetime import datetime, timezone
@@ -43,6 +46,8 @@ class WebhookState:
         self.inbox = Inbox(kernel.settings.data_path)
         self.deliveries = Counter("risoluto_webhook_deliveries", "Webhook deliveries by provider and result",
                                   ("provider", "result"), registry=kernel.metrics_registry)
+        # (provider, delivery id) being handed on by this process now
+        self.in_flight: set[tuple[str, str]] = set()
 
     async def secret(self, name: str) -> str | None:
         """The SecretReader handed to providers: the live store, read per request."""
@@ -77,6 +82,41 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+async def _hand_on(state: WebhookState, delivery: WebhookDelivery) -> None:
+    """To the consumers, then marked in the inbox; a crash in between hands it on again."""
+    try:
+        state.kernel.hooks.webhook_received(delivery)
+    except Exception:  # stored durably already; a broken consumer must not make the sender retry
+        log.exception("a risoluto_webhook_received hook failed for %s %s", delivery.provider, delivery.delivery_id)
+    await state.inbox.mark_handed_on(delivery.provider, delivery.delivery_id)
+
+
+async def hand_on_left_over(state: WebhookState, provider: str | None = None) -> int:
+    """Hand on deliveries that an earlier run stored but stopped before handing on (a crash
+    between the two); at startup, and when a sender retries one. Returns how many."""
+    count = 0
+    for row in await state.inbox.not_handed_on(provider):
+        key = (row.provider, row.delivery_id)
+        if key in state.in_flight:
+            continue  # its own request is handing it on right now
+        state.in_flight.add(key)
+        try:
+            await _hand_on(state, WebhookDelivery(provider=row.provider, delivery_id=row.delivery_id, event=row.event,
+                                                  payload=_parsed(row.body), received_at=row.received_at))
+        finally:
+            state.in_flight.discard(key)
+        count += 1
+    return count
+
+
+def _parsed(body: bytes) -> Any:
+    """The payload of a stored delivery: its body as JSON (what the built-in providers hand on)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body
+
+
 def _view(state: WebhookState, provider: WebhookProvider) -> Any:
     async def receive() -> Any:
         body = await request.get_data(cache=False)
@@ -88,14 +128,18 @@ def _view(state: WebhookState, provider: WebhookProvider) -> Any:
             raise
         async def record_and_hand_on() -> bool:
             fresh = await state.inbox.record(provider.name, delivery_id, event, body, _now())
-            if not fresh:
+            if not fresh:  # a sender's retry after a crash: its delivery may be stored, not handed on
+                await hand_on_left_over(state, provider.name)
                 return False
-            delivery = WebhookDelivery(provider=provider.name, delivery_id=delivery_id, event=event,
-                                       payload=payload, received_at=_now())
+            # taken before any await: a retry's scan that found this row pending leaves it alone
+            # (its result comes back after this task has resumed: one thread, answers in order)
+            key = (provider.name, delivery_id)
+            state.in_flight.add(key)
             try:
-                state.kernel.hooks.webhook_received(delivery)
-            except Exception:  # stored durably already; a broken consumer must not make the sender retry
-                log.exception("a risoluto_webhook_received hook failed for %s %s", provider.name, delivery_id)
+                await _hand_on(state, WebhookDelivery(provider=provider.name, delivery_id=delivery_id,
+                                                      event=event, payload=payload, received_at=_now()))
+            finally:
+                state.in_flight.discard(key)
             return True
 
         # recorded and handed on together: if the sender hung up in between, its retry would be
@@ -127,11 +171,15 @@ class InboxService:
         self.kernel = kernel
 
     async def start(self) -> None:
-        inbox = state_of(self.kernel).inbox
+        state = state_of(self.kernel)
         try:
-            await inbox.open()
+            await state.inbox.open()
         except Exception as exc:
-            raise StartupError(f"webhook inbox {inbox.path}: cannot open ({exc})") from None
+            raise StartupError(f"webhook inbox {state.inbox.path}: cannot open ({exc})") from None
+        left_over = await hand_on_left_over(state)
+        if left_over:
+            log.warning("handed on %d webhook deliveries that the last run stored but stopped before handing on",
+                        left_over)
 
     async def stop(self) -> None:
         await state_of(self.kernel).inbox.close()
