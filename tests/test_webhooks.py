@@ -439,6 +439,8 @@ def test_inbox_adopts_an_older_table(tmp_path):
         try:
             assert await inbox.record("linear", "old-1", "e", b"{}", "now") is False
             assert await inbox.record("linear", "new-1", "e", b"{}", "now") is True
+            # what the server's start reads: the old row counts as handed on, the new one not yet
+            assert [d.delivery_id for d in await inbox.not_handed_on()] == ["new-1"]
         finally:
             await inbox.close()
 

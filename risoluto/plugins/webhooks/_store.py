@@ -78,6 +78,10 @@ class Inbox:
                          "ON webhook_inbox (provider, delivery_id)")
             conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS webhook_inbox_body "
                          "ON webhook_inbox (provider, body_sha256)")
+            # what not_handed_on() reads on every duplicate: only the few unmarked rows, not the
+            # whole (never pruned) table
+            conn.execute("CREATE INDEX IF NOT EXISTS webhook_inbox_not_handed_on "
+                         "ON webhook_inbox (handed_on) WHERE handed_on = 0")
         except BaseException:
             conn.close()
             raise
@@ -114,7 +118,8 @@ class Inbox:
             assert self._conn is not None
             rows = self._conn.execute(
                 "SELECT provider, delivery_id, event, payload, received_at FROM webhook_inbox"
-                " WHERE handed_on = 0 AND (? IS NULL OR provider = ?) ORDER BY id", (provider, provider)).fetchall()
+                " WHERE handed_on = 0 AND (? IS NULL OR provider = ?) ORDER BY rowid",  # older tables have no id
+                (provider, provider)).fetchall()
             return [StoredDelivery(*row) for row in rows]
 
         return list(await self._worker().run(run))
