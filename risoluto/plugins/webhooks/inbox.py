@@ -12,7 +12,6 @@ from the write guard (matched route under ``/webhooks/``): the HMAC is their gua
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.webhooks import WebhookDelivery, WebhookProvider
 from risoluto.openapi import api
+from risoluto.requests import strict_loads
 from risoluto.shielded import to_the_end
 
 from ._store import Inbox
@@ -112,7 +112,7 @@ async def hand_on_left_over(state: WebhookState, provider: str | None = None) ->
 def _parsed(body: bytes) -> Any:
     """The payload of a stored delivery: its body as JSON (what the built-in providers hand on)."""
     try:
-        return json.loads(body)
+        return strict_loads(body)
     except ValueError:
         return body
 
@@ -127,7 +127,8 @@ def _view(state: WebhookState, provider: WebhookProvider) -> Any:
             state.deliveries.labels(provider.name, err.code).inc()
             raise
         async def record_and_hand_on() -> bool:
-            fresh = await state.inbox.record(provider.name, delivery_id, event, body, _now())
+            received_at = _now()  # one time for the row and the delivery, as a replay of it has
+            fresh = await state.inbox.record(provider.name, delivery_id, event, body, received_at)
             if not fresh:  # a sender's retry after a crash: its delivery may be stored, not handed on
                 await hand_on_left_over(state, provider.name)
                 return False
@@ -137,7 +138,7 @@ def _view(state: WebhookState, provider: WebhookProvider) -> Any:
             state.in_flight.add(key)
             try:
                 await _hand_on(state, WebhookDelivery(provider=provider.name, delivery_id=delivery_id,
-                                                      event=event, payload=payload, received_at=_now()))
+                                                      event=event, payload=payload, received_at=received_at))
             finally:
                 state.in_flight.discard(key)
             return True
