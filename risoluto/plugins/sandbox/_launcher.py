@@ -13,11 +13,11 @@ import re
 from typing import Any
 
 from ...errors import ApiError
-from ...text import is_text
 from ...hookspecs.sandbox import ContainerSpec, LaunchRequest
 from ...settings import MAX_TIMEOUT_S
+from ...text import is_text
 from ._guard import MIN_MATCHED_VALUE, check_spec
-from ._naming import valid_image_ref, LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, validate_issue
+from ._naming import LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, valid_image_ref, validate_issue
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,256}\Z")

@@ -18,7 +18,7 @@ from typing import Any
 from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, Mount
 from ...settings import MAX_TIMEOUT_S
-from ._naming import valid_image_ref, SANDBOX_ID
+from ._naming import SANDBOX_ID, valid_image_ref
 
 PREFIX = "/dp/v1"
 SECRET_ENV = "RISOLUTO_DATA_PLANE_SECRET"
