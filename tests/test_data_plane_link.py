@@ -312,8 +312,8 @@ async def test_something_that_is_not_a_data_plane_is_502(risoluto_client, tmp_pa
 
 
 @pytest.mark.parametrize("url, env", [
-    ("", {"RISOLUTO_DATA_PLANE_SECRET": SECRET}), ("ftp://10.0.0.1/", {"RISOLUTO_DATA_PLANE_SECRET": SECRET}),
-    ("http://10.0.0.1:9", {}), ("http://10.0.0.1:9", {"RISOLUTO_DATA_PLANE_SECRET": "\u00e9" * 40}),
+    ("", {"RISOLUTO_DATA_PLANE_SECRET": SECRET}), ("ftp://127.0.0.1/", {"RISOLUTO_DATA_PLANE_SECRET": SECRET}),
+    ("http://127.0.0.1:9", {}), ("http://127.0.0.1:9", {"RISOLUTO_DATA_PLANE_SECRET": "\u00e9" * 40}),
 ])
 async def test_unconfigured_link_is_503(risoluto_client, tmp_path, url, env):
     client = await risoluto_client(cp_config(tmp_path, url), env={**NO_DOCKER, **env})

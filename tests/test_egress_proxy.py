@@ -35,6 +35,27 @@ pytestmark = [
 ]
 
 ORIGIN = "127.0.77.1"
+
+
+@pytest.fixture(autouse=True)
+def only_this_machine(monkeypatch):
+    """The private and metadata addresses below must be refused before any connection. Should
+    the proxy ever dial one, the attempt fails here, and no packet leaves this machine."""
+    import ipaddress
+
+    from risoluto.plugins.egress import proxy as proxy_module
+
+    real, outside = proxy_module.open_connection, []
+
+    async def loopback_only(host: str, port: int) -> Any:
+        if not ipaddress.ip_address(host).is_loopback:
+            outside.append(f"{host}:{port}")
+            raise ConnectionRefusedError(f"test refused to dial {host}:{port}, off this machine")
+        return await real(host, port)
+
+    monkeypatch.setattr(proxy_module, "open_connection", loopback_only)
+    yield
+    assert outside == [], f"the proxy tried to connect off this machine: {outside}"
 SECRET_A = "s3cret-a-" + "x" * 20
 SECRET_B = "s3cret-b-" + "y" * 20
 RECORDS = {
