@@ -67,7 +67,7 @@ def run_proxy(port: int, origin_port: int, data_dir: str) -> None:
     from risoluto.kernel import Kernel
     from risoluto.plugins.egress._metrics import metrics_for
     from risoluto.plugins.egress.allowlist import Allowlist
-    from risoluto.plugins.egress.proxy import Client, EgressProxy
+    from risoluto.plugins.egress._proxy import Client, EgressProxy
     from risoluto.settings import build_settings
 
     settings = build_settings({"egress": {"allowPrivateNetworks": ["127.0.0.0/8"], "maxConnections": 512}},

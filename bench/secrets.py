@@ -35,7 +35,7 @@ import time  # noqa: E402
 import anyio  # noqa: E402
 
 from bench._servers import stats  # noqa: E402
-from risoluto.plugins.secrets.crypto import seal_value  # noqa: E402
+from risoluto.crypto import seal_value  # noqa: E402
 from risoluto.plugins.secrets.file_store import FileStore  # noqa: E402
 from risoluto.plugins.secrets.sqlite_store import SqliteStore  # noqa: E402
 from risoluto.settings import build_settings  # noqa: E402

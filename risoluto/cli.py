@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import ipaddress
 import json
 import os
 import signal
@@ -13,17 +12,9 @@ import sys
 from typing import Any, Sequence
 
 from . import __version__
+from .addresses import is_loopback_bind
 from .errors import ConfigError, StartupError
 from .settings import Settings, load_settings
-
-
-def is_loopback_bind(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind_safe(settings: Settings) -> None:

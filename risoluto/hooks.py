@@ -26,8 +26,12 @@ def _flat(results: list[Any]) -> list[Any]:
 
 
 class Hooks:
-    def __init__(self, pm: pluggy.PluginManager):
+    """Every hook gets the kernel it runs in (an implementation may take any subset of a
+    hook's arguments, pluggy's rule), so no plugin needs ``quart.current_app`` or globals."""
+
+    def __init__(self, pm: pluggy.PluginManager, kernel: Kernel):
         self._hook = pm.hook
+        self._kernel = kernel
 
     # app
     def app_blueprints(self, kernel: Kernel) -> list[Any]:
@@ -38,57 +42,57 @@ class Hooks:
         return _flat(reversed(self._hook.risoluto_app_services(kernel=kernel)))
 
     def settings_validate(self, settings: Settings) -> None:
-        self._hook.risoluto_settings_validate(settings=settings)
+        self._hook.risoluto_settings_validate(kernel=self._kernel, settings=settings)
 
     # auth
     def client_address(self, info: RequestInfo, settings: Settings) -> tuple[str, bool] | None:
-        return self._hook.risoluto_client_address(info=info, settings=settings)
+        return self._hook.risoluto_client_address(kernel=self._kernel, info=info, settings=settings)
 
     def request_authorize(self, info: RequestInfo, settings: Settings) -> ApiError | None:
-        return self._hook.risoluto_request_authorize(info=info, settings=settings)
+        return self._hook.risoluto_request_authorize(kernel=self._kernel, info=info, settings=settings)
 
     def request_completed(self, info: RequestInfo, status: int, seconds: float) -> None:
-        self._hook.risoluto_request_completed(info=info, status=status, seconds=seconds)
+        self._hook.risoluto_request_completed(kernel=self._kernel, info=info, status=status, seconds=seconds)
 
     # rate limiting
     def ratelimit_rules(self, settings: Settings) -> list[RateRule]:
-        return _flat(reversed(self._hook.risoluto_ratelimit_rules(settings=settings)))
+        return _flat(reversed(self._hook.risoluto_ratelimit_rules(kernel=self._kernel, settings=settings)))
 
     def ratelimit_backend(self, settings: Settings) -> RateLimiter | None:
-        return self._hook.risoluto_ratelimit_backend(settings=settings)
+        return self._hook.risoluto_ratelimit_backend(kernel=self._kernel, settings=settings)
 
     # secrets
     def secret_store(self, settings: Settings, master_key: str) -> SecretStore | None:
-        return self._hook.risoluto_secret_store(settings=settings, master_key=master_key)
+        return self._hook.risoluto_secret_store(kernel=self._kernel, settings=settings, master_key=master_key)
 
     def secret_changed(self, event: SecretEvent, settings: Settings) -> None:
-        self._hook.risoluto_secret_changed(event=event, settings=settings)
+        self._hook.risoluto_secret_changed(kernel=self._kernel, event=event, settings=settings)
 
     # sandbox
     def sandbox_runtime(self, settings: Settings) -> SandboxRuntime | None:
-        return self._hook.risoluto_sandbox_runtime(settings=settings)
+        return self._hook.risoluto_sandbox_runtime(kernel=self._kernel, settings=settings)
 
     def sandbox_spec(self, spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
         # pluggy order: later-registered first; a policy check that must see the final
         # spec marks itself ``trylast``.
-        self._hook.risoluto_sandbox_spec(spec=spec, request=request, settings=settings)
+        self._hook.risoluto_sandbox_spec(kernel=self._kernel, spec=spec, request=request, settings=settings)
 
     def sandbox_event(self, event: SandboxEvent) -> None:
-        self._hook.risoluto_sandbox_event(event=event)
+        self._hook.risoluto_sandbox_event(kernel=self._kernel, event=event)
 
     # egress
     def egress_enforcer(self, settings: Settings) -> EgressEnforcer | None:
-        return self._hook.risoluto_egress_enforcer(settings=settings)
+        return self._hook.risoluto_egress_enforcer(kernel=self._kernel, settings=settings)
 
     def egress_decision(self, request: EgressRequest, allowlist: tuple[str, ...]) -> EgressVerdict | None:
-        return self._hook.risoluto_egress_decision(request=request, allowlist=allowlist)
+        return self._hook.risoluto_egress_decision(kernel=self._kernel, request=request, allowlist=allowlist)
 
     # webhooks
     def webhook_providers(self, settings: Settings) -> list[WebhookProvider]:
-        return _flat(reversed(self._hook.risoluto_webhook_providers(settings=settings)))
+        return _flat(reversed(self._hook.risoluto_webhook_providers(kernel=self._kernel, settings=settings)))
 
     def webhook_received(self, delivery: WebhookDelivery) -> None:
-        self._hook.risoluto_webhook_received(delivery=delivery)
+        self._hook.risoluto_webhook_received(kernel=self._kernel, delivery=delivery)
 
     # doctor
     def doctor_checks(self, kernel: Kernel) -> list[CheckResult]:
@@ -111,4 +115,4 @@ class Hooks:
 
     # cli
     def cli_commands(self) -> list[CliCommand]:
-        return _flat(reversed(self._hook.risoluto_cli_commands()))
+        return _flat(reversed(self._hook.risoluto_cli_commands(kernel=self._kernel)))

@@ -38,7 +38,7 @@ class Kernel:
         pm, infos = build_plugin_manager(settings.plugins.disable, extra_plugins)
         self.pm: pluggy.PluginManager = pm
         self.plugins: list[PluginInfo] = infos
-        self.hooks = Hooks(pm)
+        self.hooks = Hooks(pm, self)
         self.hooks.settings_validate(settings)  # ConfigError names the key path
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.secret_store: SecretStore | None = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
-import pkgutil
 from typing import Any, Iterable
 
 import attrs
@@ -26,19 +25,25 @@ class PluginInfo:
     version: str
 
 
-def default_plugin_names() -> list[str]:
-    """Default plugins, by module name: ``http.write_guard``, ``secrets.file_store``, ..."""
-    import risoluto.plugins as root
+# The default plugins, by name (``<group>.<module>`` under ``risoluto.plugins``), in load order.
+# A module is a plugin because this list names it, not because of its file name: helpers are
+# private modules (``_name.py``), and a name in ``plugins.disable`` is never imported.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "egress.allowlist", "egress.enforcer", "egress.host_firewall", "egress.network", "egress.probes",
+    "http.client_address", "http.metrics", "http.rate_limit", "http.read_guard", "http.write_guard",
+    "sandbox.api", "sandbox.cap_drop", "sandbox.cli", "sandbox.codex_home", "sandbox.data_plane",
+    "sandbox.docker_runtime", "sandbox.gvisor", "sandbox.image_check", "sandbox.network",
+    "sandbox.no_new_privileges", "sandbox.policy_guard", "sandbox.remote_runtime", "sandbox.resources",
+    "sandbox.seccomp", "sandbox.user", "sandbox.workspace",
+    "secrets.api", "secrets.audit_log", "secrets.cli", "secrets.file_store", "secrets.master_key",
+    "secrets.service", "secrets.sqlite_store",
+    "webhooks.github", "webhooks.inbox", "webhooks.linear",
+)
 
-    names: list[str] = []
-    for group in pkgutil.iter_modules(root.__path__):
-        if not group.ispkg:
-            continue
-        package = importlib.import_module(f"risoluto.plugins.{group.name}")
-        for mod in pkgutil.iter_modules(package.__path__):
-            if not mod.name.startswith("_"):
-                names.append(f"{group.name}.{mod.name}")
-    return sorted(names)
+
+def default_plugin_names() -> list[str]:
+    """Default plugins, in load order: ``http.write_guard``, ``secrets.file_store``, ..."""
+    return list(DEFAULT_PLUGINS)
 
 
 def _kernel_version() -> str:

@@ -45,19 +45,21 @@ def risoluto_settings(risoluto_data_dir: Path) -> Callable[..., Settings]:
 def _loopback_client_class() -> type:
     from quart.testing import QuartClient
 
+    def with_loopback_peer(scope_base: dict | None) -> dict:
+        return {"client": ("127.0.0.1", 50000), **(scope_base or {})}
+
     class LoopbackClient(QuartClient):
         """Quart's test client with a loopback peer unless ``scope_base`` names another
-        (Quart's own client sends no peer at all, which the guards treat as remote)."""
+        (Quart's own client sends no peer at all, which the guards treat as remote).
 
-        async def _make_request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-            args = list(args)  # type: ignore[assignment]
-            base = args[11] if len(args) > 11 else kwargs.get("scope_base")
-            merged = {"client": ("127.0.0.1", 50000), **(base or {})}
-            if len(args) > 11:
-                args[11] = merged  # type: ignore[index]
-            else:
-                kwargs["scope_base"] = merged
-            return await super()._make_request(*args, **kwargs)
+        Only Quart's public ``open``/``request`` signatures are overridden: every verb helper
+        (``get``, ``post``, ...) goes through ``open``, and streaming goes through ``request``."""
+
+        async def open(self, path: str, *, scope_base: dict | None = None, **kwargs: Any) -> Any:
+            return await super().open(path, scope_base=with_loopback_peer(scope_base), **kwargs)
+
+        def request(self, path: str, *, scope_base: dict | None = None, **kwargs: Any) -> Any:
+            return super().request(path, scope_base=with_loopback_peer(scope_base), **kwargs)
 
     return LoopbackClient
 

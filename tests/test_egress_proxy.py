@@ -26,7 +26,7 @@ from risoluto.hookspecs.egress import EgressVerdict
 from risoluto.kernel import Kernel
 from risoluto.plugins.egress._metrics import metrics_for
 from risoluto.plugins.egress.allowlist import Allowlist
-from risoluto.plugins.egress.proxy import Client, EgressProxy
+from risoluto.plugins.egress._proxy import Client, EgressProxy
 from risoluto.settings import build_settings
 
 pytestmark = [
@@ -43,7 +43,7 @@ def only_this_machine(monkeypatch):
     the proxy ever dial one, the attempt fails here, and no packet leaves this machine."""
     import ipaddress
 
-    from risoluto.plugins.egress import proxy as proxy_module
+    from risoluto.plugins.egress import _proxy as proxy_module
 
     real, outside = proxy_module.open_connection, []
 

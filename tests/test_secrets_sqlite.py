@@ -430,7 +430,7 @@ async def test_preallocating_keeps_every_frame_another_connection_left(risoluto_
     """A WAL shorter than the working size, holding frames no checkpoint copied yet (another
     process writing with SQLite's defaults): growing it must not touch one of them, and a crash
     image taken afterwards (the files copied mid-flight, no -shm) must recover all of them."""
-    from risoluto.plugins.secrets.crypto import derive_key, seal_value
+    from risoluto.crypto import derive_key, seal_value
     from risoluto.plugins.secrets.sqlite_store import _UPSERT
 
     settings = risoluto_settings(SQLITE)

@@ -54,7 +54,7 @@ def risoluto_app_services(kernel: Kernel) -> list[Service]:
 
 
 @hookspec
-def risoluto_settings_validate(settings: Any) -> None:
+def risoluto_settings_validate(kernel: Kernel, settings: Any) -> None:
     """Check the parts of the settings only your plugin understands; raise ``ConfigError``.
 
     Called when the kernel is built (startup, every CLI command) and before

@@ -9,6 +9,7 @@ import attrs
 from . import hookspec
 
 if TYPE_CHECKING:
+    from ..kernel import Kernel
     from ..errors import ApiError
     from ..settings import Settings
 
@@ -44,7 +45,7 @@ class RequestInfo:
 
 
 @hookspec(firstresult=True)
-def risoluto_client_address(info: RequestInfo, settings: Settings) -> tuple[str, bool] | None:
+def risoluto_client_address(kernel: Kernel, info: RequestInfo, settings: Settings) -> tuple[str, bool] | None:
     """Decide the client address of a request.
 
     Called once per request before rate limiting and authorization. firstresult: the
@@ -61,7 +62,7 @@ def risoluto_client_address(info: RequestInfo, settings: Settings) -> tuple[str,
 
 
 @hookspec(firstresult=True)
-def risoluto_request_authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
+def risoluto_request_authorize(kernel: Kernel, info: RequestInfo, settings: Settings) -> ApiError | None:
     """Refuse a request, or let it pass.
 
     Called once per request after rate limiting, before the route runs. firstresult: the
@@ -80,7 +81,7 @@ def risoluto_request_authorize(info: RequestInfo, settings: Settings) -> ApiErro
 
 
 @hookspec
-def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -> None:
+def risoluto_request_completed(kernel: Kernel, info: RequestInfo, status: int, seconds: float) -> None:
     """Observe a finished request (audit logs, metrics).
 
     Called after the response is built, for every request, refused ones included.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
 from . import hookspec
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
 
 
 @attrs.frozen(kw_only=True)
@@ -21,7 +24,7 @@ class CliCommand:
 
 
 @hookspec
-def risoluto_cli_commands() -> list[CliCommand]:
+def risoluto_cli_commands(kernel: Kernel) -> list[CliCommand]:
     """Contribute subcommands. Called once when the CLI starts; collected.
 
     Example::

@@ -76,7 +76,7 @@ class EgressEnforcer(Protocol):
 
 
 @hookspec(firstresult=True)
-def risoluto_egress_enforcer(settings: Settings) -> EgressEnforcer | None:
+def risoluto_egress_enforcer(kernel: Kernel, settings: Settings) -> EgressEnforcer | None:
     """Return the egress enforcer. Called once at startup, only when the allowlist is non-empty;
     firstresult.
 
@@ -89,7 +89,7 @@ def risoluto_egress_enforcer(settings: Settings) -> EgressEnforcer | None:
 
 
 @hookspec(firstresult=True)
-def risoluto_egress_decision(request: EgressRequest, allowlist: tuple[str, ...]) -> EgressVerdict | None:
+def risoluto_egress_decision(kernel: Kernel, request: EgressRequest, allowlist: tuple[str, ...]) -> EgressVerdict | None:
     """Decide an outbound attempt; the first non-None verdict wins.
 
     Called by the enforcer for every attempt before the allowlist itself is applied, with

@@ -10,6 +10,7 @@ import attrs
 from . import hookspec
 
 if TYPE_CHECKING:
+    from ..kernel import Kernel
     from ..settings import Settings
 
 
@@ -65,7 +66,7 @@ class RateLimiter(Protocol):
 
 
 @hookspec
-def risoluto_ratelimit_rules(settings: Settings) -> list[RateRule]:
+def risoluto_ratelimit_rules(kernel: Kernel, settings: Settings) -> list[RateRule]:
     """Contribute rate-limit rules.
 
     Called once at app creation; collected. The first matching rule (in plugin order)
@@ -80,7 +81,7 @@ def risoluto_ratelimit_rules(settings: Settings) -> list[RateRule]:
 
 
 @hookspec(firstresult=True)
-def risoluto_ratelimit_backend(settings: Settings) -> RateLimiter | None:
+def risoluto_ratelimit_backend(kernel: Kernel, settings: Settings) -> RateLimiter | None:
     """Return the rate-limit backend named by ``rateLimit.backend``, or None if it is not yours.
 
     Called once at app creation; firstresult. If no plugin answers, startup fails

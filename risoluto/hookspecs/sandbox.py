@@ -9,6 +9,7 @@ import attrs
 from . import hookspec
 
 if TYPE_CHECKING:
+    from ..kernel import Kernel
     from ..settings import Settings
 
 
@@ -121,7 +122,7 @@ class SandboxRuntime(Protocol):
 
 
 @hookspec(firstresult=True)
-def risoluto_sandbox_runtime(settings: Settings) -> SandboxRuntime | None:
+def risoluto_sandbox_runtime(kernel: Kernel, settings: Settings) -> SandboxRuntime | None:
     """Return the runtime backend named by ``sandbox.runtime`` (``docker``, ``remote``), or None.
 
     Called once at startup by the ``sandbox.api`` service, which sets ``kernel.runtime``, calls
@@ -138,7 +139,7 @@ def risoluto_sandbox_runtime(settings: Settings) -> SandboxRuntime | None:
 
 
 @hookspec
-def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
+def risoluto_sandbox_spec(kernel: Kernel, spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
     """Contribute to a container spec before launch: edit ``spec`` in place.
 
     Called once per launch, for every plugin (collected), in registration order:
@@ -161,7 +162,7 @@ def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings:
 
 
 @hookspec
-def risoluto_sandbox_event(event: SandboxEvent) -> None:
+def risoluto_sandbox_event(kernel: Kernel, event: SandboxEvent) -> None:
     """Observe a sandbox lifecycle event (metrics, audit). Collected; must not raise.
 
     Example::

@@ -9,6 +9,7 @@ import attrs
 from . import hookspec
 
 if TYPE_CHECKING:
+    from ..kernel import Kernel
     from ..settings import Settings
 
 
@@ -75,7 +76,7 @@ class SecretEvent:
 
 
 @hookspec(firstresult=True)
-def risoluto_secret_store(settings: Settings, master_key: str) -> SecretStore | None:
+def risoluto_secret_store(kernel: Kernel, settings: Settings, master_key: str) -> SecretStore | None:
     """Return the store for ``secrets.backend``, or None if it is not yours.
 
     Called at startup when a master key is available (from ``MASTER_KEY`` or
@@ -95,7 +96,7 @@ def risoluto_secret_store(settings: Settings, master_key: str) -> SecretStore | 
 
 
 @hookspec
-def risoluto_secret_changed(event: SecretEvent, settings: Settings) -> None:
+def risoluto_secret_changed(kernel: Kernel, event: SecretEvent, settings: Settings) -> None:
     """Observe a secret being set, deleted or the store being rotated (audit).
 
     Called after the change is durable; collected. Must not raise.

@@ -12,6 +12,7 @@ from ..errors import ApiError
 from . import hookspec
 
 if TYPE_CHECKING:
+    from ..kernel import Kernel
     from ..settings import Settings
 
 
@@ -68,7 +69,7 @@ def hmac_sha256_matches(body: bytes, keys: list[bytes], given_hex: str) -> bool:
 
 
 @hookspec
-def risoluto_webhook_providers(settings: Settings) -> list[WebhookProvider]:
+def risoluto_webhook_providers(kernel: Kernel, settings: Settings) -> list[WebhookProvider]:
     """Contribute webhook providers. Called once at app creation; collected.
 
     Example::
@@ -80,7 +81,7 @@ def risoluto_webhook_providers(settings: Settings) -> list[WebhookProvider]:
 
 
 @hookspec
-def risoluto_webhook_received(delivery: WebhookDelivery) -> None:
+def risoluto_webhook_received(kernel: Kernel, delivery: WebhookDelivery) -> None:
     """A verified, first-seen delivery; collected. At least once per delivery id: a server
     killed between storing a delivery and handing it on hands it on at its next start (or at
     the sender's retry), and one killed just after handing it on may hand it on again, so

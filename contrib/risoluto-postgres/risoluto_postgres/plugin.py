@@ -17,7 +17,7 @@ from psycopg.conninfo import conninfo_to_dict
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretStoreError
-from risoluto.plugins.secrets.crypto import Verified, assess, derive_key, key_check
+from risoluto.crypto import Verified, assess, derive_key, key_check
 from risoluto.settings import Settings
 
 from .store import DEFAULT_DSN, HAS_AAD, READ_META, TABLES, PostgresStore, redact_dsn

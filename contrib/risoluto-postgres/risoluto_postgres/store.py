@@ -35,7 +35,7 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
 
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
-from risoluto.plugins.secrets.crypto import (
+from risoluto.crypto import (
     DecryptError, FormatError, Sealed, Verified, assess, derive_key, key_check, open_row, open_value, seal_value,
 )
 

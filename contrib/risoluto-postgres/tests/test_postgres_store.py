@@ -23,7 +23,7 @@ from psycopg.conninfo import make_conninfo
 
 from risoluto.app import kernel_of
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, WrongMasterKey
-from risoluto.plugins.secrets.crypto import derive_key, seal
+from risoluto.crypto import derive_key, seal
 from risoluto.plugins.secrets.sqlite_store import SqliteStore
 from risoluto.settings import build_settings
 from risoluto.testing import running_app

@@ -31,7 +31,7 @@ from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from ._metrics import metrics_for
 from .allowlist import Allowlist
 from .host_firewall import HostFirewall, can_manage
-from .proxy import Client, EgressProxy
+from ._proxy import Client, EgressProxy
 
 if TYPE_CHECKING:
     from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from risoluto.errors import ApiError
+from risoluto.addresses import is_loopback_bind
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, CheckResult
@@ -70,8 +71,6 @@ def risoluto_request_authorize(info: RequestInfo, settings: Settings) -> ApiErro
 
 @hookimpl
 def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
-    from risoluto.cli import is_loopback_bind
-
     s = kernel.settings.server
     if s.read_token or s.write_token:
         which = "RISOLUTO_READ_TOKEN" if s.read_token else "RISOLUTO_WRITE_TOKEN"

@@ -25,6 +25,7 @@ from typing import Any
 
 from risoluto.errors import ApiError
 from risoluto.fsutil import append_line
+from risoluto.addresses import is_loopback_bind
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
@@ -116,8 +117,6 @@ def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -
 
 @hookimpl
 def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
-    from risoluto.cli import is_loopback_bind
-
     s = kernel.settings.server
     loopback = is_loopback_bind(s.bind)
     results: list[CheckResult] = []

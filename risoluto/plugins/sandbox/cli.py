@@ -118,7 +118,7 @@ async def _direct(args: Any) -> int:
 
 def _main(args: Any) -> int:
     if args.sandbox_action == "image":
-        from .image_build import main
+        from ._image_build import main
 
         return main(args)
     try:

@@ -24,7 +24,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, CheckResult
 from risoluto.hookspecs.secrets import SecretStoreError, WrongMasterKey
 
-from .crypto import DecryptError, FormatError, decode_envelope, derive_key, encode_envelope
+from risoluto.crypto import DecryptError, FormatError, decode_envelope, derive_key, encode_envelope
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel

@@ -29,7 +29,7 @@ from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
 
 from risoluto.worker_thread import WorkerThread, finished, started
-from .crypto import (
+from risoluto.crypto import (
     DecryptError, FormatError, Sealed, Verified, assess, derive_key, key_check, open_row, open_value, seal_value,
 )
 

@@ -1,11 +1,12 @@
-"""AES-256-GCM for both secret backends (SPEC 3.1, compat with the original Risoluto).
+"""AES-256-GCM for every secret backend (compatible with the original Risoluto; docs/secrets.md).
 
 key = SHA-256(UTF-8 MASTER_KEY); a fresh 12-byte IV per encryption; 16-byte tag kept
 apart from the ciphertext; every binary field base64 with padding. ``secrets.enc`` is a
 JSON envelope around the JSON object ``{name: value}``; a database row holds its own
 IV/tag/ciphertext and binds its key name as associated data.
 
-This module is a helper (no hooks): both stores and the doctor import it.
+A kernel library, not a plugin: the default stores, the doctor and third-party stores
+(contrib/risoluto-postgres) share the one envelope format through it.
 """
 
 from __future__ import annotations
