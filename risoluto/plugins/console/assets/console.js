@@ -185,11 +185,13 @@
     if (r.status === 404) { egressUnavailable(); return; }
     if (!r.ok) { $("egress-summary").textContent = await errorText(r); return; }
     decisions = listOf(await r.json(), "decisions").slice(0, MAX_DECISIONS);
+    $("egress-live").hidden = false;
     queueDecisions();
     const stream = new EventSource("/api/v1/egress/decisions/stream");
     const onEvent = (e) => {
       let d;
       try { d = JSON.parse(e.data); } catch (_) { return; }
+      if (d && typeof d.decision === "object" && d.decision !== null) d = d.decision;
       if (!d || typeof d !== "object" || !("verdict" in d)) return;
       decisions.unshift(d);
       if (decisions.length > MAX_DECISIONS) decisions.length = MAX_DECISIONS;
