@@ -38,6 +38,7 @@
     el.hidden = !text;
   }
 
+  // Run fn now and every ms (never two at once); resolves when the first run is done.
   function poll(fn, ms) {
     let busy = false;
     const run = async () => {
@@ -45,8 +46,8 @@
       busy = true;
       try { await fn(); } catch (err) { console.error(err); } finally { busy = false; }
     };
-    run();
-    return setInterval(run, ms);
+    setInterval(run, ms);
+    return run();
   }
 
   // Replace a tbody only when what it shows changed: polling must not reset a selection.
@@ -68,10 +69,13 @@
     return `${(s / 60).toFixed(1)} h`;
   }
 
+  // Local time of day, HH:MM:SS (plain arithmetic: the Intl formatters cost a lot on first use).
+  const two = (n) => String(n).padStart(2, "0");
   function clock(iso) {
     const d = new Date(iso);
-    return Number.isNaN(d.getTime()) ? esc(iso) : d.toLocaleTimeString([], { hour12: false });
+    return Number.isNaN(d.getTime()) ? esc(iso) : `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
   }
+  const byText = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
 
   function pager(id, page, pages, total, onPage) {
     const el = $(id);
@@ -107,7 +111,7 @@
     const r = await call("GET", "/api/v1/hardening");
     if (!r.ok) { $("checklist-summary").textContent = await errorText(r); return; }
     const data = await r.json();
-    const items = data.items.slice().sort((a, b) => (ORDER[a.status] - ORDER[b.status]) || a.item.localeCompare(b.item));
+    const items = data.items.slice().sort((a, b) => (ORDER[a.status] - ORDER[b.status]) || byText(a.item, b.item));
     fill("checklist-rows", items.map((i) =>
       `<tr class="st-${esc(i.status)}"><td><span class="badge">${esc(i.status)}</span></td><td>${esc(i.item)}</td>` +
       `<td>${esc(i.reason)}</td><td>${i.status === "PASS" ? "" : esc(i.fix)}</td></tr>`).join(""));
@@ -123,7 +127,7 @@
     const r = await call("GET", "/api/v1/sandboxes");
     if (!r.ok) { $("sandboxes-summary").textContent = await errorText(r); sandboxes = []; renderSandboxes(); return; }
     sandboxes = (await r.json()).sandboxes || [];
-    sandboxes.sort((a, b) => String(b.created_at || "").localeCompare(String(a.created_at || "")));
+    sandboxes.sort((a, b) => byText(String(b.created_at || ""), String(a.created_at || "")));
     const running = sandboxes.filter((s) => s.status === "running").length;
     $("sandboxes-summary").textContent = `${sandboxes.length} known · ${running} running`;
     renderSandboxes();
@@ -180,27 +184,49 @@
     $("egress-summary").textContent = "";
   }
 
-  async function egressStart() {
-    const r = await call("GET", "/api/v1/egress/decisions?limit=1000");
-    if (r.status === 404) { egressUnavailable(); return; }
-    if (!r.ok) { $("egress-summary").textContent = await errorText(r); return; }
-    decisions = listOf(await r.json(), "decisions").slice(0, MAX_DECISIONS);
-    $("egress-live").hidden = false;
-    queueDecisions();
+  // A decision's identity, to merge what the stream pushed with what a later fetch returns.
+  const keyOf = (d) => [d.at, d.sandbox, d.host, d.port, d.method, d.path, d.verdict, d.reason].join("|");
+  let streamed = []; // pushed since the page opened, newest first
+
+  async function fetchDecisions(limit) {
+    const r = await call("GET", `/api/v1/egress/decisions?limit=${limit}`);
+    if (r.status === 404) { egressUnavailable(); return false; }
+    if (!r.ok) { $("egress-summary").textContent = await errorText(r); return false; }
+    const fetched = listOf(await r.json(), "decisions");
+    const known = new Set(fetched.map(keyOf));
+    decisions = streamed.filter((d) => !known.has(keyOf(d))).concat(fetched).slice(0, MAX_DECISIONS);
+    return true;
+  }
+
+  function openStream() {
     const stream = new EventSource("/api/v1/egress/decisions/stream");
     const onEvent = (e) => {
       let d;
       try { d = JSON.parse(e.data); } catch (_) { return; }
       if (d && typeof d.decision === "object" && d.decision !== null) d = d.decision;
       if (!d || typeof d !== "object" || !("verdict" in d)) return;
+      streamed.unshift(d);
+      if (streamed.length > MAX_DECISIONS) streamed.length = MAX_DECISIONS;
       decisions.unshift(d);
       if (decisions.length > MAX_DECISIONS) decisions.length = MAX_DECISIONS;
-      if (decisionPage > 0) decisionPage = Math.min(decisionPage, Math.ceil(decisions.length / PAGE) - 1);
       queueDecisions();
     };
     stream.onmessage = onEvent;
     stream.addEventListener("decision", onEvent);
+  }
+
+  // First the newest 100 (the first page, quickly), then the stream, then up to 1000 more: the
+  // later fetch also covers anything decided between the first fetch and the stream opening.
+  async function egressStart() {
+    if (!(await fetchDecisions(100))) return;
+    $("egress-live").hidden = false;
+    renderDecisions();
+    openStream();
     poll(loadApprovals, 2000);
+  }
+
+  async function egressBackfill() {
+    if (!egressOff && !$("egress-live").hidden && (await fetchDecisions(1000))) queueDecisions();
   }
 
   function queueDecisions() {
@@ -357,13 +383,16 @@
       else if (t.classList.contains("approve")) answer(t.dataset.id, t.dataset.decision, t);
       else if (t.classList.contains("delete-secret")) deleteSecret(t.dataset.name);
     });
-    poll(checklist, 3000);
-    poll(loadSandboxes, 3000);
-    poll(loadSecrets, 10000);
-    poll(loadAudit, 10000);
-    poll(loadChart, 15000);
+    // What the operator looks at first is asked first; the rest waits until it has arrived, so
+    // the server (and the browser's six connections) work on the checklist and the lists first.
+    const first = [poll(checklist, 3000), poll(loadSandboxes, 3000), egressStart().catch((err) => console.error(err))];
+    Promise.allSettled(first).then(() => {
+      egressBackfill().catch((err) => console.error(err));
+      poll(loadSecrets, 10000);
+      poll(loadAudit, 10000);
+      poll(loadChart, 15000);
+    });
     setInterval(tickApprovals, 1000);
-    egressStart().catch((err) => console.error(err));
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
