@@ -156,7 +156,7 @@ async def test_a_secret_set_from_the_page_never_comes_back(loopback_console):
         await expect(row(page, "secrets-rows", "CONSOLE_SECRET")).to_be_visible()
         await expect(row(page, "audit-secrets-rows", "CONSOLE_SECRET")).to_be_visible(timeout=15000)
         await expect(page.locator("#secret-value")).to_have_value("")
-        await page.wait_for_timeout(3500)  # a round of every poll after the set
+        await page.wait_for_timeout(5500)  # a round of the frequent polls after the set
         await page.reload()
         await expect(row(page, "secrets-rows", "CONSOLE_SECRET")).to_be_visible(timeout=15000)
         await expect(row(page, "audit-write-rows", "/api/v1/secrets/CONSOLE_SECRET")).to_be_visible(timeout=15000)

@@ -38,7 +38,9 @@
     el.hidden = !text;
   }
 
-  // Run fn now and every ms (never two at once); resolves when the first run is done.
+  // Run fn now and every ms (never two at once); resolves when the first run is done. A hidden
+  // tab does not poll (it would spend the api rate-limit bucket this client shares with the
+  // operator's other tools) and catches up as soon as it is shown again.
   function poll(fn, ms) {
     let busy = false;
     const run = async () => {
@@ -46,7 +48,8 @@
       busy = true;
       try { await fn(); } catch (err) { console.error(err); } finally { busy = false; }
     };
-    setInterval(run, ms);
+    setInterval(() => { if (!document.hidden) run(); }, ms);
+    document.addEventListener("visibilitychange", () => { if (!document.hidden) run(); });
     return run();
   }
 
@@ -222,7 +225,7 @@
     $("egress-live").hidden = false;
     renderDecisions();
     openStream();
-    poll(loadApprovals, 2000);
+    poll(loadApprovals, 3000);
   }
 
   async function egressBackfill() {
@@ -385,12 +388,12 @@
     });
     // What the operator looks at first is asked first; the rest waits until it has arrived, so
     // the server (and the browser's six connections) work on the checklist and the lists first.
-    const first = [poll(checklist, 3000), poll(loadSandboxes, 3000), egressStart().catch((err) => console.error(err))];
+    const first = [poll(checklist, 5000), poll(loadSandboxes, 5000), egressStart().catch((err) => console.error(err))];
     Promise.allSettled(first).then(() => {
       egressBackfill().catch((err) => console.error(err));
-      poll(loadSecrets, 10000);
-      poll(loadAudit, 10000);
-      poll(loadChart, 15000);
+      poll(loadSecrets, 30000);
+      poll(loadAudit, 15000);
+      poll(loadChart, 30000);
     });
     setInterval(tickApprovals, 1000);
   }
