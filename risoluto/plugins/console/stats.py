@@ -94,10 +94,27 @@ def _epoch(at: Any) -> float | None:
         return None
 
 
+_last: dict[Path, tuple[tuple[int, int, int, int], list[int]]] = {}
+
+
 def egress_per_minute(path: Path, start: int) -> list[int] | None:
-    """Decisions per minute since ``start`` from the egress audit log; None without the log."""
-    if not path.exists():
+    """Decisions per minute since ``start`` from the egress audit log; None without the log.
+    The answer is reused while the file and the hour are unchanged (every open tab asks)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return None
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, start)
+    cached = _last.get(path)
+    if cached is not None and cached[0] == key:
+        return list(cached[1])
+    counts = _count(path, start)
+    _last.clear()  # one DATA_DIR per process in practice; never grows
+    _last[path] = (key, counts)
+    return list(counts)
+
+
+def _count(path: Path, start: int) -> list[int]:
     counts = [0] * MINUTES
     for raw in tail_lines(path, MAX_EGRESS_LINES, MAX_EGRESS_TAIL_BYTES):  # newest first
         try:
