@@ -78,6 +78,11 @@
     const d = new Date(iso);
     return Number.isNaN(d.getTime()) ? esc(iso) : `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
   }
+  // A sandbox reference in a narrow column: whole when short, else its start (all of it on hover).
+  const short = (v) => {
+    const text = String(v === null || v === undefined ? "" : v);
+    return `<code title="${esc(text)}">${esc(text.length > 24 ? `${text.slice(0, 23)}…` : text)}</code>`;
+  };
   const byText = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
 
   function pager(id, page, pages, total, onPage) {
@@ -249,7 +254,7 @@
       const req = d.method ? `${esc(d.method)} ${esc(d.path)}` : "";
       return `<tr class="v-${esc(d.verdict)}"><td>${clock(d.at)}</td>` +
         `<td><span class="badge">${refused ? "REFUSED" : esc(String(d.verdict).toUpperCase())}</span></td>` +
-        `<td><code>${esc(String(d.sandbox || "").slice(0, 12))}</code></td><td>${esc(d.issue)}</td><td>${dest}</td><td>${req}</td>` +
+        `<td>${short(d.sandbox)}</td><td>${esc(d.issue)}</td><td>${dest}</td><td>${req}</td>` +
         `<td>${esc(d.reason)}</td><td>${esc(d.rule)}</td><td>${esc(d.credential)}</td>` +
         `<td>${esc(d.bytes_up ?? "")}/${esc(d.bytes_down ?? "")}</td></tr>`;
     });
@@ -277,7 +282,7 @@
   function renderApprovals() {
     const dis = canWrite() ? "" : "disabled";
     fill("approvals-rows", approvals.length === 0 ? '<tr><td colspan="5" class="none">nothing is waiting</td></tr>' :
-      approvals.map((a) => `<tr data-id="${esc(a.id)}"><td><code>${esc(String(a.sandbox || "").slice(0, 12))}</code></td>` +
+      approvals.map((a) => `<tr data-id="${esc(a.id)}"><td>${short(a.sandbox)}</td>` +
         `<td>${esc(a.issue)}</td><td>${esc(a.host)}:${esc(a.port)}</td><td class="left" data-expires="${esc(a.expires_at)}">${timeLeft(a)}</td>` +
         `<td><button type="button" class="approve" data-id="${esc(a.id)}" data-decision="allow-once" ${dis}>Allow once</button> ` +
         `<button type="button" class="approve" data-id="${esc(a.id)}" data-decision="allow-issue" ${dis}>Allow for the issue</button> ` +
