@@ -18,6 +18,7 @@ from typing import Any
 
 from quart import Blueprint, Response, g, request
 
+from risoluto.errors import ApiError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.ratelimit import RateRule
 from risoluto.openapi import api
@@ -104,8 +105,6 @@ def blueprint(kernel: Any) -> Blueprint:
     @api("A static asset of the console (script or style sheet; public, holds nothing secret)",
          tags=("console",), responses={200: None, 404: {"$ref": "#/components/schemas/Error"}})
     async def asset(name: str) -> Any:
-        from risoluto.errors import ApiError
-
         if name not in assets:
             raise ApiError(404, "not_found", "No such asset.")
         response = Response(assets[name], content_type=ASSETS[name])
