@@ -96,6 +96,12 @@ def _guard(method: str, path: str) -> str:
         return "data-plane secret"
     if path.startswith("/webhooks/"):
         return "HMAC signature"
+    if path.startswith("/console/session"):
+        return "its own token check (console sign-in)"
+    if path.startswith("/console/assets/"):
+        return "public"
+    if path == "/":
+        return "read guard, or the sign-in form"
     if method != "GET":
         return "write guard"
     return "public" if path in _PUBLIC else "read guard"
@@ -180,9 +186,11 @@ Conventions for every route (see [http-security.md](http-security.md)):
 - Every response carries `X-Request-ID`; rate-limited routes (`/api/*`, `/metrics`, `/webhooks/*`)
   carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
 - Guard: *public* = no token ever; *read guard* = from a non-loopback client, `Authorization: Bearer`
-  with the read or write token when one is configured; *write guard* = the checklist's write-guard
-  table (loopback without a token, else the write token; browser defence for token-less loopback);
-  *HMAC signature* = the provider's signature header instead of any token; *data-plane secret* =
+  with the read or write token when one is configured, or a console session cookie; *write guard* = the
+  checklist's write-guard table (loopback without a token, else the write token or a console session
+  signed in with it, from the console's own origin; browser defence for token-less loopback);
+  *HMAC signature* = the provider's signature header instead of any token; the console's sign-in checks
+  the token it is given ([console.md](console.md)); *data-plane secret* =
   `Authorization: Bearer $RISOLUTO_DATA_PLANE_SECRET` ([data-plane.md](data-plane.md)).
 
 ## Declaring a route, and what an undeclared one looks like

@@ -68,7 +68,8 @@ def risoluto_request_authorize(kernel: Kernel, info: RequestInfo, settings: Sett
     Called once per request after rate limiting, before the route runs. firstresult: the
     first plugin that returns an :class:`~risoluto.errors.ApiError` refuses the request with
     it; None means "no objection". A guard that lets a request through may set
-    ``info.principal`` (``"loopback"`` or ``"token"``).
+    ``info.principal`` (``"loopback"`` or ``"token"``; the default guards also use ``"session"``
+    for a console session cookie and ``"sign-in"`` for the console's sign-in route).
 
     Example::
 

@@ -12,6 +12,8 @@ Choices where the SPEC is silent (docs/http-security.md):
   with no token) is refused with 403 ``read_forbidden``: there is nothing it could send.
 - A loopback read whose ``Host`` is not a loopback name is a DNS-rebinding page reading
   the API: it needs the bearer token like a remote read.
+- A console session cookie (signed in with the read or the write token, see
+  ``_sessions``) counts as that token: principal ``session``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, CheckResult
 from risoluto.settings import Settings
 
-from ._shared import bearer_token, guarded_path, host_is_loopback, is_local_client, matches_any, single_header
+from ._sessions import session_of
+from ._shared import (
+    bearer_token, guarded_path, host_is_loopback, is_local_client, matches_any, single_header,
+)
 
 PUBLIC_ROUTES = frozenset({"/api/v1/runtime", "/api/v1/openapi.json"})
 GUARDED_EXACT = frozenset({"/metrics", "/api"})
@@ -46,22 +51,34 @@ def _local_and_not_rebound(info: RequestInfo) -> bool:
     return hosts == 0 or (hosts == 1 and host_is_loopback(host))
 
 
-def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
-    if info.mutating or not is_guarded(info):
-        return None
+def reader(info: RequestInfo, settings: Settings) -> str | ApiError:
+    """Who may read: ``loopback``, ``token`` or ``session``; else the refusal. Also what the
+    console page (``GET /``) asks, so the page is guarded exactly like ``/api/*``."""
     if _local_and_not_rebound(info):
-        info.principal = "loopback"
-        return None
+        return "loopback"
     s = settings.server
     tokens = [t for t in (s.read_token, s.write_token) if t]
     if not tokens:
         return ApiError(403, "read_forbidden",
                         "Reads from other machines need RISOLUTO_READ_TOKEN to be configured.")
-    if matches_any(bearer_token(info.headers), *tokens):
-        info.principal = "token"
-        return None
+    token = bearer_token(info.headers)
+    if token is not None:  # an explicit bearer decides; a cookie beside it is not consulted
+        if matches_any(token, *tokens):
+            return "token"
+    elif session_of(info) is not None:
+        return "session"
     return ApiError(401, "read_unauthorized", "This read needs Authorization: Bearer <token>.",
                     {"WWW-Authenticate": 'Bearer realm="risoluto"'})
+
+
+def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
+    if info.mutating or not is_guarded(info):
+        return None
+    who = reader(info, settings)
+    if isinstance(who, ApiError):
+        return who
+    info.principal = who
+    return None
 
 
 @hookimpl

@@ -5,7 +5,10 @@ browser defence for token-less loopback writes and the write audit log.
 |--------------------------------------------------|--------------------------------|
 | GET / HEAD / OPTIONS                             | not this guard's business      |
 | matched route under /webhooks/                   | left to the route's HMAC check |
+| matched console sign-in / sign-out route         | left to the route (own checks) |
 | write token set, valid bearer                    | allowed, principal "token"     |
+| write token set, no bearer, write-token session  | allowed, principal "session",  |
+|   cookie                                         |   if Origin is this server's   |
 | write token set, bearer missing/invalid          | 401 write_unauthorized         |
 | no write token, loopback peer (not via a proxy)  | allowed, principal "loopback"  |
 |   ... but a non-loopback Origin or Host          | 403 write_forbidden            |
@@ -31,6 +34,7 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.settings import Settings
 
+from ._sessions import WRITE, request_scheme, same_origin, session_of
 from ._shared import (
     bearer_token, host_is_loopback, is_local_client, kernel_here, origin_is_loopback, single_header,
     tokens_equal,
@@ -40,6 +44,9 @@ log = logging.getLogger("risoluto.write_guard")
 
 AUDIT_FILE = "write-audit.log"
 WEBHOOK_PREFIX = "/webhooks/"
+# The console's sign-in and sign-out check the token / session and the Origin themselves:
+# a browser holding only the read token must be able to sign in from afar.
+SELF_AUTHORIZED_ROUTES = frozenset({"/console/session", "/console/session/end"})
 MIN_TOKEN_LENGTH = 24
 _PASSED = "write_guard.passed"
 
@@ -68,12 +75,16 @@ def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
         return None
     if info.route is not None and info.route.startswith(WEBHOOK_PREFIX):
         return None  # the webhook route verifies its HMAC itself
+    if info.route in SELF_AUTHORIZED_ROUTES:
+        info.principal = "sign-in"
+        info.extra[_PASSED] = True  # audited: every sign-in attempt and its status
+        return None
     write_token = settings.server.write_token
     if write_token:
         # With a token, every write needs it, loopback included (as the original).
         token = bearer_token(info.headers)
         if token is None:
-            return _unauthorized("This write needs Authorization: Bearer <RISOLUTO_WRITE_TOKEN>.")
+            return _session_writer(info)
         if not tokens_equal(token, write_token):
             return _unauthorized("The bearer token is missing, malformed or wrong.")
         info.principal = "token"
@@ -86,6 +97,22 @@ def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
         return _forbidden("This deployment is read-only from afar (only RISOLUTO_READ_TOKEN is set).")
     else:
         return _forbidden("Writes from other machines need RISOLUTO_WRITE_TOKEN to be configured.")
+    info.extra[_PASSED] = True
+    return None
+
+
+def _session_writer(info: RequestInfo) -> ApiError | None:
+    """A console session signed in with the write token stands for the bearer, but only for
+    a request the console page itself sent (its Origin is this server): a form or script on
+    another site that rides the cookie is refused (CSRF)."""
+    session = session_of(info)
+    if session is None:
+        return _unauthorized("This write needs Authorization: Bearer <RISOLUTO_WRITE_TOKEN>.")
+    if session.kind != WRITE:
+        return _forbidden("This console session was signed in with the read token; sign in with the write token.")
+    if not same_origin(info, request_scheme()):
+        return _forbidden("A cookie-authenticated write must come from the console page of this server (Origin).")
+    info.principal = "session"
     info.extra[_PASSED] = True
     return None
 
