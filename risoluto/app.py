@@ -130,9 +130,8 @@ def _install_pipeline(app: Quart, kernel: Kernel) -> None:
         info = RequestInfo(
             method=req.method, path=path, route=rule, headers=headers, peer=peer,
             request_id=sent if _REQUEST_ID.match(sent) else _new_request_id(),
+            norm_path=rule if rule is not None else normalise_path(path), started=time.perf_counter(),
         )
-        info.extra["started"] = time.perf_counter()
-        info.extra["norm_path"] = rule if rule is not None else normalise_path(path)
         g.info = info
         length = req.content_length
         settings = kernel.settings
@@ -144,7 +143,7 @@ def _install_pipeline(app: Quart, kernel: Kernel) -> None:
         if refusal is None:
             refusal = kernel.hooks.request_authorize(info, settings)
             if refusal is not None:
-                info.extra["refused"] = refusal.code  # guard denials by code (metrics)
+                info.refused = refusal.code  # guard denials by code (metrics)
         return error_response(refusal) if refusal is not None else None
 
     @app.after_request
@@ -155,16 +154,15 @@ def _install_pipeline(app: Quart, kernel: Kernel) -> None:
             out["X-Request-ID"] = _new_request_id()
             return response
         out["X-Request-ID"] = info.request_id
-        rate_headers = info.extra.get("rate_headers")
-        if rate_headers:
-            out.extend(rate_headers)
+        if info.rate_headers:
+            out.extend(info.rate_headers)
         _completed(kernel, info, response.status_code)
         return response
 
     @app.teardown_request
     async def _left(_exc: BaseException | None) -> None:
         info = g.get("info")
-        if info is not None and not info.extra.get("completed"):
+        if info is not None and not info.completed:
             # no response went out: the client left and Quart cancelled the handler. Observers
             # (the write audit among them) still hear of the request, as nginx's 499.
             _completed(kernel, info, CLIENT_CLOSED_REQUEST)
@@ -174,9 +172,9 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 def _completed(kernel: Kernel, info: RequestInfo, status: int) -> None:
-    info.extra["completed"] = True
+    info.completed = True
     try:
-        kernel.hooks.request_completed(info, status, time.perf_counter() - info.extra["started"])
+        kernel.hooks.request_completed(info, status, time.perf_counter() - info.started)
     except Exception:  # observers must never turn a response into a 500
         log.exception("request_completed hook failed")
 
@@ -201,12 +199,11 @@ async def _rate_limit(kernel: Kernel, info: RequestInfo) -> ApiError | None:
         ("RateLimit-Remaining", str(decision.remaining)),
         ("RateLimit-Reset", str(reset)),
     )
-    extra = info.extra
-    extra["rate_headers"] = headers
-    extra["rate_bucket"] = rule.bucket
+    info.rate_headers = headers
+    info.rate_bucket = rule.bucket
     if decision.allowed:
         return None
-    extra["rate_limited"] = True
+    info.rate_limited = True
     # The RateLimit-* headers are added to every limited response in _finish.
     return ApiError(429, "rate_limited", f"Too many requests; retry in {max(reset, 1)} s.",
                     {"Retry-After": str(max(reset, 1))})
@@ -214,7 +211,7 @@ async def _rate_limit(kernel: Kernel, info: RequestInfo) -> ApiError | None:
 
 def _rule_for(kernel: Kernel, info: RequestInfo) -> Any:
     """The first rule matching the request; cached per matched route (a finite set)."""
-    path = info.extra["norm_path"]
+    path = info.norm_path
     if info.route is None:
         return next((r for r in kernel.rate_rules if r.matches(path)), None)
     rules, cache = kernel.state.get("kernel.rate_rule_cache", (None, {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -21,6 +22,19 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 
+def spec_snapshot(spec: ContainerSpec) -> ContainerSpec:
+    """A deep copy of ``spec`` for the check phase; the lifecycle callbacks are shared, not copied
+    (a deep copy of a bound method would copy the runtime it belongs to)."""
+    callbacks = spec.on_created, spec.on_removed
+    spec.on_created, spec.on_removed = [], []
+    try:
+        copy = copy_module.deepcopy(spec)
+    finally:
+        spec.on_created, spec.on_removed = callbacks
+    copy.on_created, copy.on_removed = list(callbacks[0]), list(callbacks[1])
+    return copy
+
+
 def _flat(results: list[Any]) -> list[Any]:
     return [item for result in results if result for item in result]
 
@@ -30,8 +44,10 @@ class Hooks:
     hook's arguments, pluggy's rule), so no plugin needs ``quart.current_app`` or globals."""
 
     def __init__(self, pm: pluggy.PluginManager, kernel: Kernel):
+        self._pm = pm
         self._hook = pm.hook
         self._kernel = kernel
+        self._spec_groups: tuple[Any, Any] | None = None
 
     # app
     def app_blueprints(self, kernel: Kernel) -> list[Any]:
@@ -73,9 +89,32 @@ class Hooks:
         return self._hook.risoluto_sandbox_runtime(kernel=self._kernel, settings=settings)
 
     def sandbox_spec(self, spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
-        # pluggy order: later-registered first; a policy check that must see the final
-        # spec marks itself ``trylast``.
-        self._hook.risoluto_sandbox_spec(kernel=self._kernel, spec=spec, request=request, settings=settings)
+        """The edit phase: the default plugins' edits, then everyone else's, so a third party's
+        choice stands (pluggy alone would call the later-registered third parties first)."""
+        for group in self._sandbox_spec_groups():
+            group(kernel=self._kernel, spec=spec, request=request, settings=settings)
+
+    def sandbox_spec_check(self, spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
+        """The check phase, on a copy: a check that changes what it judges refuses the launch."""
+        copy = spec_snapshot(spec)
+        self._hook.risoluto_sandbox_spec_check(kernel=self._kernel, spec=copy, request=request, settings=settings)
+        if copy != spec:
+            from .errors import ApiError
+
+            raise ApiError(403, "sandbox_policy_violation",
+                           "a risoluto_sandbox_spec_check implementation changed the spec it was checking; "
+                           "checks must only read it (edits belong in risoluto_sandbox_spec)")
+
+    def _sandbox_spec_groups(self) -> tuple[Any, Any]:
+        if self._spec_groups is None:  # the plugin set is fixed once the kernel is built
+            defaults = {i.name for i in self._kernel.plugins if i.source == "default"}
+            named = [(name, plugin) for name, plugin in self._pm.list_name_plugin() if plugin is not None]
+            default_plugins = [p for name, p in named if name in defaults]
+            others = [p for name, p in named if name not in defaults]
+            caller = self._pm.subset_hook_caller
+            self._spec_groups = (caller("risoluto_sandbox_spec", remove_plugins=others),
+                                 caller("risoluto_sandbox_spec", remove_plugins=default_plugins))
+        return self._spec_groups
 
     def sandbox_event(self, event: SandboxEvent) -> None:
         self._hook.risoluto_sandbox_event(kernel=self._kernel, event=event)

@@ -11,10 +11,11 @@ import pluggy
 from prometheus_client import CollectorRegistry
 
 from .hooks import Hooks
+from .hookspecs.egress import EgressEnforcer
 from .hookspecs.ratelimit import RateLimiter, RateRule
 from .hookspecs.sandbox import LaunchRequest, SandboxRuntime
 from .hookspecs.secrets import SecretStore
-from .errors import StartupError
+from .errors import ConfigError, StartupError
 from .manager import PluginInfo, build_plugin_manager
 from .settings import Settings
 
@@ -39,6 +40,7 @@ class Kernel:
         self.pm: pluggy.PluginManager = pm
         self.plugins: list[PluginInfo] = infos
         self.hooks = Hooks(pm, self)
+        _check_plugin_sections(settings, infos)
         self.hooks.settings_validate(settings)  # ConfigError names the key path
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.secret_store: SecretStore | None = None
@@ -46,6 +48,9 @@ class Kernel:
         self.limiter: RateLimiter | None = None
         self.rate_rules: list[RateRule] = []
         self.runtime: SandboxRuntime | None = None
+        # the running egress enforcer (set by the egress service under an allowlist); the launcher
+        # attaches it to every spec between the edit and the check phase
+        self.egress_enforcer: EgressEnforcer | None = None
         # set by the sandbox API plugin: (LaunchRequest, wait) -> record; used by doctor --probe
         self.launch_sandbox: Callable[[LaunchRequest, bool], Awaitable[dict[str, Any]]] | None = None
         self.state: dict[str, Any] = {}
@@ -91,6 +96,11 @@ class Kernel:
         finally:
             await self.stop()
 
+    def plugin_settings(self, name: str) -> Mapping[str, Any]:
+        """Plugin ``name``'s own section of the config (``plugins.settings.<name>``), snake_case
+        keys; empty when the operator gave none. Read it per use: the settings may be replaced."""
+        return self.settings.plugins.settings.get(name, {})
+
     def plugin_hooks(self) -> dict[str, list[str]]:
         """Plugin name -> the hooks it implements."""
         out: dict[str, list[str]] = {}
@@ -100,3 +110,12 @@ class Kernel:
             callers = self.pm.get_hookcallers(plugin) or []
             out[name] = sorted(c.name for c in callers)
         return out
+
+
+def _check_plugin_sections(settings: Settings, infos: list[PluginInfo]) -> None:
+    """A section for a plugin that is not loaded (nor disabled) is a typo: fail, naming it."""
+    known = {i.name for i in infos} | set(settings.plugins.disable)
+    for name in settings.plugins.settings:
+        if name not in known:
+            raise ConfigError(f"plugins.settings.{name}: no loaded plugin is named {name!r}; "
+                              "`risoluto plugins` lists the names")

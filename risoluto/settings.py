@@ -167,9 +167,16 @@ class ServerConfig:
     max_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive(2**30))
 
 
+# ``plugins.settings``: plugin name -> that plugin's own section, plain YAML data with snake_case
+# keys. The plugin validates its section (risoluto_settings_validate) and reads it through
+# ``kernel.plugin_settings(name)``.
+PluginSections = dict[str, dict[str, Any]]
+
+
 @attrs.frozen(kw_only=True)
 class PluginsConfig:
     disable: list[str] = attrs.field(factory=list)
+    settings: PluginSections = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -223,6 +230,9 @@ class Settings:
 # Keys that only ever come from the environment (never from a file an attacker might write).
 _ENV_ONLY = {"master_key", "data_dir"}
 _SECRET_FIELDS = {"master_key", "write_token", "read_token"}
+# plugin settings are shown redacted when their key names a secret
+_SECRET_WORDS = re.compile(r"password|secret|token|credential|(^|_)key$", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/:@\s]*:)[^@\s]*@", re.IGNORECASE)
 
 
 def snake(name: str) -> str:
@@ -236,13 +246,17 @@ def camel(name: str) -> str:
 
 def _to_camel(value: Any, redact: bool, field: str = "") -> Any:
     if isinstance(value, dict):
-        # user-supplied maps (egress.hosts) keep their own keys
-        convert = field != "hosts"
+        # user-supplied maps (egress.hosts) and plugin names (plugins.settings) keep their own keys
+        convert = field not in ("hosts", "settings")
         return {
             (camel(k) if convert else k): _to_camel(v, redact, k) for k, v in value.items()
         }
-    if redact and field in _SECRET_FIELDS and value:
+    if isinstance(value, list):
+        return [_to_camel(v, redact, field) for v in value]
+    if redact and value and (field in _SECRET_FIELDS or _SECRET_WORDS.search(field)):
         return "***"
+    if redact and isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1***@", value)  # a password inside a plugin's URL or DSN
     return value
 
 
@@ -290,6 +304,8 @@ def _failing_field(cls: type, kwargs: dict[str, Any]) -> str | None:
 
 def _value(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp == PluginSections:
+        return _plugin_sections(value, where)
     if attrs.has(tp):
         return _convert(tp, value, where + ".")
     if origin is Literal:
@@ -331,6 +347,33 @@ def _value(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: must be text without NUL characters or lone surrogates")
         return value
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _plugin_sections(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of plugin name -> settings, got {type(value).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, section in value.items():
+        name = _value(str, name, where)
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{where}.{name}: expected a mapping, got {type(section).__name__}")
+        out[name] = _plain(section, f"{where}.{name}")
+    return out
+
+
+def _plain(value: Any, where: str) -> Any:
+    """YAML data as plain Python values, mapping keys in snake_case; anything else is refused."""
+    if isinstance(value, Mapping):
+        return {snake(_value(str, k, where)): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        return _value(str, value, where)
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return _value(float, value, where)
+    raise ConfigError(f"{where}: unsupported value of type {type(value).__name__}")
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any], path: str = "") -> dict[str, Any]:

@@ -10,6 +10,13 @@ Use them in your plugin's tests::
 ``risoluto_client`` starts the app (services started, as under ``risoluto serve``) and
 stops it at the end of the test. Peers default to loopback; pass ``scope_base`` to a
 request to act as a remote client: ``scope_base={"client": ("203.0.113.9", 5000)}``.
+
+``risoluto_spec`` builds the ContainerSpec a launch would get, through every plugin's
+``risoluto_sandbox_spec`` edits and ``risoluto_sandbox_spec_check`` checks, without Docker::
+
+    def test_my_mount(risoluto_spec):
+        spec = risoluto_spec(plugins=[("mine", my_plugin)])
+        assert any(m.target == "/cache" for m in spec.mounts)
 """
 
 from __future__ import annotations
@@ -94,3 +101,30 @@ async def risoluto_client(
 
     async with stack:
         yield make
+
+
+@pytest.fixture
+def risoluto_spec(risoluto_settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Any]:
+    """``make(request=None, config=None, env=None, plugins=())`` -> the checked ContainerSpec.
+
+    The workspace root defaults to a directory under the test's ``tmp_path``. A refused spec
+    raises the check's ``ApiError``. With an egress allowlist configured the check phase refuses
+    the spec unless an enforcer runs: test that with ``risoluto_client`` and a real launch.
+    """
+    from .hookspecs.sandbox import ContainerSpec, LaunchRequest
+    from .kernel import Kernel
+    from .settings import deep_merge
+
+    def make(request: Any = None, config: Mapping[str, Any] | None = None,
+             env: Mapping[str, str] | None = None, plugins: Any = ()) -> Any:
+        base = {"workspace": {"root": str(tmp_path / "workspaces")}}
+        settings = risoluto_settings(deep_merge(base, config or {}), env)
+        kernel = Kernel(settings, tuple(plugins), environ={"DATA_DIR": settings.data_dir, **(env or {})})
+        request = request or LaunchRequest(issue="TEST-1")
+        spec = ContainerSpec(name="risoluto-test-spec", image=request.image or settings.codex.sandbox.image,
+                             command=list(request.command), env=dict(request.env))
+        kernel.hooks.sandbox_spec(spec, request, settings)
+        kernel.hooks.sandbox_spec_check(spec, request, settings)
+        return spec
+
+    return make

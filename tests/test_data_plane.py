@@ -140,7 +140,7 @@ async def test_a_launch_survives_a_control_plane_crash(planes):
     planes.start_data_plane()
     cp = planes.start_control_plane()
     response = httpx.post(planes.cp_url + "/api/v1/sandboxes", timeout=60, json={
-        "issue": "DP-2", "command": ["sh", "-c", "sleep 3; echo survived; exit 7"]})
+        "issue": "DP-2", "command": ["sh", "-c", "sleep 10; echo survived; exit 7"]})
     assert response.status_code == 201, response.text
     sandbox_id = response.json()["id"]
     cp.send_signal(signal.SIGKILL)  # a crash, not a clean stop

@@ -98,7 +98,7 @@ async def egress_env(world: Any, runtime: str) -> AsyncIterator[Env]:
         config_file = world.tmp / "config.yaml"
         config_file.write_text(json.dumps(world.config(overrides)))
         client, kernel = await world.app(overrides, env={"RISOLUTO_CONFIG": str(config_file)})
-        gateway = kernel.state["egress.enforcer"].status()["bind"].rsplit(":", 1)[0]
+        gateway = kernel.egress_enforcer.status()["bind"].rsplit(":", 1)[0]
         hits: list[str] = []
         service = await anyio.create_tcp_listener(local_host=gateway, local_port=0)
 

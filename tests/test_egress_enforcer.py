@@ -23,9 +23,19 @@ from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
 from risoluto.kernel import Kernel
 from risoluto.plugins.egress.host_firewall import CHAIN
 from risoluto.plugins.egress.network import NETWORK, DockerEgressEnforcer
+from risoluto.plugins.sandbox._launcher import attach_egress
 from risoluto.settings import build_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+
+
+def launch_spec(kernel, spec):
+    """What a launch does to a spec: the edits, the egress attach, the checks."""
+    request = LaunchRequest(issue="i")
+    kernel.hooks.sandbox_spec(spec, request, kernel.settings)
+    attach_egress(kernel, spec, request)
+    kernel.hooks.sandbox_spec_check(spec, request, kernel.settings)
+    return spec
 
 
 def kernel_with(tmp_path: Path, allowlist: list[str], gvisor: bool = False, **extra) -> Kernel:
@@ -49,7 +59,7 @@ def checks(kernel: Kernel) -> dict[str, tuple[str, str]]:
 async def test_service_builds_network_binds_gateway_and_guards_host(tmp_path, docker_engine):  # noqa: F811
     kernel = kernel_with(tmp_path, ["allowed.test"])
     async with kernel.running():
-        status = kernel.state["egress.enforcer"].status()
+        status = kernel.egress_enforcer.status()
         gateway, port = status["bind"].rsplit(":", 1)
         (network,) = [docker_engine.inspect_network(n["Id"]) for n in docker_engine.networks(names=[NETWORK])
                       if n["Name"] == NETWORK]
@@ -75,7 +85,7 @@ async def test_service_builds_network_binds_gateway_and_guards_host(tmp_path, do
         specs = []
         for _ in range(2):
             spec = ContainerSpec(name="x", image="img")
-            kernel.hooks.sandbox_spec(spec, LaunchRequest(issue="i"), kernel.settings)
+            launch_spec(kernel, spec)
             specs.append(spec)
         assert all(s.network == NETWORK and s.labels["risoluto.egress"] == "docker-proxy" for s in specs)
         assert specs[0].env["HTTPS_PROXY"] != specs[1].env["HTTPS_PROXY"]
@@ -84,20 +94,20 @@ async def test_service_builds_network_binds_gateway_and_guards_host(tmp_path, do
         assert "NO_PROXY" in specs[0].env and specs[0].cap_add == []
     # stopped: this proxy's rule is gone and the port is closed
     assert f"--dport {port} -j ACCEPT" not in iptables_rules()
-    assert kernel.pm.get_plugin("egress.attach") is None
+    assert kernel.egress_enforcer is None
 
 
 async def test_launch_fails_closed_without_a_running_enforcer(tmp_path):
     kernel = kernel_with(tmp_path, ["allowed.test"])  # never started (e.g. allowlist set by overlay later)
     spec = ContainerSpec(name="x", image="img")
     with pytest.raises(ApiError) as err:
-        kernel.hooks.sandbox_spec(spec, LaunchRequest(issue="i"), kernel.settings)
+        launch_spec(kernel, spec)
     assert err.value.status == 503 and err.value.code == "egress_unavailable"
     assert "HTTPS_PROXY" not in spec.env
     # no allowlist: nothing to enforce, the spec passes untouched
     free = kernel_with(tmp_path, [])
     spec = ContainerSpec(name="x", image="img")
-    free.hooks.sandbox_spec(spec, LaunchRequest(issue="i"), free.settings)
+    launch_spec(free, spec)
     assert "HTTPS_PROXY" not in spec.env
 
 
@@ -127,7 +137,7 @@ async def test_network_capabilities_are_refused(tmp_path, docker_engine):  # noq
     kernel = Kernel(settings, (("adds", AddsNetAdmin()),))
     async with kernel.running():
         with pytest.raises(ApiError) as err:
-            kernel.hooks.sandbox_spec(ContainerSpec(name="x", image="i"), LaunchRequest(issue="i"), kernel.settings)
+            launch_spec(kernel, ContainerSpec(name="x", image="i"))
         # refused by the egress check or, first, by the sandbox policy guard: never launched
         assert err.value.code in ("egress_capability", "sandbox_policy_violation")
 

@@ -5,6 +5,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import risoluto.plugins as plugins_root
 from risoluto.manager import DEFAULT_PLUGINS, build_plugin_manager
 
@@ -38,3 +40,44 @@ def test_a_disabled_default_plugin_is_never_imported(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+def test_a_check_that_edits_the_spec_refuses_the_launch(risoluto_spec):
+    from risoluto.errors import ApiError
+    from risoluto.hookspecs import hookimpl
+
+    class Hides:  # tries to hide a mount from the checks after it
+        @hookimpl(tryfirst=True)
+        def risoluto_sandbox_spec_check(self, spec):
+            spec.mounts.clear()
+
+    spec = risoluto_spec()
+    assert spec.mounts, "the default plugins mount the workspace, HOME and CODEX_HOME"
+    with pytest.raises(ApiError) as err:
+        risoluto_spec(plugins=[("hides", Hides())])
+    assert err.value.status == 403 and err.value.code == "sandbox_policy_violation"
+
+
+def test_a_subset_check_implementation_is_called(risoluto_spec):
+    from risoluto.errors import ApiError
+    from risoluto.hookspecs import hookimpl
+
+    class NoUntrusted:
+        @hookimpl
+        def risoluto_sandbox_spec_check(self, spec):
+            if spec.image.startswith("untrusted/"):
+                raise ApiError(403, "sandbox_policy_violation", "no untrusted images")
+
+    from risoluto.hookspecs.sandbox import LaunchRequest
+
+    assert risoluto_spec(plugins=[("nu", NoUntrusted())]).image
+    with pytest.raises(ApiError, match="no untrusted images"):
+        risoluto_spec(LaunchRequest(issue="X", image="untrusted/tool:1"), plugins=[("nu", NoUntrusted())])
+
+
+@pytest.mark.anyio
+async def test_runtime_lists_what_runs_and_no_private_module(risoluto_client):
+    client = await risoluto_client()
+    names = [p["name"] for p in (await (await client.get("/api/v1/runtime")).get_json())["plugins"]]
+    assert set(DEFAULT_PLUGINS) <= set(names)
+    assert not [n for n in names if n.startswith("_") or "._" in n]

@@ -62,10 +62,15 @@ def risoluto_settings_validate(kernel: Kernel, settings: Any) -> None:
     key path before it can take effect. Collected; return values are ignored. The message
     must name the key path, e.g. ``codex.sandbox.egressAllowlist: invalid entry 'a..b'``.
 
+    A plugin's own settings live in ``settings.plugins.settings[<plugin name>]`` (a mapping with
+    snake_case keys; ``kernel.plugin_settings(name)`` at run time): validate them here (unknown
+    key, wrong type, bad value), naming ``plugins.settings.<name>.<key>``.
+
     Example::
 
         @hookimpl
         def risoluto_settings_validate(settings):
-            if settings.codex.sandbox.image.endswith(":latest") and STRICT:
-                raise ConfigError("codex.sandbox.image: pin a tag or digest")
+            mine = settings.plugins.settings.get("acme", {})
+            for key in set(mine) - {"team"}:
+                raise ConfigError(f"plugins.settings.acme.{key}: unknown key")
     """

@@ -23,9 +23,14 @@ class RequestInfo:
     404/405. ``client`` is decided once by the client-address hook and used by every
     guard, the limiter and the logs. ``principal`` is set by the authorizing guard.
 
-    ``extra`` keys set by the kernel: ``norm_path`` (the matched rule, or the normalised
-    path of an unmatched request: what guards and rate rules judge), ``rate_bucket``,
-    ``rate_limited`` (True on a 429), ``refused`` (the code of an authorization refusal).
+    The kernel also records, as typed fields: ``norm_path`` (the matched rule, or the
+    normalised path of an unmatched request: what guards and rate rules judge), ``started``
+    (``time.perf_counter()`` at arrival), the rate decision (``rate_bucket``, ``rate_limited``
+    True on a 429, ``rate_headers``), ``refused`` (the code of an authorization refusal, empty
+    if none) and ``admitted`` (set by the guard that admitted a request needing authorization:
+    the write guard for a mutating request, the data plane for its callers; the write audit
+    records exactly those). ``extra`` is for third-party plugins: namespace keys with your
+    plugin's name.
     """
 
     method: str
@@ -37,6 +42,14 @@ class RequestInfo:
     via_proxy: bool = False
     principal: str = ""
     request_id: str = ""
+    norm_path: str = ""
+    started: float = 0.0
+    rate_bucket: str = ""
+    rate_limited: bool = False
+    rate_headers: tuple[tuple[str, str], ...] = ()
+    refused: str = ""
+    admitted: bool = False
+    completed: bool = False
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property

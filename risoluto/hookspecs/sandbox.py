@@ -140,17 +140,20 @@ def risoluto_sandbox_runtime(kernel: Kernel, settings: Settings) -> SandboxRunti
 
 @hookspec
 def risoluto_sandbox_spec(kernel: Kernel, spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
-    """Contribute to a container spec before launch: edit ``spec`` in place.
+    """Edit phase: contribute to a container spec before launch by editing ``spec`` in place.
 
-    Called once per launch, for every plugin (collected), in registration order:
-    default plugins by module name, then third-party plugins. Raise
-    :class:`~risoluto.errors.ApiError` to refuse the launch (a policy check).
-    ``sandbox.policy_guard`` (``trylast``) then refuses any spec that mounts DATA_DIR,
-    master.key, the Docker socket or ``~/.codex``, sets ``host_config`` keys beyond
-    resources and logs, shares the host network, or lacks an enabled checklist item; the
-    launcher repeats that check after the hook returns. Record what you enforce in
+    Called once per launch (and once for the policy preview, ``request.dry_run``), for every
+    plugin (collected), in two groups: first the default plugins, then every other plugin
+    (entry points, plugins given to ``create_app``). So a third party's choice of, say, network,
+    a mount or an environment entry stands over the defaults. Within the third-party group pluggy's
+    order applies (later-registered first; ``tryfirst``/``trylast`` to move). Raise
+    :class:`~risoluto.errors.ApiError` to refuse the launch. Record what you enforce in
     ``spec.policy`` (its digest becomes the ``risoluto.policy`` label). A ``Mount`` of type
     ``volume`` with an empty ``source`` is anonymous: created with the container, removed with it.
+
+    After this phase the kernel attaches the egress enforcer (under an allowlist), then runs the
+    check phase (``risoluto_sandbox_spec_check``): an edit that makes the spec unsafe is refused
+    there, whoever made it.
 
     Example::
 
@@ -158,6 +161,28 @@ def risoluto_sandbox_spec(kernel: Kernel, spec: ContainerSpec, request: LaunchRe
         def risoluto_sandbox_spec(spec, request, settings):
             spec.labels["team"] = "blue"
             spec.mounts.append(Mount(source="/srv/cache", target="/cache", read_only=True))
+    """
+
+
+@hookspec
+def risoluto_sandbox_spec_check(kernel: Kernel, spec: ContainerSpec, request: LaunchRequest,
+                                settings: Settings) -> None:
+    """Check phase: judge the final spec; raise :class:`~risoluto.errors.ApiError` to refuse it.
+
+    Called once per launch after every edit and the egress attach; collected. ``spec`` is a copy
+    for reading only: a check that changes it refuses the launch (fail closed), so no check can
+    hide a mount or a capability from the checks after it. The default ``sandbox.policy_guard``
+    refuses (403 ``sandbox_policy_violation``) a spec that mounts DATA_DIR, master.key, the Docker
+    socket or ``~/.codex``, sets ``host_config`` keys beyond resources and logs, shares the host
+    network, adds a capability, or lacks an enabled checklist item; ``egress.allowlist`` refuses a
+    spec under an allowlist that no enforcer attached to.
+
+    Example::
+
+        @hookimpl
+        def risoluto_sandbox_spec_check(spec):
+            if spec.image.startswith("untrusted/"):
+                raise ApiError(403, "sandbox_policy_violation", "images from untrusted/ are not run")
     """
 
 

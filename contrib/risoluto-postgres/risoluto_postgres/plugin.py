@@ -1,19 +1,20 @@
 """The plugin the kernel loads through the ``risoluto`` entry point ``postgres``.
 
-Selected by ``secrets.backend: postgres``; the server comes from ``RISOLUTO_POSTGRES_DSN``
-(default ``postgresql://risoluto@127.0.0.1:5432/risoluto``; a password may come from the
-DSN, ``PGPASSWORD`` or ``~/.pgpass``, as libpq reads them).
+Selected by ``secrets.backend: postgres``; the server is ``plugins.settings.postgres.dsn`` in the
+config file (default ``postgresql://risoluto@127.0.0.1:5432/risoluto``), overridden by
+``RISOLUTO_POSTGRES_DSN``. The password should come from ``PGPASSWORD`` or ``~/.pgpass``, as libpq
+reads them, rather than from the DSN (``risoluto config show`` redacts it there all the same).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from risoluto.errors import ConfigError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretStoreError
@@ -23,18 +24,37 @@ from risoluto.settings import Settings
 from .store import DEFAULT_DSN, HAS_AAD, READ_META, TABLES, PostgresStore, redact_dsn
 
 BACKEND = "postgres"
+NAME = "postgres"  # the entry point's name: this plugin's settings are plugins.settings.postgres
+SETTINGS = {"dsn"}
 ITEM = "credential encryption: store"  # the same item the built-in backends report
 
 
-def postgres_dsn() -> str:
-    return (os.environ.get("RISOLUTO_POSTGRES_DSN") or "").strip() or DEFAULT_DSN
+def postgres_dsn(kernel: Any) -> str:
+    """The environment's override, else the config file's ``dsn``, else the default."""
+    override = (kernel.environ.get("RISOLUTO_POSTGRES_DSN") or "").strip()
+    return override or str(kernel.plugin_settings(NAME).get("dsn") or "").strip() or DEFAULT_DSN
 
 
 @hookimpl
-def risoluto_secret_store(settings: Settings, master_key: str) -> PostgresStore | None:
+def risoluto_settings_validate(settings: Settings) -> None:
+    section = settings.plugins.settings.get(NAME, {})
+    for key in sorted(set(section) - SETTINGS):
+        raise ConfigError(f"plugins.settings.{NAME}.{key}: unknown key (known: dsn)")
+    dsn = section.get("dsn")
+    if dsn is not None:
+        if not isinstance(dsn, str):
+            raise ConfigError(f"plugins.settings.{NAME}.dsn: expected a string")
+        try:
+            conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError:
+            raise ConfigError(f"plugins.settings.{NAME}.dsn: not a PostgreSQL connection string or URL") from None
+
+
+@hookimpl
+def risoluto_secret_store(kernel: Any, settings: Settings, master_key: str) -> PostgresStore | None:
     if settings.secrets.backend != BACKEND:
         return None
-    return PostgresStore(postgres_dsn(), master_key)
+    return PostgresStore(postgres_dsn(kernel), master_key)
 
 
 def verify_sync(conn: psycopg.Connection, key: bytes, where: str) -> Verified:
@@ -75,7 +95,7 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     key, report = key_for_check(kernel.settings, ITEM)
     if key is None:
         return report  # a key error, or nothing: the master-key check already reports locked mode
-    dsn = postgres_dsn()
+    dsn = postgres_dsn(kernel)
     where = redact_dsn(dsn)
     try:
         with psycopg.connect(dsn, connect_timeout=3, autocommit=True, application_name="risoluto-doctor") as conn:
@@ -84,7 +104,7 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     except psycopg.Error as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return [CheckResult(item=ITEM, status=FAIL, reason=f"PostgreSQL at {where} is unreachable: {reason}",
-                            fix="start PostgreSQL, or fix RISOLUTO_POSTGRES_DSN (password: PGPASSWORD/~/.pgpass)")]
+                            fix="start PostgreSQL, or fix plugins.settings.postgres.dsn (password: PGPASSWORD/~/.pgpass)")]
     except SecretStoreError as exc:
         return [CheckResult(item=ITEM, status=FAIL, reason=str(exc),
                             fix="start with the key that wrote the data, or restore the table from a backup")]
@@ -102,6 +122,6 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                             fix="run `risoluto secrets rotate-key` (or re-set them) to upgrade every row")]
     if not _private_transport(dsn):
         return [CheckResult(item=ITEM, status=WARN, reason=f"PostgreSQL at {where} is reached without TLS",
-                            fix="add sslmode=verify-full to RISOLUTO_POSTGRES_DSN")]
+                            fix="add sslmode=verify-full to plugins.settings.postgres.dsn")]
     return [CheckResult(item=ITEM, status=PASS,
                         reason=f"postgres backend at {where}, AES-256-GCM, {found.rows} row(s), key matches")]

@@ -79,7 +79,36 @@ def test_found_through_its_entry_point(tmp_path):
     found = {r["name"]: r for r in json.loads(result.stdout)}
     assert found["postgres"]["source"] == "entry point"
     assert found["postgres"]["distribution"] == "risoluto-postgres"
-    assert set(found["postgres"]["hooks"]) == {"risoluto_secret_store", "risoluto_doctor_checks"}
+    assert set(found["postgres"]["hooks"]) == {"risoluto_secret_store", "risoluto_doctor_checks",
+                                               "risoluto_settings_validate"}
+
+
+def test_configured_from_the_config_file_alone(tmp_path, schema_dsn):
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"secrets": {"backend": "postgres"},
+                                  "plugins": {"settings": {"postgres": {"dsn": schema_dsn}}}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_KEY", "RISOLUTO_POSTGRES_DSN")}
+    env.update(DATA_DIR=str(tmp_path / "file"), RISOLUTO_CONFIG=str(config), MASTER_KEY=KEY)
+
+    def run(*args, stdin=""):
+        return subprocess.run([sys.executable, "-m", "risoluto.cli", *args], input=stdin, capture_output=True,
+                              text=True, timeout=60, env=env)
+
+    assert run("secrets", "set", "FROM_FILE", stdin="v1\n").returncode == 0
+    listed = run("secrets", "list")
+    assert listed.returncode == 0 and "FROM_FILE" in listed.stdout
+    # the environment variable overrides the file: an unreachable server there is a clear error
+    env["RISOLUTO_POSTGRES_DSN"] = f"postgresql://risoluto@127.0.0.1:{free_port()}/risoluto?connect_timeout=2"
+    assert run("secrets", "list").returncode != 0
+
+
+def test_a_bad_dsn_setting_stops_startup_naming_the_key(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"plugins": {"settings": {"postgres": {"dsn": "garbage no equals", "x": 1}}}}))
+    result = subprocess.run([sys.executable, "-m", "risoluto.cli", "config", "check"], capture_output=True,
+                            text=True, timeout=60,
+                            env={**os.environ, "DATA_DIR": str(tmp_path / "d"), "RISOLUTO_CONFIG": str(config)})
+    assert result.returncode != 0 and "plugins.settings.postgres.x: unknown key" in result.stderr
 
 
 # -- several instances ------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The plugin the kernel loads through the ``risoluto`` entry point ``redis``.
 
-Selected by ``rateLimit.backend: redis``; the server comes from ``RISOLUTO_REDIS_URL``
-(default ``redis://127.0.0.1:6379/0``) and keys are named ``RISOLUTO_REDIS_PREFIX``
-(default ``risoluto:ratelimit:``) + ``<bucket>:<client group>``.
+Selected by ``rateLimit.backend: redis``. Its settings are ``plugins.settings.redis`` in the config
+file: ``url`` (default ``redis://127.0.0.1:6379/0``) and ``prefix`` (default ``risoluto:ratelimit:``;
+keys are named prefix + ``<bucket>:<client group>``). ``RISOLUTO_REDIS_URL`` and
+``RISOLUTO_REDIS_PREFIX`` override them.
 """
 
 from __future__ import annotations
@@ -15,21 +16,47 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from risoluto.addresses import is_loopback_bind
+from risoluto.errors import ConfigError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.settings import Settings
 
-from .limiter import RedisLimiter, key_prefix, redact_url, redis_url
+from .limiter import DEFAULT_PREFIX, DEFAULT_URL, RedisLimiter, redact_url
 
 BACKEND = "redis"
 ITEM = "Rate limiting: Redis backend"
+NAME = "redis"  # the entry point's name: this plugin's settings are plugins.settings.redis
+# setting -> (the environment variable that overrides it, the default)
+SETTINGS = {"url": ("RISOLUTO_REDIS_URL", DEFAULT_URL), "prefix": ("RISOLUTO_REDIS_PREFIX", DEFAULT_PREFIX)}
+SCHEMES = ("redis", "rediss", "unix")
+
+
+def option(kernel: Any, key: str) -> str:
+    """The environment's override, else the config file's value, else the default."""
+    variable, default = SETTINGS[key]
+    override = (kernel.environ.get(variable) or "").strip()
+    return override or str(kernel.plugin_settings(NAME).get(key) or "").strip() or default
 
 
 @hookimpl
-def risoluto_ratelimit_backend(settings: Settings) -> RedisLimiter | None:
+def risoluto_settings_validate(settings: Settings) -> None:
+    section = settings.plugins.settings.get(NAME, {})
+    for key, value in sorted(section.items()):
+        where = f"plugins.settings.{NAME}.{key}"
+        if key not in SETTINGS:
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(SETTINGS)})")
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where}: expected a non-empty string")
+    url = section.get("url")
+    if url is not None and urlsplit(url).scheme not in SCHEMES:
+        raise ConfigError(f"plugins.settings.{NAME}.url: must be a redis://, rediss:// or unix:// URL")
+
+
+@hookimpl
+def risoluto_ratelimit_backend(kernel: Any, settings: Settings) -> RedisLimiter | None:
     if settings.rate_limit.backend != BACKEND:
         return None
-    return RedisLimiter(redis_url(), key_prefix())
+    return RedisLimiter(option(kernel, "url"), option(kernel, "prefix"))
 
 
 def _probe(url: str, timeout: float = 1.0) -> str:
@@ -48,7 +75,7 @@ def _probe(url: str, timeout: float = 1.0) -> str:
 def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     if kernel.settings.rate_limit.backend != BACKEND:
         return []
-    url = redis_url()  # os.environ, as the backend hook (which only gets settings) reads it
+    url = option(kernel, "url")
     where = redact_url(url)
     try:
         version = _probe(url)
@@ -56,7 +83,7 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
         return [CheckResult(
             item=ITEM, status=FAIL,
             reason=f"Redis at {where} is unreachable ({type(exc).__name__}: {exc}); limited routes answer 503",
-            fix="start redis-server, or point RISOLUTO_REDIS_URL at a reachable server",
+            fix="start redis-server, or point plugins.settings.redis.url at a reachable server",
         )]
     parts = urlsplit(url)
     if parts.scheme == "redis" and not is_loopback_bind(parts.hostname or ""):

@@ -56,7 +56,8 @@ def test_found_through_its_entry_point(tmp_path):
     rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert rows["redis"]["source"] == "entry point"
     assert rows["redis"]["distribution"] == "risoluto-redis"
-    assert set(rows["redis"]["hooks"]) == {"risoluto_ratelimit_backend", "risoluto_doctor_checks"}
+    assert set(rows["redis"]["hooks"]) == {"risoluto_ratelimit_backend", "risoluto_doctor_checks",
+                                          "risoluto_settings_validate"}
 
 
 async def test_selected_by_configuration_only(tmp_path, redis_env):
@@ -298,3 +299,32 @@ def test_doctor_reports_reachability(tmp_path, redis_url):
     item, rc = doctor(f"redis://:hunter2@127.0.0.1:{free_port()}/0")
     assert item["status"] == "FAIL" and rc == 1
     assert "unreachable" in item["reason"] and "hunter2" not in json.dumps(item)
+
+
+def test_configured_from_the_config_file_and_overridden_by_the_environment(tmp_path, redis_url):
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"rateLimit": {"backend": "redis"},
+                                  "plugins": {"settings": {"redis": {"url": redis_url, "prefix": "t:file:"}}}}))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RISOLUTO_REDIS")}
+    base.update(DATA_DIR=str(tmp_path / "d"), RISOLUTO_CONFIG=str(config))
+
+    def item(**env):
+        result = subprocess.run([sys.executable, "-m", "risoluto.cli", "doctor", "--json"], capture_output=True,
+                                text=True, timeout=60, env={**base, **env})
+        return next(i for i in json.loads(result.stdout)["items"] if i["item"] == "Rate limiting: Redis backend")
+
+    assert item()["status"] == "PASS"  # the file alone is enough
+    assert item(RISOLUTO_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")["status"] == "FAIL"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"url": "http://x"}, "plugins.settings.redis.url: must be a redis://"),
+    ({"colour": "red"}, "plugins.settings.redis.colour: unknown key"),
+    ({"prefix": ""}, "plugins.settings.redis.prefix: expected a non-empty string"),
+])
+def test_bad_settings_stop_startup_naming_the_key(tmp_path, section, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"plugins": {"settings": {"redis": section}}}))
+    result = subprocess.run([sys.executable, "-m", "risoluto.cli", "config", "check"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "DATA_DIR": str(tmp_path / "d"), "RISOLUTO_CONFIG": str(config)})
+    assert result.returncode != 0 and message in result.stderr

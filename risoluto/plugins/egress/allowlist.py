@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Any, Generator, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import attrs
 
@@ -31,7 +31,7 @@ from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.egress import EGRESS_LABEL
 
 if TYPE_CHECKING:
-    from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
+    from risoluto.hookspecs.sandbox import ContainerSpec
     from risoluto.kernel import Kernel
     from risoluto.settings import Settings
 
@@ -173,15 +173,11 @@ class Allowlist:
         return Match(False, "host_not_allowed")
 
 
-@hookimpl(wrapper=True)
-def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> Generator[Any, Any, Any]:
-    """Fail closed: under an allowlist, a spec no running enforcer attached to is refused.
-
-    A wrapper, so it judges the final spec after every contribution.
-    """
-    result = yield
+@hookimpl
+def risoluto_sandbox_spec_check(spec: ContainerSpec, settings: Settings) -> None:
+    """Fail closed: under an allowlist, a spec no running enforcer attached to is refused."""
     if not settings.codex.sandbox.egress_allowlist:
-        return result
+        return
     if not spec.labels.get(EGRESS_LABEL):
         raise ApiError(503, "egress_unavailable",
                        "An egress allowlist is configured but no egress enforcer is running "
@@ -190,7 +186,6 @@ def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings:
     if added:
         raise ApiError(400, "egress_capability",
                        f"A sandbox under the egress allowlist may not get {', '.join(sorted(added))}.")
-    return result
 
 
 @hookimpl

@@ -1,11 +1,10 @@
-"""The egress service: starts the chosen enforcer with the app and attaches it to every launch.
+"""The egress service: starts the chosen enforcer with the app.
 
 With a non-empty ``codex.sandbox.egressAllowlist`` the ``egress`` service, at app start,
 validates the allowlist, asks ``risoluto_egress_enforcer`` for an enforcer (the default is
-``egress.network``), starts it, and registers a per-kernel ``risoluto_sandbox_spec``
-contribution (trylast: after the sandbox plugins' network choice) that calls the
-enforcer's ``attach`` and marks the spec with the ``risoluto.egress`` label. The fail-closed
-check on that mark lives in ``egress.allowlist``.
+``egress.network``), starts it and makes it the kernel's ``egress_enforcer``. Every launch then
+attaches it after the spec edits (the launcher's attach step marks the spec with the
+``risoluto.egress`` label); the fail-closed check on that mark lives in ``egress.allowlist``.
 """
 
 from __future__ import annotations
@@ -15,30 +14,12 @@ from typing import TYPE_CHECKING, Any
 from risoluto.errors import ConfigError, StartupError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
-from risoluto.hookspecs.egress import EGRESS_LABEL
 
 from .allowlist import Allowlist
 
 if TYPE_CHECKING:
     from risoluto.hookspecs.egress import EgressEnforcer
-    from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
     from risoluto.kernel import Kernel
-    from risoluto.settings import Settings
-
-STATE_KEY = "egress.enforcer"
-
-
-class _Attach:
-    """Per-kernel ``risoluto_sandbox_spec`` contribution calling the running enforcer's attach."""
-
-    def __init__(self, enforcer: EgressEnforcer):
-        self.enforcer = enforcer
-
-    @hookimpl(trylast=True)
-    def risoluto_sandbox_spec(self, spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
-        if settings.codex.sandbox.egress_allowlist:
-            self.enforcer.attach(spec, request, settings)
-            spec.labels[EGRESS_LABEL] = self.enforcer.name
 
 
 class EgressService:
@@ -65,16 +46,12 @@ class EgressService:
                                "(is the egress.network plugin disabled?)")
         await enforcer.start(self.kernel)
         self.enforcer = enforcer
-        self.kernel.state[STATE_KEY] = enforcer
-        self.kernel.pm.register(_Attach(enforcer), name="egress.attach")
+        self.kernel.egress_enforcer = enforcer
 
     async def stop(self) -> None:
         if self.enforcer is None:
             return
-        plugin = self.kernel.pm.get_plugin("egress.attach")
-        if plugin is not None:
-            self.kernel.pm.unregister(plugin)
-        self.kernel.state.pop(STATE_KEY, None)
+        self.kernel.egress_enforcer = None
         await self.enforcer.stop()
         self.enforcer = None
 
@@ -89,7 +66,7 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     if not kernel.settings.codex.sandbox.egress_allowlist:
         return []
     item = "egress proxy"
-    enforcer = kernel.state.get(STATE_KEY)
+    enforcer = kernel.egress_enforcer
     if enforcer is None:
         if kernel.hooks.egress_enforcer(kernel.settings) is None:
             return [CheckResult(item=item, status=FAIL, reason="no egress enforcer is available: every launch "

@@ -149,13 +149,6 @@ def matches_any(given: str | None, *expected: str) -> bool:
     return any(results)
 
 
-def kernel_here() -> Any:
-    """The kernel of the app serving the current request (request hooks get no kernel)."""
-    from quart import current_app
-
-    return current_app.extensions["risoluto"]
-
-
 def guarded_path(info: Any) -> str:
     """The path a guard judges: the matched rule, else the normalised path (app.py)."""
-    return info.route if info.route is not None else info.extra.get("norm_path", info.path)
+    return info.route if info.route is not None else (info.norm_path or info.path)

@@ -20,7 +20,6 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import PASS, WARN, CheckResult
 from risoluto.openapi import api
 
-from ._shared import kernel_here
 
 log = logging.getLogger("risoluto.metrics")
 _STATE = "http.metrics"
@@ -74,14 +73,14 @@ def risoluto_app_blueprints(kernel: Any) -> list[Any]:
 
 
 @hookimpl
-def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -> None:
+def risoluto_request_completed(kernel: Any, info: RequestInfo, status: int) -> None:
     try:
-        m = metrics_of(kernel_here())
+        m = metrics_of(kernel)
         method = info.method if info.method in _METHODS else "OTHER"
         m.count(info.route or UNMATCHED, method, status)
-        if info.extra.get("rate_limited"):
-            m.child(m.rate_limited, info.extra.get("rate_bucket", "")).inc()
-        elif (code := info.extra.get("refused")) is not None:
+        if info.rate_limited:
+            m.child(m.rate_limited, info.rate_bucket).inc()
+        elif code := info.refused:
             m.child(m.denials, code).inc()
     except Exception:  # observers never break a response
         log.exception("metrics update failed")

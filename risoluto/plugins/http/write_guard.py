@@ -36,7 +36,7 @@ from risoluto.settings import Settings
 
 from ._sessions import WRITE, request_scheme, same_origin, session_of
 from ._shared import (
-    bearer_token, host_is_loopback, is_local_client, kernel_here, origin_is_loopback, single_header,
+    bearer_token, host_is_loopback, is_local_client, origin_is_loopback, single_header,
     tokens_equal,
 )
 
@@ -48,7 +48,6 @@ WEBHOOK_PREFIX = "/webhooks/"
 # a browser holding only the read token must be able to sign in from afar.
 SELF_AUTHORIZED_ROUTES = frozenset({"/console/session", "/console/session/end"})
 MIN_TOKEN_LENGTH = 24
-_PASSED = "write_guard.passed"
 
 
 def _unauthorized(message: str) -> ApiError:
@@ -97,7 +96,7 @@ def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
         return _forbidden("This deployment is read-only from afar (only RISOLUTO_READ_TOKEN is set).")
     else:
         return _forbidden("Writes from other machines need RISOLUTO_WRITE_TOKEN to be configured.")
-    info.extra[_PASSED] = True
+    info.admitted = True
     return None
 
 
@@ -127,16 +126,15 @@ def _now() -> str:
 
 
 @hookimpl
-def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -> None:
+def risoluto_request_completed(kernel: Any, info: RequestInfo, status: int) -> None:
     """Audit every mutating request that passed the guard (SPEC 2.1), whatever its outcome."""
-    if not info.extra.get(_PASSED) or "refused" in info.extra:  # refused by a guard called after us
+    if not info.admitted or info.refused:  # refused by a guard called after us
         return
     entry = {
         "at": _now(), "method": info.method, "path": info.path, "status": status,
         "remote": info.client, "principal": info.principal, "request_id": info.request_id,
     }
     try:
-        kernel = kernel_here()
         append_line(kernel.settings.data_path / AUDIT_FILE, json.dumps(entry, ensure_ascii=True))
     except Exception:  # the response is already decided; never turn it into a 500
         log.exception("cannot append to the write audit log")

@@ -1,5 +1,6 @@
 """From a launch request to a running sandbox: validate, resolve secrets, build the spec
-through ``risoluto_sandbox_spec``, check it one last time, hand it to the runtime.
+(the ``risoluto_sandbox_spec`` edits, the egress attach, the ``risoluto_sandbox_spec_check``
+checks), hand it to the runtime.
 
 Used by the HTTP API and the CLI (not a plugin itself).
 """
@@ -13,10 +14,11 @@ import re
 from typing import Any
 
 from ...errors import ApiError
+from ...hookspecs.egress import EGRESS_LABEL
 from ...hookspecs.sandbox import ContainerSpec, LaunchRequest
 from ...settings import MAX_TIMEOUT_S
 from ...text import is_text
-from ._guard import MIN_MATCHED_VALUE, check_spec
+from ._guard import MIN_MATCHED_VALUE
 from ._naming import LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, valid_image_ref, validate_issue
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
@@ -99,8 +101,9 @@ def build_spec(kernel: Any, request: LaunchRequest, secret_values: dict[str, str
     spec.env.update(secret_values)
     spec.labels[LABEL_ISSUE] = request.issue
     kernel.hooks.sandbox_spec(spec, request, settings)
-    # Again after every contribution: a trylast plugin registered earlier than the guard runs after it.
-    check_spec(spec, settings, kernel.environ)
+    attach_egress(kernel, spec, request)
+    kernel.hooks.sandbox_spec_check(spec, request, settings)
+    spec.policy["network"] = spec.network  # the final one: a third party's edit stands
     spec.policy["mounts"] = sorted(
         ({"target": m.target, "type": m.type, "readOnly": m.read_only} for m in spec.mounts),
         key=lambda m: m["target"],
@@ -108,6 +111,16 @@ def build_spec(kernel: Any, request: LaunchRequest, secret_values: dict[str, str
     _no_secret_outside_env(spec, secret_values)
     spec.labels[LABEL_POLICY] = policy_digest(spec.policy)
     return spec
+
+
+def attach_egress(kernel: Any, spec: ContainerSpec, request: LaunchRequest) -> None:
+    """Under an allowlist the running enforcer takes the spec over (network, proxy environment,
+    lifecycle callbacks) after every edit, so no edit can route around it; without a running
+    enforcer the check phase refuses the spec (``egress.allowlist``)."""
+    enforcer = kernel.egress_enforcer
+    if enforcer is not None and kernel.settings.codex.sandbox.egress_allowlist:
+        enforcer.attach(spec, request, kernel.settings)
+        spec.labels[EGRESS_LABEL] = enforcer.name
 
 
 def _no_secret_outside_env(spec: ContainerSpec, secret_values: dict[str, str]) -> None:

@@ -46,7 +46,6 @@ KEEP = frozenset({"http.client_address", "http.rate_limit", "http.metrics", "san
 PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 MIN_SECRET = 32
 MIN_BODY = 16 * 1024 * 1024  # a spec carries files (auth.json) and env: more than the public 1 MiB
-_PASSED = "data_plane.passed"
 _SERVED = (PREFIX + "/", "/metrics")
 _HINT = ("set RISOLUTO_BIND to an address of the private worker network: the gateway of risoluto-internal "
          "(RISOLUTO_BIND=docker:risoluto-internal) or another address in 10/8, 172.16/12, 192.168/16 or fc00::/7")
@@ -144,17 +143,11 @@ def secret_matches(given: bytes | None, digest: bytes | None) -> bool:
     return hmac.compare_digest(hashlib.sha256(given).digest(), digest)
 
 
-def _kernel() -> Any:
-    from quart import current_app
-
-    return current_app.extensions["risoluto"]
-
-
 @hookimpl(tryfirst=True)
-def risoluto_request_authorize(info: Any, settings: Any) -> ApiError | None:
+def risoluto_request_authorize(kernel: Any, info: Any, settings: Any) -> ApiError | None:
     if settings.sandbox.role != ROLE:
         return None
-    state = _kernel().state.get(STATE)
+    state = kernel.state.get(STATE)
     if state is None:  # the app was created as a control plane: the role cannot change later
         return None
     if not secret_matches(_bearer(info.headers), state.digest):
@@ -163,20 +156,20 @@ def risoluto_request_authorize(info: Any, settings: Any) -> ApiError | None:
     if info.route is not None and not info.route.startswith(_SERVED):
         return ApiError(404, "not_found", f"A data plane serves only {PREFIX}/ (and /metrics).")
     info.principal = ROLE
-    info.extra[_PASSED] = True
+    info.admitted = True
     return None
 
 
 @hookimpl
-def risoluto_request_completed(info: Any, status: int, seconds: float) -> None:
+def risoluto_request_completed(kernel: Any, info: Any, status: int) -> None:
     """The write audit of the data plane (the write guard is not loaded here)."""
-    if not info.extra.get(_PASSED) or not info.mutating:
+    if kernel.settings.sandbox.role != ROLE or not info.admitted or not info.mutating:
         return
     entry = {"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
              "method": info.method, "path": info.path, "status": status, "remote": info.client,
              "principal": ROLE, "request_id": info.request_id}
     try:
-        append_line(_kernel().settings.data_path / "write-audit.log", json.dumps(entry, ensure_ascii=True))
+        append_line(kernel.settings.data_path / "write-audit.log", json.dumps(entry, ensure_ascii=True))
     except Exception:  # the response is decided; never a 500
         log.exception("cannot append to the write audit log")
 

@@ -1,15 +1,13 @@
 """Checklist rows "Host paths" / "Container paths": the last word on every sandbox spec.
 
-Runs ``trylast`` so it sees what the other contributions built, and refuses (403
-``sandbox_policy_violation``) a spec that mounts DATA_DIR, master.key, the Docker socket or
-``~/.codex``, widens the container past the checklist, or lacks an item that is switched on.
-The launcher runs the same check once more after every hook, so a contribution that
-happens to run after this one (another ``trylast``) cannot slip past it either.
+A check-phase hook: it judges the final spec, after every plugin's edits and the egress
+attach, and refuses (403 ``sandbox_policy_violation``) a spec that mounts DATA_DIR, master.key,
+the Docker socket or ``~/.codex``, widens the container past the checklist, or lacks an item
+that is switched on, whichever plugin made it so.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ...hookspecs import hookimpl
@@ -20,9 +18,9 @@ from ._naming import workspace_root
 ITEM = "sandbox mounts"
 
 
-@hookimpl(trylast=True)
-def risoluto_sandbox_spec(spec: Any, request: Any, settings: Any) -> None:
-    check_spec(spec, settings, os.environ)
+@hookimpl
+def risoluto_sandbox_spec_check(kernel: Any, spec: Any, settings: Any) -> None:
+    check_spec(spec, settings, kernel.environ)
 
 
 @hookimpl
