@@ -29,6 +29,7 @@ class PluginInfo:
 # A module is a plugin because this list names it, not because of its file name: helpers are
 # private modules (``_name.py``), and a name in ``plugins.disable`` is never imported.
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "console.audit_api", "console.page", "console.stats",
     "egress.allowlist", "egress.enforcer", "egress.host_firewall", "egress.network", "egress.probes",
     "http.client_address", "http.metrics", "http.rate_limit", "http.read_guard", "http.write_guard",
     "sandbox.api", "sandbox.cap_drop", "sandbox.cli", "sandbox.codex_home", "sandbox.data_plane",

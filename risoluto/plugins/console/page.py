@@ -96,7 +96,7 @@ def blueprint(kernel: Any) -> Blueprint:
     @api("The operator console (HTML); without access, the sign-in form (401)", tags=("console",),
          responses={200: None, 401: None})
     async def console() -> Any:
-        who = read_guard.reader(g.info, kernel.settings)
+        who = read_guard.reader(kernel, g.info, kernel.settings)
         if not isinstance(who, str):
             return pages.sign_in_page("", 401)
         return pages.console_page(who, _writes(g.info, kernel, who))

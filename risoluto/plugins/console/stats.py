@@ -27,7 +27,6 @@ from quart import Blueprint
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.auth import RequestInfo
 from risoluto.openapi import api
-from risoluto.plugins.http._shared import kernel_here
 
 from .audit_api import tail_lines
 
@@ -132,9 +131,9 @@ def _count(path: Path, start: int) -> list[int]:
 
 
 @hookimpl
-def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -> None:
+def risoluto_request_completed(kernel: Any, info: RequestInfo, status: int) -> None:
     try:
-        counters_of(kernel_here()).count(bool(info.extra.get("rate_limited")) or status == 429)
+        counters_of(kernel).count(info.rate_limited or status == 429)
     except Exception:  # an observer never breaks a response
         pass
 

@@ -28,7 +28,7 @@ from werkzeug.http import parse_cookie
 
 from risoluto.settings import Settings
 
-from ._shared import kernel_here, single_header, tokens_equal
+from ._shared import single_header, tokens_equal
 
 COOKIE = "risoluto_session"
 MAX_AGE_SECONDS = 12 * 3600
@@ -107,13 +107,11 @@ def cookie_value(headers: Any) -> str | None:
     return found[0]
 
 
-def session_of(info: Any, kernel: Any = None) -> Session | None:
+def session_of(info: Any, kernel: Any) -> Session | None:
     """The valid session the request carries, if any (``kernel``: the current app's)."""
     cookie = cookie_value(info.headers)
     if cookie is None:
         return None
-    if kernel is None:
-        kernel = kernel_here()
     return store_of(kernel).lookup(cookie, kernel.settings)
 
 

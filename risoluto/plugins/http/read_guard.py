@@ -51,7 +51,7 @@ def _local_and_not_rebound(info: RequestInfo) -> bool:
     return hosts == 0 or (hosts == 1 and host_is_loopback(host))
 
 
-def reader(info: RequestInfo, settings: Settings) -> str | ApiError:
+def reader(kernel: Any, info: RequestInfo, settings: Settings) -> str | ApiError:
     """Who may read: ``loopback``, ``token`` or ``session``; else the refusal. Also what the
     console page (``GET /``) asks, so the page is guarded exactly like ``/api/*``."""
     if _local_and_not_rebound(info):
@@ -65,16 +65,16 @@ def reader(info: RequestInfo, settings: Settings) -> str | ApiError:
     if token is not None:  # an explicit bearer decides; a cookie beside it is not consulted
         if matches_any(token, *tokens):
             return "token"
-    elif session_of(info) is not None:
+    elif session_of(info, kernel) is not None:
         return "session"
     return ApiError(401, "read_unauthorized", "This read needs Authorization: Bearer <token>.",
                     {"WWW-Authenticate": 'Bearer realm="risoluto"'})
 
 
-def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
+def authorize(kernel: Any, info: RequestInfo, settings: Settings) -> ApiError | None:
     if info.mutating or not is_guarded(info):
         return None
-    who = reader(info, settings)
+    who = reader(kernel, info, settings)
     if isinstance(who, ApiError):
         return who
     info.principal = who
@@ -82,8 +82,8 @@ def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
 
 
 @hookimpl
-def risoluto_request_authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
-    return authorize(info, settings)
+def risoluto_request_authorize(kernel: Any, info: RequestInfo, settings: Settings) -> ApiError | None:
+    return authorize(kernel, info, settings)
 
 
 @hookimpl

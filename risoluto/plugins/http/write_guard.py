@@ -69,21 +69,21 @@ def _browser_refusal(info: RequestInfo) -> ApiError | None:
     return None
 
 
-def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
+def authorize(kernel: Any, info: RequestInfo, settings: Settings) -> ApiError | None:
     if not info.mutating:
         return None
     if info.route is not None and info.route.startswith(WEBHOOK_PREFIX):
         return None  # the webhook route verifies its HMAC itself
     if info.route in SELF_AUTHORIZED_ROUTES:
         info.principal = "sign-in"
-        info.extra[_PASSED] = True  # audited: every sign-in attempt and its status
+        info.admitted = True  # audited: every sign-in attempt and its status
         return None
     write_token = settings.server.write_token
     if write_token:
         # With a token, every write needs it, loopback included (as the original).
         token = bearer_token(info.headers)
         if token is None:
-            return _session_writer(info)
+            return _session_writer(kernel, info)
         if not tokens_equal(token, write_token):
             return _unauthorized("The bearer token is missing, malformed or wrong.")
         info.principal = "token"
@@ -100,11 +100,11 @@ def authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
     return None
 
 
-def _session_writer(info: RequestInfo) -> ApiError | None:
+def _session_writer(kernel: Any, info: RequestInfo) -> ApiError | None:
     """A console session signed in with the write token stands for the bearer, but only for
     a request the console page itself sent (its Origin is this server): a form or script on
     another site that rides the cookie is refused (CSRF)."""
-    session = session_of(info)
+    session = session_of(info, kernel)
     if session is None:
         return _unauthorized("This write needs Authorization: Bearer <RISOLUTO_WRITE_TOKEN>.")
     if session.kind != WRITE:
@@ -112,13 +112,13 @@ def _session_writer(info: RequestInfo) -> ApiError | None:
     if not same_origin(info, request_scheme()):
         return _forbidden("A cookie-authenticated write must come from the console page of this server (Origin).")
     info.principal = "session"
-    info.extra[_PASSED] = True
+    info.admitted = True
     return None
 
 
 @hookimpl
-def risoluto_request_authorize(info: RequestInfo, settings: Settings) -> ApiError | None:
-    return authorize(info, settings)
+def risoluto_request_authorize(kernel: Any, info: RequestInfo, settings: Settings) -> ApiError | None:
+    return authorize(kernel, info, settings)
 
 
 def _now() -> str:
