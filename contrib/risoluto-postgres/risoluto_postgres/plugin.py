@@ -105,3 +105,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                             fix="add sslmode=verify-full to RISOLUTO_POSTGRES_DSN")]
     return [CheckResult(item=ITEM, status=PASS,
                         reason=f"postgres backend at {where}, AES-256-GCM, {found.rows} row(s), key matches")]
+
+
+@hookimpl
+def risoluto_checklist_provides(kernel: Any) -> list[str]:
+    return ["secret store"] if kernel.settings.secrets.backend == BACKEND else []

@@ -223,3 +223,8 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
         reason=f"{len(allowlist.rules)} entr{'y' if len(allowlist.rules) == 1 else 'ies'}; "
                "workers reach only those through the egress proxy",
     )]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["egress allowlist"]

@@ -213,3 +213,9 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
         return [CheckResult(item=item, status=PASS, reason=f"file backend, AES-256-GCM: no {FILE_NAME} yet")]
     return [CheckResult(item=item, status=PASS,
                         reason=f"file backend, AES-256-GCM: {len(data)} secret(s) in {store.path}, key matches")]
+
+
+@hookimpl
+def risoluto_checklist_provides(kernel: Any) -> list[str]:
+    # the store of the configured backend only: another backend's plugin declares it instead
+    return ["secret store"] if kernel.settings.secrets.backend == "file" else []

@@ -399,3 +399,9 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
                             fix="run `risoluto secrets rotate-key` (or re-set them) to upgrade every row")]
     return [CheckResult(item=item, status=PASS,
                         reason=f"sqlite backend, AES-256-GCM, {found.rows} row(s) bound to their names, key matches")]
+
+
+@hookimpl
+def risoluto_checklist_provides(kernel: Any) -> list[str]:
+    # the store of the configured backend only: another backend's plugin declares it instead
+    return ["secret store"] if kernel.settings.secrets.backend == "sqlite" else []
