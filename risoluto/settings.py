@@ -438,9 +438,10 @@ def build_settings(
     An overlay may not hold deploy-time keys and may only tighten the posture the file and the
     defaults give (risoluto/posture.py): the same rules at startup and at ``PUT /api/v1/config/overlay``.
     """
-    from .posture import check_overlay_keys, check_tightens
+    from .posture import check_overlay_keys, check_tightens, may_loosen
 
     environ = os.environ if environ is None else environ
+    may_loosen(environ)  # a misspelt switch is an error at startup, not a silent "no"
     if overlay:
         check_overlay_keys(overlay)
     settings = _merged(file_data, overlay, environ)
