@@ -161,3 +161,49 @@ def test_a_saved_loosening_overlay_stops_startup_unless_allowed(tmp_path):
                             timeout=120)
     items = {i["item"]: i for i in json.loads(report.stdout)["items"]}
     assert items["overlay: codex.threadSandbox"]["status"] == "WARN"
+
+
+DISTS = Path(__file__).resolve().parent / "dists" / "site"
+
+
+def test_disabling_the_write_guard_without_a_replacement_refuses_to_start(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    env = operator_env(DATA_DIR=str(data), RISOLUTO_PORT=str(free_port()), RISOLUTO_DISABLE_PLUGINS="http.write_guard")
+    done = subprocess.run([*RISOLUTO, "serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "'write guard'" in done.stderr and "http.write_guard" in done.stderr
+    # the same through the config file's plugins.disable
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"plugins": {"disable": ["http.read_guard"]}}))
+    env = operator_env(DATA_DIR=str(data), RISOLUTO_PORT=str(free_port()), RISOLUTO_CONFIG=str(config))
+    done = subprocess.run([*RISOLUTO, "serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "'read guard'" in done.stderr and "http.read_guard" in done.stderr
+
+
+@pytest.mark.netns
+def test_a_replacement_distribution_stands_in_for_the_write_guard(netns, tmp_path):
+    """A third-party distribution (found through its entry point) declares "write guard": the default
+    plugin may then be disabled, and the replacement is what guards writes from another machine."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    port = free_port()
+    pythonpath = os.pathsep.join(p for p in (str(DISTS), os.environ.get("PYTHONPATH", "")) if p)
+    env = serve_env(data, port, RISOLUTO_DISABLE_PLUGINS="http.write_guard", PYTHONPATH=pythonpath)
+    proc = start(env, tmp_path)
+    try:
+        base = f"http://{HOST_IP}:{port}"
+        runtime = httpx.get(base + "/api/v1/runtime", timeout=10).json()
+        names = {p["name"]: p for p in runtime["plugins"]}
+        assert "http.write_guard" not in names
+        assert names["replacement_guard"]["distribution"] == "risoluto-replacement-guard"
+        # even the write token does not help from afar: the replacement's own rule
+        status, body = netns.curl("POST", base + "/api/v1/secrets/STOLEN",
+                                  ["Content-Type: application/json", f"Authorization: Bearer {WRITE}"], b'{"value": "x"}')
+        assert (status, code(body)) == (403, "writes_local_only")
+        status, body = netns.curl("GET", base + "/api/v1/hardening", [f"Authorization: Bearer {READ}"])
+        line = {i["item"]: i for i in body["items"]}["checklist: write guard"]
+        assert line["status"] == "PASS" and line["reason"] == "provided by replacement_guard"
+    finally:
+        assert stop(proc) == 0
