@@ -61,6 +61,18 @@ class Kernel:
         if self.limiter is not None:  # the rate rules were read when the limiter started
             self.rate_rules = self.hooks.ratelimit_rules(settings)
 
+    async def start_new_services(self) -> None:
+        """Start the services the current settings call for that are not running yet (by name), so
+        an overlay that, say, sets an egress allowlist over an empty one is enforced at once."""
+        if not self._running:
+            return
+        running = {getattr(s, "name", None) for s in self._started}
+        for service in self.hooks.app_services(self):
+            if getattr(service, "name", None) in running:
+                continue
+            await service.start()
+            self._started.append(service)
+
     async def start(self) -> None:
         """Start every plugin service in load order; a failure stops what started and raises.
 

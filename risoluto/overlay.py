@@ -8,6 +8,7 @@ applies at once; nothing it holds waits for a restart.
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,6 +22,8 @@ from .requests import json_object
 from .shielded import to_the_end
 from .posture import OverlayRefused
 from .settings import Settings, load_yaml, with_overlay, without_overrides
+
+log = logging.getLogger("risoluto.overlay")
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -52,7 +55,9 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
         return {"overlay": data}
 
     @bp.put("/api/v1/config/overlay")
-    @api("Replace the config overlay (validated before it is saved)", tags=("config",),
+    @api("Replace the config overlay, validated by the startup code and applied at once: a deploy-time key is 400 "
+         "`overlay_key_not_allowed`, a looser posture 403 `overlay_loosens_policy` (docs/configuration.md)",
+         tags=("config",),
          request={"type": "object"},
          responses={200: PUT_SCHEMA})
     async def put_overlay() -> Any:
@@ -81,6 +86,10 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
             async def save_apply_audit() -> None:
                 await anyio.to_thread.run_sync(save)
                 kernel.apply_settings(new)
+                try:
+                    await kernel.start_new_services()
+                except Exception:  # what it would enforce fails closed (e.g. launches refused, 503)
+                    log.exception("a service the new overlay calls for failed to start")
                 await anyio.to_thread.run_sync(append_line, path.parent / "overlay.audit.log", json.dumps(entry))
 
             await to_the_end(save_apply_audit())  # all three even if the client leaves half-way

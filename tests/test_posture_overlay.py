@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from docker_util import docker_engine, sandbox_world  # noqa: F401
 from risoluto import hookimpl
 from risoluto.errors import ConfigError
 
@@ -246,3 +247,19 @@ async def test_an_overlay_that_only_starts_with_todays_variables_is_refused(riso
     assert (await put(client, {}, True)).status_code == 200
     await assert_refused(client, risoluto_data_dir, {"codex": {"sandbox": {"image": "needs-proxies:1"}}}, 400,
                          "invalid_config", "codex.sandbox.image", as_remote=True)
+
+
+@pytest.mark.docker
+async def test_an_allowlist_over_an_empty_one_is_enforced_at_once(sandbox_world):  # noqa: F811
+    """The file allows everything (no allowlist); an overlay narrowing egress to one name starts
+    the egress enforcer at once: no restart, and no launch ever runs unenforced."""
+    config_file = sandbox_world.tmp / "config.yaml"
+    config_file.write_text(json.dumps(sandbox_world.config()))
+    client, kernel = await sandbox_world.app(env={"RISOLUTO_CONFIG": str(config_file)})
+    assert "egress proxy" not in {i["item"] for i in (await (await client.get("/api/v1/hardening")).get_json())["items"]}
+    response = await client.put(OVERLAY, json={"codex": {"sandbox": {"egressAllowlist": ["allowed.test"]}}})
+    assert response.status_code == 200, await response.get_json()
+    items = {i["item"]: i for i in (await (await client.get("/api/v1/hardening")).get_json())["items"]}
+    assert items["egress proxy"]["status"] == "PASS", items["egress proxy"]
+    body = await policy(client)
+    assert body["launchable"] is True and body["policy"]["egressAllowlist"] == ["allowed.test"]

@@ -185,7 +185,7 @@ def risoluto_sandbox_spec(spec: ContainerSpec, request: LaunchRequest, settings:
     if not spec.labels.get(EGRESS_LABEL):
         raise ApiError(503, "egress_unavailable",
                        "An egress allowlist is configured but no egress enforcer is running "
-                       "(it starts with the server: restart after setting the allowlist).")
+                       "(see the egress proxy line of GET /api/v1/hardening).")
     added = {c.upper().removeprefix("CAP_") for c in spec.cap_add} & {"ALL", "NET_ADMIN", "NET_RAW"}
     if added:
         raise ApiError(400, "egress_capability",
