@@ -216,6 +216,6 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
 
 
 @hookimpl
-def risoluto_checklist_provides(kernel: Any) -> list[str]:
-    # the store of the configured backend only: another backend's plugin declares it instead
-    return ["secret store"] if kernel.settings.secrets.backend == "file" else []
+def risoluto_checklist_provides() -> list[str]:
+    # any loaded backend; a secrets.backend no plugin provides stops the start (secrets service)
+    return ["secret store"]
