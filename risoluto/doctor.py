@@ -29,8 +29,12 @@ _COLOURS = {PASS: "\033[32m", WARN: "\033[33m", FAIL: "\033[31m"}
 
 
 def run_checks(kernel: Kernel) -> list[CheckResult]:
-    """Every plugin's checks (see :meth:`risoluto.hooks.Hooks.doctor_checks`)."""
-    return kernel.hooks.doctor_checks(kernel)
+    """Every plugin's checks (see :meth:`risoluto.hooks.Hooks.doctor_checks`), one line per checklist
+    item naming its provider, and a WARN per posture setting the overlay loosened."""
+    from .checklist import provider_checks
+    from .posture import overlay_checks
+
+    return kernel.hooks.doctor_checks(kernel) + provider_checks(kernel) + overlay_checks(kernel)
 
 
 def summary(results: list[CheckResult]) -> dict[str, Any]:

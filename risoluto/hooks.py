@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy as copy_module
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pluggy
 
@@ -140,14 +141,41 @@ class Hooks:
         from .hookspecs.doctor import FAIL
 
         results: list[CheckResult] = []
-        for impl in self._hook.risoluto_doctor_checks.get_hookimpls():
+        for name, call in self._each("risoluto_doctor_checks", kernel=kernel):
             try:
-                results.extend(impl.function(kernel=kernel) or [])  # type: ignore[arg-type]
+                results.extend(call())
             except Exception as exc:
-                results.append(CheckResult(item=f"doctor check of {impl.plugin_name}", status=FAIL,
+                results.append(CheckResult(item=f"doctor check of {name}", status=FAIL,
                                            reason=f"the check raised {type(exc).__name__}: {exc}",
                                            fix="report this as a bug in that plugin"))
         return results
+
+    def checklist_providers(self, kernel: Kernel) -> dict[str, list[str]]:
+        """Checklist item -> the plugins that declare they provide it, in load order.
+        A plugin whose declaration raises is a StartupError naming it (fail closed)."""
+        from .errors import StartupError
+
+        out: dict[str, list[str]] = {}
+        for name, call in self._each("risoluto_checklist_provides", kernel=kernel):
+            try:
+                items = call()
+            except Exception as exc:
+                raise StartupError(f"plugin {name!r}: risoluto_checklist_provides raised "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            for item in items:
+                if isinstance(item, str) and name not in out.setdefault(item, []):
+                    out[item].append(name)
+        return out
+
+    def _each(self, hook: str, **kwargs: Any) -> Iterator[tuple[str, Callable[[], list[Any]]]]:
+        """(plugin name, call) per implementation, in load order: each call goes through pluggy
+        with only that plugin's implementation (pluggy maps the arguments, so an implementation
+        may take any subset of them, and wrappers still wrap it), so one failing plugin can be
+        reported without hiding the others."""
+        impls = [i for i in getattr(self._hook, hook).get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+        for impl in impls:
+            one = self._pm.subset_hook_caller(hook, remove_plugins=[i.plugin for i in impls if i is not impl])
+            yield impl.plugin_name, functools.partial(lambda caller: _flat(caller(**kwargs)), one)
 
     def doctor_probes(self, kernel: Kernel) -> list[Probe]:
         return _flat(reversed(self._hook.risoluto_doctor_probes(kernel=kernel)))

@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 import pluggy
 from prometheus_client import CollectorRegistry
 
+from .checklist import check_providers
 from .hooks import Hooks
 from .hookspecs.egress import EgressEnforcer
 from .hookspecs.ratelimit import RateLimiter, RateRule
@@ -42,6 +43,7 @@ class Kernel:
         self.hooks = Hooks(pm, self)
         _check_plugin_sections(settings, infos)
         self.hooks.settings_validate(settings)  # ConfigError names the key path
+        check_providers(self)  # a disabled plugin needs a loaded replacement for its checklist items
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.secret_store: SecretStore | None = None
         self.secrets_locked_reason = "no master key: set MASTER_KEY or create <DATA_DIR>/master.key"
@@ -56,6 +58,25 @@ class Kernel:
         self.state: dict[str, Any] = {}
         self._started: list[Any] = []
         self._running = False
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Replace the live settings (the config overlay API): what the kernel derived from them
+        follows at once, so nothing the overlay may hold waits for a restart."""
+        self.settings = settings
+        if self.limiter is not None:  # the rate rules were read when the limiter started
+            self.rate_rules = self.hooks.ratelimit_rules(settings)
+
+    async def start_new_services(self) -> None:
+        """Start the services the current settings call for that are not running yet (by name), so
+        an overlay that, say, sets an egress allowlist over an empty one is enforced at once."""
+        if not self._running:
+            return
+        running = {getattr(s, "name", None) for s in self._started}
+        for service in self.hooks.app_services(self):
+            if getattr(service, "name", None) in running:
+                continue
+            await service.start()
+            self._started.append(service)
 
     async def start(self) -> None:
         """Start every plugin service in load order; a failure stops what started and raises.

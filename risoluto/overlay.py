@@ -1,8 +1,14 @@
-"""``GET/PUT /api/v1/config/overlay``: the runtime config overlay, validated before it is saved."""
+"""``GET/PUT /api/v1/config/overlay``: the runtime config overlay, validated before it is saved.
+
+The overlay may not hold deploy-time keys (400 ``overlay_key_not_allowed``) and may only tighten
+the posture (403 ``overlay_loosens_policy``): see :mod:`risoluto.posture`. What it may hold
+applies at once; nothing it holds waits for a restart.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -14,24 +20,26 @@ from .fsutil import append_line, atomic_write
 from .openapi import api
 from .requests import json_object
 from .shielded import to_the_end
-from .settings import load_yaml, snake, with_overlay
+from .posture import OverlayRefused
+from .settings import Settings, load_yaml, with_overlay, without_overrides
+
+log = logging.getLogger("risoluto.overlay")
 
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-# Top-level keys whose change needs a restart: the running server keeps the old value.
-RESTART_KEYS = {"server", "secrets", "plugins", "sandbox", "rate_limit"}
-
-
 OVERLAY_SCHEMA = {"type": "object", "required": ["overlay"], "properties": {"overlay": {"type": "object"}}}
-PUT_SCHEMA = {
-    "type": "object",
-    "required": ["overlay", "restart_required_for"],
-    "properties": {
-        "overlay": {"type": "object"},
-        "restart_required_for": {"type": "array", "items": {"type": "string"}},
-    },
-}
+PUT_SCHEMA = OVERLAY_SCHEMA
+
+
+def validate_overlay(kernel: Kernel, overlay: dict[str, Any]) -> Settings:
+    """The settings ``overlay`` gives, checked by the startup code twice: with today's environment,
+    and without the variables that override settings, so that a later ``risoluto serve`` started
+    without them starts too. Raises OverlayRefused or ConfigError naming the key path."""
+    new = with_overlay(overlay, kernel.environ)
+    kernel.hooks.settings_validate(new)
+    kernel.hooks.settings_validate(with_overlay(overlay, without_overrides(kernel.environ)))
+    return new
 
 
 def overlay_blueprint(kernel: Kernel) -> Blueprint:
@@ -47,8 +55,11 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
         return {"overlay": data}
 
     @bp.put("/api/v1/config/overlay")
-    @api("Replace the config overlay (validated before it is saved)", tags=("config",),
-         request={"type": "object"}, responses={200: PUT_SCHEMA})
+    @api("Replace the config overlay, validated by the startup code and applied at once: a deploy-time key is 400 "
+         "`overlay_key_not_allowed`, a looser posture 403 `overlay_loosens_policy` (docs/configuration.md)",
+         tags=("config",),
+         request={"type": "object"},
+         responses={200: PUT_SCHEMA})
     async def put_overlay() -> Any:
         body = await json_object()
         overlay = body.get("overlay", body) if set(body) == {"overlay"} else body
@@ -56,8 +67,9 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
             raise ApiError(400, "invalid_config", "The overlay must be a JSON object.")
         async with lock:
             try:
-                new = with_overlay(overlay, kernel.environ)
-                kernel.hooks.settings_validate(new)
+                new = validate_overlay(kernel, overlay)
+            except OverlayRefused as exc:
+                raise ApiError(exc.status, exc.code, f"Overlay rejected: {exc}") from None
             except ConfigError as exc:
                 raise ApiError(400, "invalid_config", f"Overlay rejected: {exc}") from None
             path = kernel.settings.overlay_path
@@ -73,11 +85,15 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
 
             async def save_apply_audit() -> None:
                 await anyio.to_thread.run_sync(save)
-                kernel.settings = new
+                kernel.apply_settings(new)
+                try:
+                    await kernel.start_new_services()
+                except Exception:  # what it would enforce fails closed (e.g. launches refused, 503)
+                    log.exception("a service the new overlay calls for failed to start")
                 await anyio.to_thread.run_sync(append_line, path.parent / "overlay.audit.log", json.dumps(entry))
 
             await to_the_end(save_apply_audit())  # all three even if the client leaves half-way
-        return {"overlay": overlay, "restart_required_for": sorted(k for k in overlay if snake(k) in RESTART_KEYS)}
+        return {"overlay": overlay}
 
     return bp
 

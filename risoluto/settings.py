@@ -476,8 +476,25 @@ def build_settings(
     overlay: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge the sources in order and validate the result."""
+    """Merge the sources in order and validate the result.
+
+    An overlay may not hold deploy-time keys and may only tighten the posture the file and the
+    defaults give (risoluto/posture.py): the same rules at startup and at ``PUT /api/v1/config/overlay``.
+    """
+    from .posture import check_overlay_keys, check_tightens, may_loosen
+
     environ = os.environ if environ is None else environ
+    may_loosen(environ)  # a misspelt switch is an error at startup, not a silent "no"
+    if overlay:
+        check_overlay_keys(overlay)
+    settings = _merged(file_data, overlay, environ)
+    if overlay:
+        check_tightens(_merged(file_data, None, environ), settings, environ)
+    return settings
+
+
+def _merged(file_data: Mapping[str, Any] | None, overlay: Mapping[str, Any] | None,
+            environ: Mapping[str, str]) -> Settings:
     merged: dict[str, Any] = {}
     for data, what in ((file_data, "config file"), (overlay, "overlay")):
         if data:
@@ -499,13 +516,28 @@ def read_config_file(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from the real sources: file, overlay on disk, environment."""
+    from .posture import OverlayRefused
+
     environ = os.environ if environ is None else environ
     file_data = read_config_file(environ)
     base = build_settings(file_data, None, environ)
     overlay: dict[str, Any] = {}
     if base.overlay_path.exists():
         overlay = load_yaml(base.overlay_path, "overlay")
-    return build_settings(file_data, overlay, environ)
+    try:
+        return build_settings(file_data, overlay, environ)
+    except OverlayRefused as exc:  # saved before these rules, or the file became stricter since
+        raise type(exc)(f"overlay {base.overlay_path}: {exc}", exc.key) from None
+
+
+# Environment variables that override settings; "the file and the overlay alone" is the
+# environment without them (a later start may not have them).
+SETTING_OVERRIDE_VARS = ("RISOLUTO_BIND", "RISOLUTO_PORT", "RISOLUTO_WRITE_TOKEN", "RISOLUTO_READ_TOKEN",
+                         "RISOLUTO_TRUSTED_PROXIES", "RISOLUTO_DISABLE_PLUGINS")
+
+
+def without_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k not in SETTING_OVERRIDE_VARS}
 
 
 def with_overlay(overlay: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:

@@ -50,8 +50,20 @@ def _rows(cls: type, prefix: str) -> list[str]:
         shown = "(secret, env only)" if not field.repr else f"`{value!r}`".replace("'", '"')
         env = f"`{_ENV[key]}`" if key in _ENV else ""
         allowed = getattr(field.validator, "allowed", "")
-        rows.append(f"| `{key}` | {_type(tp)} | {shown} | {allowed} | {env} |")
+        rows.append(f"| `{key}` | {_type(tp)} | {shown} | {allowed} | {env} | {_overlay(key)} |")
     return rows
+
+
+def _overlay(key: str) -> str:
+    """What the config overlay may do with ``key`` (risoluto/posture.py's tables)."""
+    from risoluto.posture import DEPLOY_TIME_KEYS, POSTURE_RULES
+    from risoluto.settings import snake
+
+    path = ".".join(snake(p) for p in key.split("."))
+    if any(path == k or path.startswith(k + ".") for k in DEPLOY_TIME_KEYS):
+        return "no (deploy-time)"
+    rule = next((r for r in POSTURE_RULES if path == r.path or path.startswith(r.path + ".")), None)
+    return f"tighten: {rule.direction.split(':')[0]}" if rule else "yes"
 
 
 def configuration() -> str:
@@ -64,8 +76,12 @@ def configuration() -> str:
         "Numbers must be finite; strings must not hold NUL or a lone surrogate. A value outside",
         "its range is refused at startup and by `PUT /api/v1/config/overlay` (400 `invalid_config`).",
         "",
-        "| Key | Type | Default | Range | Environment |",
-        "|---|---|---|---|---|",
+        "The Overlay column says what `PUT /api/v1/config/overlay` may do with the key: `no` (a",
+        "deploy-time key, 400 `overlay_key_not_allowed`), `tighten` (only towards the stricter side of",
+        "the config file and defaults, else 403 `overlay_loosens_policy`), or `yes`.",
+        "",
+        "| Key | Type | Default | Range | Environment | Overlay |",
+        "|---|---|---|---|---|---|",
         *_rows(Settings, ""),
     ]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ import pytest
 from docker_util import docker_engine, logs, run, sandbox_world, wait_for_log  # noqa: F401
 from egress_support import CA, DnsServer, TargetNamespace, serve_origin
 from risoluto.kernel import Kernel
+from risoluto.settings import deep_merge
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
@@ -94,9 +95,12 @@ async def egress_env(world: Any, runtime: str) -> AsyncIterator[Env]:
             "egress": {"resolver": f"{t.ns.ns_ip}:53", "allowPrivateNetworks": [t.ns.cidr],
                        "hosts": {"pinned.test": t.ns.ns_ip}, "idleTimeoutS": 5.0, "maxConnections": 40},
         }
-        # the same config as a file, so that overlay changes merge over it as in production
+        # the same config as a file, so that overlay changes merge over it as in production; the file
+        # also allows other.test: an overlay may only narrow the file's allowlist, and sandbox B's
+        # overlay narrows it to other.test alone
         config_file = world.tmp / "config.yaml"
-        config_file.write_text(json.dumps(world.config(overrides)))
+        file_list = {"codex": {"sandbox": {"egressAllowlist": [*ALLOW, "other.test"]}}}
+        config_file.write_text(json.dumps(world.config(deep_merge(overrides, file_list))))
         client, kernel = await world.app(overrides, env={"RISOLUTO_CONFIG": str(config_file)})
         gateway = kernel.egress_enforcer.status()["bind"].rsplit(":", 1)[0]
         hits: list[str] = []

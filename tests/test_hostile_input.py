@@ -59,21 +59,25 @@ async def test_launch_fields_that_cannot_reach_the_engine_are_a_400(risoluto_cli
     assert (await response.get_json())["error"]["code"] == code
 
 
-@pytest.mark.parametrize("overlay", [
-    {"rateLimit": {"api": {"windowSeconds": 1e300}}},  # a NaN here once made every /api request 503
-    {"codex": {"sandbox": {"timeoutS": 10**18}}},
-    {"codex": {"sandbox": {"maxConcurrent": 5_000_000}}},  # sized the engine connection pool
-    {"codex": {"sandbox": {"stopGraceS": 1e300}}},
-    {"codex": {"sandbox": {"resources": {"cpus": 1e300}}}},
-    {"codex": {"sandbox": {"resources": {"pidsLimit": 2**62}}}},
-    {"codex": {"sandbox": {"resources": {"memory": "9" * 400}}}},
-    {"workspace": {"root": "/tmp/a\u0000b"}},
-    {"workspace": {"root": "/tmp/\ud800"}},
-    {"egress": {"resolver": "garbage:::"}},
-    {"codex": {"sandbox": {"image": "x/../../containers"}}},
-    {"egress": {"hosts": {"api.example.test": "not-an-ip"}}},
+KEY_NOT_ALLOWED = "overlay_key_not_allowed"  # a deploy-time key: refused before its value is read
+
+
+@pytest.mark.parametrize("overlay, code", [
+    ({"rateLimit": {"api": {"windowSeconds": 1e300}}}, "invalid_config"),  # a NaN here once made every /api request 503
+    ({"codex": {"sandbox": {"timeoutS": 10**18}}}, "invalid_config"),
+    ({"codex": {"sandbox": {"maxConcurrent": 5_000_000}}}, KEY_NOT_ALLOWED),  # sized the engine connection pool
+    ({"codex": {"sandbox": {"stopGraceS": 1e300}}}, KEY_NOT_ALLOWED),
+    ({"codex": {"sandbox": {"resources": {"cpus": 1e300}}}}, "invalid_config"),
+    ({"codex": {"sandbox": {"resources": {"pidsLimit": 2**62}}}}, "invalid_config"),
+    ({"codex": {"sandbox": {"resources": {"memory": "9" * 400}}}}, "invalid_config"),
+    ({"workspace": {"root": "/tmp/a\u0000b"}}, KEY_NOT_ALLOWED),
+    ({"workspace": {"root": "/tmp/\ud800"}}, KEY_NOT_ALLOWED),
+    ({"egress": {"resolver": "garbage:::"}}, KEY_NOT_ALLOWED),
+    ({"codex": {"sandbox": {"image": "x/../../containers"}}}, "invalid_config"),
+    ({"egress": {"hosts": {"api.example.test": "not-an-ip"}}}, KEY_NOT_ALLOWED),
 ])
-async def test_overlay_values_that_would_break_the_server_are_refused(risoluto_client, risoluto_data_dir, overlay):
+async def test_overlay_values_that_would_break_the_server_are_refused(risoluto_client, risoluto_data_dir, overlay,
+                                                                      code):
     client = await risoluto_client()
     assert (await client.put("/api/v1/config/overlay", json={"codex": {"sandbox": {"image": "img:v1"}}})).status_code == 200
     path = risoluto_data_dir / "config" / "overlay.yaml"
@@ -81,7 +85,7 @@ async def test_overlay_values_that_would_break_the_server_are_refused(risoluto_c
     response = await client.put("/api/v1/config/overlay", data=json.dumps(overlay),
                                 headers={"Content-Type": "application/json"})
     assert response.status_code == 400, await response.get_data()
-    assert (await response.get_json())["error"]["code"] == "invalid_config"
+    assert (await response.get_json())["error"]["code"] == code
     assert path.read_bytes() == before
     assert (await client.get("/api/v1/sandbox/policy")).status_code == 200  # still serving
     assert (await client.put("/api/v1/config/overlay", json={})).status_code == 200  # and still changeable

@@ -72,6 +72,13 @@ def test_doctor(risoluto_settings):
 
     (result,) = metrics.risoluto_doctor_checks(Kernel(risoluto_settings()))
     assert result.status == "PASS"
+    from risoluto.hookspecs import hookimpl
+
+    class ReadGuardReplacement:  # the read guard may be disabled only with a declared replacement
+        @hookimpl
+        def risoluto_checklist_provides(self):
+            return ["read guard"]
+
     settings = risoluto_settings(env={"RISOLUTO_DISABLE_PLUGINS": "http.read_guard"})
-    (result,) = metrics.risoluto_doctor_checks(Kernel(settings))
+    (result,) = metrics.risoluto_doctor_checks(Kernel(settings, (("my.read_guard", ReadGuardReplacement()),)))
     assert result.status == "WARN"

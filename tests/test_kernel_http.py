@@ -100,11 +100,12 @@ async def test_overlay_is_validated_saved_atomically_and_applied(risoluto_client
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert client.app.extensions["risoluto"].settings.codex.sandbox.image == "img:v2"
     before = path.read_bytes()
-    for bad in ({"codex": {"sandbox": {"image": 7}}}, {"unknownKey": 1}, {"masterKey": "x"},
-                {"server": {"writeToken": "t"}}):
+    for bad, code in (({"codex": {"sandbox": {"image": 7}}}, "invalid_config"), ({"unknownKey": 1}, "invalid_config"),
+                      ({"masterKey": "x"}, "overlay_key_not_allowed"),
+                      ({"server": {"writeToken": "t"}}, "overlay_key_not_allowed")):
         r = await client.put("/api/v1/config/overlay", json=bad)
         assert r.status_code == 400
-        assert_envelope(await r.get_json(), "invalid_config")
+        assert_envelope(await r.get_json(), code)
         assert path.read_bytes() == before
     assert client.app.extensions["risoluto"].settings.codex.sandbox.image == "img:v2"
     r = await client.put("/api/v1/config/overlay", data=b"not json")

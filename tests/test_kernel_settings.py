@@ -34,12 +34,14 @@ def test_both_spellings_of_one_key_is_an_error():
 
 
 def test_precedence_defaults_file_overlay_env():
-    file_data = {"server": {"port": 5000, "bind": "127.0.0.2"}, "codex": {"sandbox": {"image": "from-file"}}}
-    overlay = {"server": {"port": 6000}}
+    file_data = {"server": {"port": 5000, "bind": "127.0.0.2"},
+                 "codex": {"sandbox": {"image": "from-file", "timeoutS": 60}}}
+    overlay = {"codex": {"sandbox": {"image": "from-overlay"}}}  # server.* is deploy-time: file or env only
     s = build_settings(file_data, overlay, {"RISOLUTO_BIND": "127.0.0.3"})
-    assert s.server.port == 6000  # overlay over file
+    assert s.codex.sandbox.image == "from-overlay"  # overlay over file
+    assert s.server.port == 5000
     assert s.server.bind == "127.0.0.3"  # env over everything
-    assert s.codex.sandbox.image == "from-file"  # deep merge keeps siblings
+    assert s.codex.sandbox.timeout_s == 60  # deep merge keeps siblings
     assert s.codex.sandbox.network == "risoluto-internal"
 
 

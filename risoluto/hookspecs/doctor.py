@@ -76,3 +76,23 @@ def risoluto_doctor_probes(kernel: Kernel) -> list[Probe]:
                               status=PASS if out.split()[-1] == "0000000000000000" else FAIL,
                               reason=out.strip()))]
     """
+
+
+@hookspec
+def risoluto_checklist_provides(kernel: Kernel) -> list[str]:
+    """Declare the checklist items your plugin provides (names as ``risoluto doctor`` shows them
+    after ``checklist:``, e.g. ``"write guard"``, ``"cap drop"``).
+
+    Called when the kernel is built and by the doctor; collected per plugin. Every item must have a
+    loaded provider: a default plugin may be disabled (``plugins.disable``,
+    ``RISOLUTO_DISABLE_PLUGINS``) only when a loaded replacement declares its items, otherwise the
+    kernel refuses to start naming the plugin and the item. Declare an item only if your plugin
+    enforces it; ``kernel.settings`` may decide (``sandbox.data_plane`` declares the guards only in
+    the data-plane role). The list of items is in docs/plugins.md ("Checklist items").
+
+    Example::
+
+        @hookimpl
+        def risoluto_checklist_provides(kernel):
+            return ["write guard"]
+    """

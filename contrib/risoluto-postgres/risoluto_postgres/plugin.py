@@ -125,3 +125,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                             fix="add sslmode=verify-full to plugins.settings.postgres.dsn")]
     return [CheckResult(item=ITEM, status=PASS,
                         reason=f"postgres backend at {where}, AES-256-GCM, {found.rows} row(s), key matches")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["secret store"]  # a secret backend: may stand in for the built-in ones

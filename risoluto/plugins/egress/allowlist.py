@@ -181,7 +181,7 @@ def risoluto_sandbox_spec_check(spec: ContainerSpec, settings: Settings) -> None
     if not spec.labels.get(EGRESS_LABEL):
         raise ApiError(503, "egress_unavailable",
                        "An egress allowlist is configured but no egress enforcer is running "
-                       "(it starts with the server: restart after setting the allowlist).")
+                       "(see the egress proxy line of GET /api/v1/hardening).")
     added = {c.upper().removeprefix("CAP_") for c in spec.cap_add} & {"ALL", "NET_ADMIN", "NET_RAW"}
     if added:
         raise ApiError(400, "egress_capability",
@@ -218,3 +218,8 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
         reason=f"{len(allowlist.rules)} entr{'y' if len(allowlist.rules) == 1 else 'ies'}; "
                "workers reach only those through the egress proxy",
     )]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["egress allowlist"]

@@ -80,3 +80,8 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
                             fix="the proxy must listen on the egress network's gateway only")]
     return [CheckResult(item=item, status=PASS,
                         reason=f"{enforcer.name} listening on {bind}, the egress network's gateway only")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["egress enforcement"]

@@ -181,3 +181,8 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
         )]
     return [CheckResult(item=item, status=PASS,
                         reason=f"the kernel adds {CHAIN} rules so workers reach only the proxy port on the host")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["egress host protection"]

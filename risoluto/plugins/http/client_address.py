@@ -99,3 +99,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     note = " (loopback requests are then never treated as local)" if loop else ""
     return [CheckResult(item=item, status=PASS,
                         reason=f"X-Forwarded-For honoured only from {', '.join(map(str, nets))}{note}")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["client address"]

@@ -206,3 +206,7 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                             fix="set rateLimit.failOpen: false")]
     return [CheckResult(item=item, status=PASS, reason=summary)]
 
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["rate limiting"]

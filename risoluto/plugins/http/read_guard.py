@@ -99,3 +99,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     return [CheckResult(item="Read guard", status=FAIL,
                         reason=f"bound to {s.bind} with no token: remote reads are refused and serve will not start",
                         fix="set RISOLUTO_READ_TOKEN (and RISOLUTO_WRITE_TOKEN for remote writes)")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["read guard"]

@@ -176,3 +176,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                f"{kernel.settings.data_path / AUDIT_FILE}",
     ))
     return results
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["write guard"]

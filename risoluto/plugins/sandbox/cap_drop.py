@@ -52,3 +52,8 @@ def judge_caps(out: str, rc: int) -> CheckResult:
 def risoluto_doctor_probes(kernel: Any) -> list[Probe]:
     # Always expected empty: with dropCapabilities off this FAILs, which is the point.
     return [probe(ITEM, "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status", judge_caps)]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["cap drop"]

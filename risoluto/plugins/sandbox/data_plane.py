@@ -225,3 +225,10 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
         "no secrets API, webhooks, overlay or public sandbox API; only /dp/v1/ is served",
         fix="start it with `risoluto serve --data-plane`" if loaded else ""))
     return out
+
+
+@hookimpl
+def risoluto_checklist_provides(kernel: Any) -> list[str]:
+    # a data plane's secret guards every request (reads and writes), and its received specs go
+    # through the same policy guard as on the control plane (``_dp_routes.enforce``)
+    return ["write guard", "read guard", "sandbox policy check"] if kernel.settings.sandbox.role == ROLE else []

@@ -68,3 +68,8 @@ def risoluto_doctor_probes(kernel: Any) -> list[Probe]:
     if not kernel.settings.codex.sandbox.security.gvisor:
         return []  # nothing promised (the check above WARNs)
     return [probe(ITEM, SCRIPT, judge_gvisor)]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["gvisor"]

@@ -47,3 +47,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                             fix="use a bridge network")]
     internal = " (internal: no route out)" if net.get("Internal") else ""
     return [CheckResult(item=ITEM, status=PASS, reason=f"workers join {name}{internal}")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["network isolation"]

@@ -60,3 +60,8 @@ def judge_nnp(out: str, rc: int) -> CheckResult:
 @hookimpl
 def risoluto_doctor_probes(kernel: Any) -> list[Probe]:
     return [probe(ITEM, SCRIPT, judge_nnp)]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["no-new-privileges"]

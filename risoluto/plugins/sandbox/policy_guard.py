@@ -38,3 +38,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
         reason="only /workspace (bind), /home/agent (volume), CODEX_HOME (volume) and /tmp (tmpfs) "
                "are mounted; DATA_DIR, master.key, the Docker socket and ~/.codex never are",
     )]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["sandbox policy check"]

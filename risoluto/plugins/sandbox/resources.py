@@ -160,3 +160,8 @@ def risoluto_doctor_probes(kernel: Any) -> list[Probe]:
     if settings.codex.sandbox.security.read_only_rootfs:
         probes.append(probe(ROOT_ITEM, ROOT_SCRIPT, judge_root))
     return probes
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["resource limits"]

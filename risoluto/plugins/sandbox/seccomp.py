@@ -252,3 +252,8 @@ def risoluto_doctor_probes(kernel: Any) -> list[Probe]:
         nr = SYSCALLS[call[0]][_ARCH[platform.machine().lower()]]
         script += "; " + call_script(call[0], int(nr or 0))
     return [probe(ITEM, script, make_judge(mode, call, why, kernel.settings.codex.sandbox.security.seccomp_profile))]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["seccomp"]

@@ -32,3 +32,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
             fix="set codex.sandbox.user to the image's agent user, e.g. 1000:1000",
         )]
     return [CheckResult(item=ITEM, status=PASS, reason=f"workers run as {uid}:{gid}")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["sandbox user"]

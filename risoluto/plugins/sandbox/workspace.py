@@ -207,3 +207,8 @@ def make_workspace_judge(read_only: bool, mode: str) -> Any:
         return passed(ITEM, f"/workspace is {state} inside the canary ({mode}); working directory {found.get('cwd')}")
 
     return judge
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["workspace"]

@@ -70,3 +70,8 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
         return [CheckResult(item=item, status=FAIL, reason=f"{path} is not a writable regular file",
                             fix=f"make {path} a regular file owned by the kernel's user, mode 0600")]
     return [CheckResult(item=item, status=PASS, reason=f"every set/delete is appended to {path}")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["secrets audit log"]

@@ -213,3 +213,9 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
         return [CheckResult(item=item, status=PASS, reason=f"file backend, AES-256-GCM: no {FILE_NAME} yet")]
     return [CheckResult(item=item, status=PASS,
                         reason=f"file backend, AES-256-GCM: {len(data)} secret(s) in {store.path}, key matches")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    # any loaded backend; a secrets.backend no plugin provides stops the start (secrets service)
+    return ["secret store"]

@@ -177,3 +177,8 @@ def key_for_check(settings: Settings, item: str) -> tuple[str | None, list[Check
     except Exception as exc:
         return None, [CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix the master key first")]
     return (mk.value, []) if mk is not None else (None, [])
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["master key"]

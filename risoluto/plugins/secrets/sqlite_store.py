@@ -399,3 +399,9 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
                             fix="run `risoluto secrets rotate-key` (or re-set them) to upgrade every row")]
     return [CheckResult(item=item, status=PASS,
                         reason=f"sqlite backend, AES-256-GCM, {found.rows} row(s) bound to their names, key matches")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    # any loaded backend; a secrets.backend no plugin provides stops the start (secrets service)
+    return ["secret store"]

@@ -257,3 +257,8 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
                             reason=f"no signing secret for: {', '.join(missing)} (503 webhook_not_configured)",
                             fix="set " + ", ".join(s for p in missing for s in wanted[p]) + " in the secret store")]
     return [CheckResult(item=item, status=PASS, reason=f"signing secrets set for: {', '.join(wanted) or 'none'}")]
+
+
+@hookimpl
+def risoluto_checklist_provides() -> list[str]:
+    return ["webhook verification"]
