@@ -15,6 +15,7 @@ from risoluto import hookimpl
 from risoluto.checklist import CHECKLIST, ITEM_NAMES
 from risoluto.errors import StartupError
 from risoluto.hooks import Hooks
+from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
 from risoluto.hookspecs import PROJECT, SPEC_MODULES
 from risoluto.kernel import Kernel
 from risoluto.manager import default_plugin_names
@@ -163,6 +164,8 @@ def _facade_calls(hooks: Hooks, kernel: Any) -> dict[str, Any]:
         "secret_changed": lambda: hooks.secret_changed(object(), s),  # type: ignore[arg-type]
         "sandbox_runtime": lambda: hooks.sandbox_runtime(s),
         "sandbox_spec": lambda: hooks.sandbox_spec(object(), object(), s),  # type: ignore[arg-type]
+        "sandbox_spec_check": lambda: hooks.sandbox_spec_check(ContainerSpec(name="x", image="i"),
+                                                               LaunchRequest(issue="i"), s),
         "sandbox_event": lambda: hooks.sandbox_event(object()),  # type: ignore[arg-type]
         "egress_enforcer": lambda: hooks.egress_enforcer(s),
         "egress_decision": lambda: hooks.egress_decision(object(), ()),  # type: ignore[arg-type]
@@ -182,8 +185,8 @@ def test_subset_implementations_of_every_hook_are_called(risoluto_settings):
     plugin = _subset_plugin()
     pm.register(plugin, name="acme.subset")
     pm.check_pending()
-    hooks = Hooks(pm)
     kernel = Kernel(risoluto_settings())  # only for its settings: the hooks under test are pm's
+    hooks = Hooks(pm, kernel)
     calls = _facade_calls(hooks, kernel)
     public = {n for n, _ in inspect.getmembers(Hooks, inspect.isfunction) if not n.startswith("_")}
     assert set(calls) == public, "a facade method without a call here"

@@ -80,7 +80,7 @@ def test_found_through_its_entry_point(tmp_path):
     assert found["postgres"]["source"] == "entry point"
     assert found["postgres"]["distribution"] == "risoluto-postgres"
     assert set(found["postgres"]["hooks"]) == {"risoluto_secret_store", "risoluto_doctor_checks",
-                                               "risoluto_settings_validate"}
+                                               "risoluto_settings_validate", "risoluto_checklist_provides"}
 
 
 def test_configured_from_the_config_file_alone(tmp_path, schema_dsn):

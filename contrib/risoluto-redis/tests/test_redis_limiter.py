@@ -235,7 +235,7 @@ async def test_unreachable_redis_fails_closed(tmp_path, monkeypatch, redis_url):
         for response in (await get(client), await _overlay_put(client)):
             assert response.status_code == 503
             assert (await response.get_json())["error"]["code"] == "rate_limiter_unavailable"
-        assert (await client.get("/", scope_base=remote("198.51.100.7"))).status_code == 404  # unlimited paths
+        assert (await client.get("/no-such-page", scope_base=remote("198.51.100.7"))).status_code == 404  # unlimited
 
 
 async def test_unreachable_redis_fail_open_lets_reads_through_only(tmp_path, monkeypatch, redis_url):
