@@ -167,10 +167,11 @@ class EgressAudit:
                 except queue.Empty:
                     break
             stop = any(item is _STOP for item in batch)
-            lines = [json.dumps(d.to_dict(), ensure_ascii=False) for d in batch if d is not _STOP]
+            lines = [(json.dumps(d.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+                     for d in batch if d is not _STOP]
             if lines:
                 try:
-                    self._write(("\n".join(lines) + "\n").encode("utf-8"))
+                    self._write(lines)
                     self.write_error = ""
                 except OSError as exc:
                     self.write_error = f"{self.path}: {exc.strerror}"
@@ -178,22 +179,27 @@ class EgressAudit:
             if stop:
                 return
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, lines: list[bytes]) -> None:
+        """Append ``lines``, rotating before a line would take the file past ``maxBytes``; one
+        ``write`` per file touched."""
         assert self.path is not None
         ensure_private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            if size and size + len(data) > self._config().max_bytes:
+        limit = self._config().max_bytes
+        while lines:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                take = 0
+                while take < len(lines) and (size == 0 and take == 0 or size + len(lines[take]) <= limit):
+                    size += len(lines[take])
+                    take += 1
+                if take:
+                    os.write(fd, b"".join(lines[:take]))
+            finally:
                 os.close(fd)
-                fd = -1
+            lines = lines[take:]
+            if lines:
                 self._rotate()
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                             0o600)
-            os.write(fd, data)
-        finally:
-            if fd >= 0:
-                os.close(fd)
 
     def _rotate(self) -> None:
         """log -> log.1 -> log.2 ...; the oldest beyond ``keep`` is removed."""

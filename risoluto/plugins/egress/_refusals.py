@@ -28,7 +28,9 @@ HOW = ("To get access, ask the operator (the person running this sandbox) to all
 
 def refusal_text(reason: str, host: str, port: int, method: str = "", path: str = "", detail: str = "") -> str:
     """The 403 body for ``reason`` (a known code; a plugin's refusal passes its own ``detail``)."""
-    what = f"{method} {path} on {host}" if method and path else (host if port in (80, 443) else f"{host}:{port}")
+    # a request-level refusal names the method and path; anything else refused the destination
+    by_request = reason in ("rule_deny", "plugin") and method and path
+    what = f"{method} {path} on {host}" if by_request else (host if port in (80, 443) else f"{host}:{port}")
     why = f"a policy rule refused it ({detail})" if reason == "plugin" else WHY.get(reason, "the policy refused it")
     return (f"Network access to {what} was refused: {why}. Retrying through another address, port, "
             f"protocol, proxy or tool will not help: every connection out of this sandbox is checked the same "
