@@ -532,3 +532,16 @@ async def test_a_flood_of_unlisted_hosts_keeps_pending_bounded(tmp_path):
         assert env.kernel.metrics_registry.get_sample_value(
             "risoluto_egress_decisions_total", {"verdict": "deny", "reason": "approval_queue_full"}) >= 1000 - 16
         assert env.kernel.metrics_registry.get_sample_value("risoluto_egress_pending_approvals", {}) == 0
+
+
+async def test_a_client_that_gives_up_withdraws_its_approval(tmp_path):
+    async with env_for(tmp_path, {"onUnlisted": "ask", "askTimeoutSeconds": 30}) as env:
+        stream = await anyio.connect_tcp("127.0.0.1", env.port)
+        await stream.send(f"CONNECT unlisted.test:443 HTTP/1.1\r\n{auth()}\r\n".encode())
+        await pending_for(env, "unlisted.test")
+        await stream.aclose()
+        with anyio.fail_after(2):  # the slot is freed at once, not at the timeout
+            while approvals_for(env.kernel).list():
+                await anyio.sleep(0.02)
+        lines = env.lines()
+    assert [(x["verdict"], x["reason"]) for x in lines] == [("ask", "approval_pending"), ("deny", "client_gone")]

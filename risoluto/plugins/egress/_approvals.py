@@ -22,7 +22,7 @@ import secrets
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 import attrs
@@ -98,13 +98,23 @@ class Approvals:
         self._gauge()
         return pending
 
-    async def wait(self, pending: Pending, timeout: float, decide: Callable[[EgressApproval], Any] | None) -> None:
-        """Until the first answer or the timeout; ``pending`` then holds the outcome."""
+    async def wait(self, pending: Pending, timeout: float, decide: Callable[[EgressApproval], Any] | None,
+                   client_left: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Until the first answer, the timeout, or ``client_left`` returning (the requester gave
+        up: its slot is freed at once); ``pending`` then holds the outcome."""
+
+        async def watch() -> None:
+            assert client_left is not None
+            await client_left()
+            pending.settle("deny", "client_gone", "")
+
         try:
             with anyio.move_on_after(timeout):
                 async with anyio.create_task_group() as tg:
                     if decide is not None:
                         tg.start_soon(self._ask_plugins, pending, decide)
+                    if client_left is not None:
+                        tg.start_soon(watch)
                     await pending.done.wait()
                     tg.cancel_scope.cancel()
             pending.settle("deny", "approval_timeout", "")
@@ -138,7 +148,8 @@ class Approvals:
         return pending
 
     def list(self) -> list[dict[str, Any]]:
-        return [p.public() for p in sorted(self._pending.values(), key=lambda p: p.asked_at)]
+        """Pending approvals, oldest first (answered ones are gone even before their request resumes)."""
+        return [p.public() for p in sorted(self._pending.values(), key=lambda p: p.asked_at) if not p.answer]
 
     def cancel_all(self) -> None:
         """The server is stopping: every held request is denied."""

@@ -21,6 +21,7 @@ WHY = {
     "approval_cancelled": "the proxy stopped while it waited for approval",
     "approval_queue_full": "too many requests from this sandbox are already waiting for approval",
     "decider_error": "the approval check failed, and a failed check refuses",
+    "client_gone": "the request was withdrawn while it waited for approval",
 }
 HOW = ("To get access, ask the operator (the person running this sandbox) to allow it; "
        "they can add it to the egress allowlist or approve it when asked.")

@@ -107,6 +107,21 @@ def address_refusal(addr: IPAddress, allowed: list[ipaddress.IPv4Network | ipadd
     return ""
 
 
+async def _client_left(conn: Conn) -> None:
+    """Return once the client closed its side (a held request nobody waits for any more)."""
+    while True:
+        await conn.wait(True)
+        try:
+            data = conn.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        await anyio.sleep_forever()  # it sent more bytes: still there; the answer or timeout decides
+
+
 class _Policy:
     """What egress.* settings mean, rebuilt only when the settings object changes."""
 
@@ -225,7 +240,7 @@ class EgressProxy:
             match = self._decide_one(policy, client, head, target, host, ctx)
             addresses = await self._resolve(policy, host, target.port, ctx)
             if not match.allowed:  # unlisted under onUnlisted: ask, and its addresses passed
-                match = await self._ask(policy, client, head.method, host, target.port, ctx)
+                match = await self._ask(conn, policy, client, head.method, host, target.port, ctx)
             upstream = await self._dial(policy, addresses, host, target.port, ctx)
         except BadRequest as exc:
             await self._refuse(conn, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
@@ -311,8 +326,8 @@ class EgressProxy:
         }
         raise Refusal(403, match.reason, messages[match.reason])
 
-    async def _ask(self, policy: _Policy, client: Client, method: str, host: str | IPAddress, port: int,
-                   ctx: dict[str, Any]) -> Match:
+    async def _ask(self, conn: Conn, policy: _Policy, client: Client, method: str, host: str | IPAddress,
+                   port: int, ctx: dict[str, Any]) -> Match:
         """Hold the request until an approval answers; other connections go on meanwhile."""
         timeout = policy.cfg.ask_timeout_seconds
         pending = self.approvals.open(client.sandbox, client.issue, str(host), port, method, timeout)
@@ -322,7 +337,7 @@ class EgressProxy:
         self._log(ctx, "ask", "approval_pending")
         self._held += 1
         try:
-            await self.approvals.wait(pending, timeout, self._approve)
+            await self.approvals.wait(pending, timeout, self._approve, lambda: _client_left(conn))
         finally:
             self._held -= 1
         ctx["principal"] = pending.principal
