@@ -45,8 +45,9 @@ QUEUE_SIZE = 16_384  # decisions waiting for the writer; beyond that they are dr
 _STOP = object()
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+def stamp(ts: float) -> str:
+    """UTC ISO 8601 with milliseconds: 2026-12-07T00:12:03.123Z."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @attrs.frozen(kw_only=True)
@@ -70,7 +71,11 @@ class Decision:
     duration_ms: int = 0
     approval: str = ""  # the approval id, on ask and answer lines
     principal: str = ""  # who answered an approval
-    at: str = attrs.field(factory=now)
+    ts: float = attrs.field(factory=time.time)  # formatted only when written or read: the hot path stays cheap
+
+    @property
+    def at(self) -> str:
+        return stamp(self.ts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,12 +104,18 @@ class EgressAudit:
         self.dropped = 0
         self.write_error = ""
         self._last_drop_log = 0.0
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._fd = -1  # the open log file (writer thread only)
 
     # -- the hot path ---------------------------------------------------------------------
     def record(self, decision: Decision) -> None:
         """Count, keep and queue one decision. Never blocks; safe from any thread."""
         if self._metrics is not None:
-            self._metrics.decisions.labels(verdict=decision.verdict, reason=decision.reason).inc()
+            key = (decision.verdict, decision.reason)
+            counter = self._counters.get(key)
+            if counter is None:  # labels() is a locked dict lookup: keep the children at hand
+                counter = self._counters[key] = self._metrics.decisions.labels(verdict=key[0], reason=key[1])
+            counter.inc()
         with self._lock:
             self._seq += 1
             self._ring.append((self._seq, decision))
@@ -175,31 +186,48 @@ class EgressAudit:
                     self.write_error = ""
                 except OSError as exc:
                     self.write_error = f"{self.path}: {exc.strerror}"
+                    self._close_file()  # reopened (and recreated if it went away) with the next batch
                     self._drop(len(lines))
             if stop:
+                self._close_file()
                 return
 
     def _write(self, lines: list[bytes]) -> None:
         """Append ``lines``, rotating before a line would take the file past ``maxBytes``; one
-        ``write`` per file touched."""
+        ``write`` per file touched. The file stays open between batches (writer thread only)."""
         assert self.path is not None
-        ensure_private_dir(self.path.parent)
         limit = self._config().max_bytes
+        if self._fd >= 0 and not self._still_ours():
+            self._close_file()  # moved or removed by someone else (logrotate): start a new file
         while lines:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            try:
-                size = os.fstat(fd).st_size
-                take = 0
-                while take < len(lines) and (size == 0 and take == 0 or size + len(lines[take]) <= limit):
-                    size += len(lines[take])
-                    take += 1
-                if take:
-                    os.write(fd, b"".join(lines[:take]))
-            finally:
-                os.close(fd)
+            if self._fd < 0:
+                ensure_private_dir(self.path.parent)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                   0o600)
+            size = os.fstat(self._fd).st_size
+            take = 0
+            while take < len(lines) and (size == 0 and take == 0 or size + len(lines[take]) <= limit):
+                size += len(lines[take])
+                take += 1
+            if take:
+                os.write(self._fd, b"".join(lines[:take]))
             lines = lines[take:]
             if lines:
+                self._close_file()
                 self._rotate()
+
+    def _still_ours(self) -> bool:
+        assert self.path is not None
+        try:
+            st, mine = os.stat(self.path), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _close_file(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _rotate(self) -> None:
         """log -> log.1 -> log.2 ...; the oldest beyond ``keep`` is removed."""

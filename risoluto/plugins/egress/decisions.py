@@ -75,10 +75,6 @@ def _since(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
-def _at(decision: Decision) -> datetime:
-    return datetime.fromisoformat(decision.at.replace("Z", "+00:00"))
-
-
 def decision_filter(args: Any) -> tuple[Callable[[Decision], bool], int]:
     """(predicate, limit) from the query string; 400 ``invalid_filter`` on anything odd."""
     known = {"sandbox", "issue", "verdict", "since", "limit"}
@@ -90,14 +86,14 @@ def decision_filter(args: Any) -> tuple[Callable[[Decision], bool], int]:
     sandbox, issue, verdict = args.get("sandbox"), args.get("issue"), args.get("verdict")
     if verdict is not None and verdict not in ("allow", "deny", "ask"):
         raise _bad("verdict must be allow, deny or ask")
-    since = _since(args["since"]) if "since" in args else None
+    since = _since(args["since"]).timestamp() if "since" in args else None
     text = args.get("limit", "100")
     if not text.isdigit() or not 1 <= int(text) <= RING_SIZE:
         raise _bad(f"limit must be an integer from 1 to {RING_SIZE}")
 
     def keep(d: Decision) -> bool:
         return ((sandbox is None or d.sandbox == sandbox) and (issue is None or d.issue == issue)
-                and (verdict is None or d.verdict == verdict) and (since is None or _at(d) >= since))
+                and (verdict is None or d.verdict == verdict) and (since is None or d.ts >= since))
 
     return keep, int(text)
 
