@@ -42,6 +42,7 @@ LOG_NAME = "egress-audit.log"
 STATE_KEY = "egress.audit"
 RING_SIZE = 1000  # the decisions API's largest page
 QUEUE_SIZE = 16_384  # decisions waiting for the writer; beyond that they are dropped (and counted)
+BATCH_WAIT_S = 0.05
 _STOP = object()
 
 
@@ -172,7 +173,11 @@ class EgressAudit:
         assert self.path is not None
         while True:
             batch = [self._queue.get()]
-            while len(batch) < 512:  # one write() for whatever queued meanwhile
+            if batch[0] is not _STOP:
+                # let a batch gather: one wakeup of this thread per BATCH_WAIT_S under load, not one
+                # per decision (each wakeup would take the GIL from the proxy's event loop)
+                time.sleep(BATCH_WAIT_S)
+            while len(batch) < 4096:  # one write() for whatever queued meanwhile
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:

@@ -20,7 +20,6 @@ Two ways of driving splice, chosen per direction:
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
@@ -41,6 +40,8 @@ _SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)) if _SPLICE else 0
 BULK_BYTES = 4 * 1024 * 1024  # a direction that moved this much continues in a relay thread
 RELAY_THREADS = 64
+POOLED_PIPES = 64  # empty pipes kept for the next exchanges (2 descriptors each)
+_PIPES: list[tuple[int, int]] = []
 _THREADS: RunVar[anyio.CapacityLimiter] = RunVar("risoluto_egress_relay_threads")
 
 
@@ -110,6 +111,13 @@ class Conn:
         self.sock.close()
 
 
+def _ready_now(fd: int, events: int) -> bool:
+    """Whether ``fd`` is ready without waiting (one poll(2), no event loop round trip)."""
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(0))
+
+
 async def open_connection(host: str, port: int) -> Conn:
     """Connect to exactly ``host`` (an IP address, never a name: no lookup happens here)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -120,7 +128,8 @@ async def open_connection(host: str, port: int) -> Conn:
         try:
             sock.connect((host, port))
         except BlockingIOError:
-            await anyio.wait_writable(sock)
+            if not _ready_now(sock.fileno(), select.POLLOUT):  # a near origin is often connected already
+                await anyio.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err)) from None
@@ -180,13 +189,32 @@ async def pump(src: Conn, dst: Conn, activity: Activity, counter: Any, eof: bool
         dst.send_eof()
 
 
-async def _splice_pump(src: Conn, dst: Conn, activity: Activity, counter: Any) -> None:
+def _take_pipe() -> tuple[int, int]:
+    """An empty pipe: from the pool, or a new one (made 1 MiB once, not per exchange)."""
+    if _PIPES:
+        return _PIPES.pop()
     rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.fcntl(wpipe, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-        except OSError:
-            pass  # a smaller pipe only means more rounds
+        fcntl.fcntl(wpipe, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe only means more rounds
+    return rpipe, wpipe
+
+
+def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
+    """Back to the pool when known empty, else closed (its leftover bytes must never reach another tunnel)."""
+    if empty and len(_PIPES) < POOLED_PIPES:
+        _PIPES.append(pipe)
+    else:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+async def _splice_pump(src: Conn, dst: Conn, activity: Activity, counter: Any) -> None:
+    pipe = _take_pipe()
+    rpipe, wpipe = pipe
+    empty = False
+    try:
         moved_here = 0
         while True:
             if moved_here >= BULK_BYTES and _thread_free():  # the pipe is empty here: hand over
@@ -198,6 +226,7 @@ async def _splice_pump(src: Conn, dst: Conn, activity: Activity, counter: Any) -
                 await src.wait(True, activity)
                 continue
             if n == 0:
+                empty = True
                 return
             activity.touch()
             while n:
@@ -206,17 +235,11 @@ async def _splice_pump(src: Conn, dst: Conn, activity: Activity, counter: Any) -
                 except BlockingIOError:
                     await dst.wait(False, activity)
                     continue
-                except OSError as exc:
-                    if exc.errno == errno.EAGAIN:
-                        await dst.wait(False, activity)
-                        continue
-                    raise
                 n -= moved
                 moved_here += moved
                 counter.inc(moved)
     finally:
-        os.close(rpipe)
-        os.close(wpipe)
+        _give_pipe(pipe, empty)
 
 
 def _threads() -> anyio.CapacityLimiter:
