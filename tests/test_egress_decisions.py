@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import stat
 import time
 from typing import Any, AsyncIterator
@@ -545,3 +546,45 @@ async def test_a_client_that_gives_up_withdraws_its_approval(tmp_path):
                 await anyio.sleep(0.02)
         lines = env.lines()
     assert [(x["verdict"], x["reason"]) for x in lines] == [("ask", "approval_pending"), ("deny", "client_gone")]
+
+
+async def test_bad_deny_and_rules_are_refused_at_startup_and_by_the_overlay(tmp_path):
+    from risoluto.errors import ConfigError
+    from risoluto.settings import build_settings
+
+    for egress, where in (({"deny": ["ok.test", "*.com"]}, "egress.deny[1]"),
+                          ({"rules": [{"hosts": ["a.test"], "paths": ["v1"]}]}, "egress.rules[0].paths[0]"),
+                          ({"rules": [{"hosts": []}]}, "egress.rules[0].hosts"),
+                          ({"rules": [{"hosts": ["a.test"], "verdict": "maybe"}]}, "egress.rules[0].verdict")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(where)}"):
+            Kernel(build_settings({"egress": egress}, None, {"DATA_DIR": str(tmp_path)}))
+    async with env_for(tmp_path) as env:
+        before = env.kernel.settings
+        status, body = await env.api("PUT", "/api/v1/config/overlay",
+                                     {"egress": {"rules": [{"hosts": ["*"], "verdict": "deny"}]}})
+        assert (status, body["error"]["code"]) == (400, "invalid_config")
+        assert "egress.rules[0].hosts[0]" in body["error"]["message"]
+        assert env.kernel.settings is before  # nothing changed
+
+
+async def test_answers_and_removals_are_write_guarded(tmp_path):
+    async with env_for(tmp_path, {"onUnlisted": "ask", "askTimeoutSeconds": 5}) as env:
+        await anyio.to_thread.run_sync(issue_hosts_for(env.kernel).add, "ISS-1", "second.test")
+        async with anyio.create_task_group() as tg:
+            out: list[bytes] = []
+
+            async def ask() -> None:
+                out.append(await get(env, "http://unlisted.test/"))
+
+            tg.start_soon(ask)
+            pending = await pending_for(env, "unlisted.test")
+            remote = {"client": ("198.51.100.7", 4000)}
+            response = await env.client.open(f"/api/v1/egress/approvals/{pending['id']}", method="POST",
+                                             json={"decision": "allow-once"}, scope_base=remote)
+            assert response.status_code in (401, 403)
+            response = await env.client.open("/api/v1/egress/issues/ISS-1/hosts/second.test", method="DELETE",
+                                             scope_base=remote)
+            assert response.status_code in (401, 403)
+            assert issue_hosts_for(env.kernel).entries("ISS-1") == ("second.test",)  # nothing changed
+            await env.api("POST", f"/api/v1/egress/approvals/{pending['id']}", {"decision": "deny"})
+        assert status_of(out[0]) == (403, "approval_denied")
