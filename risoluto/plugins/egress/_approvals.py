@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 import attrs
+from anyio.lowlevel import RunVar
 
 from risoluto.errors import ConfigError
 from risoluto.fsutil import atomic_write
@@ -45,6 +46,19 @@ MAX_ISSUE_HOSTS = 1000
 ISSUE_HOSTS_NAME = "egress-issue-hosts.json"
 # the audit reason of each way a held request ends
 REASONS = {"allow-once": "approved_once", "allow-issue": "approved_for_issue", "deny": "approval_denied"}
+
+
+_DECIDERS: RunVar[anyio.CapacityLimiter] = RunVar("risoluto_egress_deciders")
+DECIDER_THREADS = 16
+
+
+def _deciders() -> anyio.CapacityLimiter:
+    try:
+        return _DECIDERS.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(DECIDER_THREADS)
+        _DECIDERS.set(limiter)
+        return limiter
 
 
 def _stamp(at: datetime) -> str:
@@ -127,7 +141,8 @@ class Approvals:
                                   port=pending.port, method=pending.method, asked_at=pending.asked_at)
         try:
             # a thread: a decider may call out (a policy service) without stalling the proxy
-            answer = await anyio.to_thread.run_sync(decide, approval, abandon_on_cancel=True)
+            # own threads: a hanging decider never takes the ones the rest of the kernel uses
+            answer = await anyio.to_thread.run_sync(decide, approval, abandon_on_cancel=True, limiter=_deciders())
         except Exception as exc:  # a broken decider denies (fail closed)
             log.error("risoluto_egress_decide raised %s; %s is denied", type(exc).__name__, pending.host)
             pending.settle("deny", "decider_error", "plugin")
