@@ -266,8 +266,8 @@ def main() -> int:
     tiny_added = p50["tiny-tunnel"] - p50["direct"]
     print(f"ratios at {steady} MiB (direct steadiest there: spread {steadiness(steady):.0%} of its median):")
     for mib in sizes:
-        print(f"  [{mib} MiB: tunnel/direct {statistics.median(tput[mib]['tunnel']) / statistics.median(tput[mib]['direct']):.2f}x,"
-              f" direct spread {steadiness(mib):.0%}]")
+        ratio = statistics.median(tput[mib]["tunnel"]) / statistics.median(tput[mib]["direct"])
+        print(f"  [{mib} MiB: tunnel/direct {ratio:.2f}x, direct spread {steadiness(mib):.0%}]")
     print(f"  tunnel/direct                 {vs_direct:.2f}x  (target >= 0.9)")
     print(f"  tunnel/tinyproxy tunnel       {vs_tiny:.2f}x  (target >= 4)")
     print(f"  audit on / audit off          {audit_cost:.2f}x  (target >= 0.95)")

@@ -29,7 +29,7 @@ from risoluto.hookspecs.egress import EgressRequest, EgressVerdict
 from risoluto.settings import EgressConfig
 
 from . import _tls
-from ._approvals import Approvals, IssueHosts, Pending, issue_entry
+from ._approvals import Approvals, IssueHosts, issue_entry
 from ._audit import Decision, EgressAudit
 from ._dns import Resolver, ResolveError
 from ._http import MAX_HEAD, BadRequest, RequestHead, Target, answer, body_framing, parse_head, parse_target
@@ -311,9 +311,10 @@ class EgressProxy:
                 return Match(True, "rule_allow")
         match = client.allowlist.match(host, target.port)
         granted = self.issue_hosts.allowlist(client.issue) if self.issue_hosts and client.issue else None
-        if not match.allowed and granted is not None and granted.match(host, target.port).allowed:
-            match = granted.match(host, target.port)
-            match = Match(True, "issue_allowlist", match.rule)
+        if not match.allowed and granted is not None:  # hosts granted to this issue by allow-issue
+            found = granted.match(host, target.port)
+            if found.allowed:
+                match = Match(True, "issue_allowlist", found.rule)
         if match.allowed:
             ctx["rule"] = match.rule.entry if match.rule else ""
             return match
@@ -345,11 +346,11 @@ class EgressProxy:
             raise Refusal(403, pending.reason, f"{host} was not approved.")
         entry = issue_entry(host, port)
         if pending.answer == "allow-issue":
-            await self._grant(client.issue, entry, pending)
+            await self._grant(client.issue, entry)
         ctx["rule"] = entry
         return Match(True, pending.reason, parse_entry(entry))
 
-    async def _grant(self, issue: str, entry: str, pending: Pending) -> None:
+    async def _grant(self, issue: str, entry: str) -> None:
         if self.issue_hosts is None or not issue:
             return  # nowhere to keep it: this request only
         try:
