@@ -588,3 +588,26 @@ async def test_answers_and_removals_are_write_guarded(tmp_path):
             assert issue_hosts_for(env.kernel).entries("ISS-1") == ("second.test",)  # nothing changed
             await env.api("POST", f"/api/v1/egress/approvals/{pending['id']}", {"decision": "deny"})
         assert status_of(out[0]) == (403, "approval_denied")
+
+
+def test_the_stream_through_a_real_server_is_unbuffered_and_never_holds_up_shutdown(tmp_path):
+    import httpx
+
+    from http_support import free_port
+    from serve_util import RISOLUTO, operator_env, spawn, stop, wait_answering
+
+    port = free_port()
+    env = operator_env(DATA_DIR=str(tmp_path / "data"), RISOLUTO_PORT=str(port))
+    proc = spawn([*RISOLUTO, "serve"], env)
+    try:
+        assert wait_answering(proc, f"http://127.0.0.1:{port}/api/v1/runtime") is not None
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/api/v1/egress/decisions/stream", timeout=5) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            first = next(response.iter_raw())  # sent at once, not held in a buffer
+            assert first.startswith(b": risoluto egress decisions")
+            started = time.monotonic()
+            assert stop(proc) == 0  # with the stream still open
+            assert time.monotonic() - started < 15
+    finally:
+        stop(proc)
