@@ -11,7 +11,7 @@ import pluggy
 from .hookspecs.auth import RequestInfo
 from .hookspecs.cli import CliCommand
 from .hookspecs.doctor import CheckResult, Probe
-from .hookspecs.egress import EgressEnforcer, EgressRequest, EgressVerdict
+from .hookspecs.egress import EgressApproval, EgressEnforcer, EgressRequest, EgressVerdict
 from .hookspecs.ratelimit import RateLimiter, RateRule
 from .hookspecs.sandbox import ContainerSpec, LaunchRequest, SandboxEvent, SandboxRuntime
 from .hookspecs.secrets import SecretEvent, SecretStore
@@ -126,6 +126,9 @@ class Hooks:
 
     def egress_decision(self, request: EgressRequest, allowlist: tuple[str, ...]) -> EgressVerdict | None:
         return self._hook.risoluto_egress_decision(kernel=self._kernel, request=request, allowlist=allowlist)
+
+    def egress_decide(self, approval: EgressApproval) -> str | None:
+        return self._hook.risoluto_egress_decide(kernel=self._kernel, approval=approval)
 
     # webhooks
     def webhook_providers(self, settings: Settings) -> list[WebhookProvider]:

@@ -180,6 +180,22 @@ class PluginsConfig:
 
 
 @attrs.frozen(kw_only=True)
+class EgressAuditConfig:
+    max_bytes: int = attrs.field(default=50 * 1024 * 1024, validator=_positive(2**40))
+    keep: int = attrs.field(default=5, validator=_positive(1000))
+
+
+@attrs.frozen(kw_only=True)
+class EgressRuleConfig:
+    """One ``egress.rules`` entry; its host patterns are checked by the egress plugin (docs/egress.md)."""
+
+    hosts: list[str] = attrs.field(factory=list)
+    methods: list[str] = attrs.field(factory=list)
+    paths: list[str] = attrs.field(factory=list)
+    verdict: Literal["allow", "deny"] = "deny"
+
+
+@attrs.frozen(kw_only=True)
 class EgressConfig:
     resolver: str = ""
     hosts: dict[str, str] = attrs.field(factory=dict)
@@ -187,6 +203,11 @@ class EgressConfig:
     max_connections: int = attrs.field(default=256, validator=_positive(65_536))
     idle_timeout_s: float = attrs.field(default=60.0, validator=_positive(24 * 3600))
     connect_timeout_s: float = attrs.field(default=10.0, validator=_positive(3600))
+    deny: list[str] = attrs.field(factory=list)
+    rules: list[EgressRuleConfig] = attrs.field(factory=list)
+    on_unlisted: Literal["deny", "ask"] = "deny"
+    ask_timeout_seconds: float = attrs.field(default=30.0, validator=_positive(3600))
+    audit: EgressAuditConfig = attrs.field(factory=EgressAuditConfig)
 
 
 @attrs.frozen(kw_only=True)

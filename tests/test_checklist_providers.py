@@ -169,6 +169,7 @@ def _facade_calls(hooks: Hooks, kernel: Any) -> dict[str, Any]:
         "sandbox_event": lambda: hooks.sandbox_event(object()),  # type: ignore[arg-type]
         "egress_enforcer": lambda: hooks.egress_enforcer(s),
         "egress_decision": lambda: hooks.egress_decision(object(), ()),  # type: ignore[arg-type]
+        "egress_decide": lambda: hooks.egress_decide(object()),  # type: ignore[arg-type]
         "webhook_providers": lambda: hooks.webhook_providers(s),
         "webhook_received": lambda: hooks.webhook_received(object()),  # type: ignore[arg-type]
         "doctor_checks": lambda: hooks.doctor_checks(kernel),

@@ -47,6 +47,20 @@ class EgressRequest:
     path: str = ""
 
 
+@attrs.frozen(kw_only=True)
+class EgressApproval:
+    """A request held for approval (``egress.onUnlisted: ask``): an unlisted host that passed
+    the address checks. ``host`` is normalised as in :class:`EgressRequest`."""
+
+    id: str
+    sandbox: str
+    issue: str
+    host: str
+    port: int
+    method: str  # CONNECT, or the plain-HTTP method
+    asked_at: str  # UTC, ISO 8601
+
+
 @attrs.frozen
 class EgressVerdict:
     allowed: bool
@@ -109,5 +123,29 @@ def risoluto_egress_decision(kernel: Kernel, request: EgressRequest, allowlist: 
                 return EgressVerdict(False, "uploads are not allowed")
             if request.host == "pypi.org" and request.method not in ("GET", "CONNECT"):
                 return EgressVerdict(False, "read-only access to pypi.org")
+            return None
+    """
+
+
+@hookspec(firstresult=True)
+def risoluto_egress_decide(kernel: Kernel, approval: EgressApproval) -> str | None:
+    """Answer a held approval instead of a person; the first non-None answer wins.
+
+    Called once per held request (``egress.onUnlisted: ask``), in a worker thread (it may
+    call out, e.g. to a policy service), while the approval is also listed for people at
+    ``GET /api/v1/egress/approvals``; whichever answers first decides. Return
+    ``"allow-once"`` (this request only), ``"allow-issue"`` (add the host to the issue's
+    own allowlist), ``"deny"``, or None to leave it to a person. A decider that raises,
+    answers anything else, or has not answered within ``egress.askTimeoutSeconds`` counts
+    as a deny (fail closed). Audit lines of a plugin's answer carry principal ``plugin``.
+
+    Example (let an issue's sandboxes reach the company's package mirrors, refuse paste sites)::
+
+        @hookimpl
+        def risoluto_egress_decide(approval):
+            if approval.host.endswith(".mirror.example.com") and approval.port == 443:
+                return "allow-issue"
+            if approval.host in ("pastebin.com", "transfer.sh"):
+                return "deny"
             return None
     """

@@ -26,6 +26,14 @@ class EgressMetrics:
         self.connections = Gauge(
             "risoluto_egress_open_connections", "Open client connections to the egress proxy", registry=registry,
         )
+        self.audit_dropped = Counter(
+            "risoluto_egress_audit_dropped", "Egress decision audit lines dropped because the writer fell behind "
+            "or could not write", registry=registry,
+        )
+        self.pending_approvals = Gauge(
+            "risoluto_egress_pending_approvals", "Egress requests held while an approval is pending",
+            registry=registry,
+        )
 
 
 def metrics_for(kernel: Kernel) -> EgressMetrics:

@@ -6,7 +6,10 @@ own address), normalises the host, asks the decision hook then the sandbox's all
 resolves the name itself, refuses non-public addresses (unless in
 ``egress.allowPrivateNetworks``), connects to exactly the address it checked, and for a
 CONNECT tunnel reads the TLS ClientHello and requires its SNI to name the CONNECT host.
-Every decision is one log line on ``risoluto.egress`` and one metric increment.
+Every decision is one log line on ``risoluto.egress``, one metric increment and one line of
+the decision audit (``_audit``); an allowed exchange is audited when it ends, with its byte
+counts. The deny list and HTTP rules (``_rules``) come first; an unlisted host under
+``egress.onUnlisted: ask`` is held while an approval waits (``_approvals``).
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ from risoluto.hookspecs.egress import EgressRequest, EgressVerdict
 from risoluto.settings import EgressConfig
 
 from . import _tls
+from ._approvals import Approvals, IssueHosts, issue_entry
+from ._audit import Decision, EgressAudit
 from ._dns import Resolver, ResolveError
 from ._http import MAX_HEAD, BadRequest, RequestHead, Target, answer, body_framing, parse_head, parse_target
 from ._http import upstream_head
 from ._metrics import EgressMetrics
+from ._refusals import refusal_text
 from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection, pump, relay_body
-from .allowlist import Allowlist, HostError, IPAddress, Match, normalise_host
+from ._rules import EgressRules
+from .allowlist import Allowlist, HostError, IPAddress, Match, normalise_host, parse_entry
 
 log = logging.getLogger("risoluto.egress")
 
@@ -39,6 +46,7 @@ METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:
 HEADER_TIMEOUT_S = 10.0  # whole request head / ClientHello; capped by egress.idleTimeoutS
 SERVER_FIRST_WAIT_S = 0.5  # raw (non-TLS) tunnels: how long to wait for a client-first byte
 Decide = Callable[[EgressRequest, tuple[str, ...]], "EgressVerdict | None"]
+ASKABLE = frozenset({"host_not_allowed", "port_not_allowed", "ip_literal_not_allowed"})
 
 
 @attrs.define(kw_only=True)
@@ -50,6 +58,7 @@ class Client:
     secret: bytes = attrs.field(repr=False)
     allowlist: Allowlist
     sandbox: str
+    issue: str = ""
     addresses: frozenset[str] | None = None
     locate: Callable[[], Awaitable[set[str]]] | None = None
 
@@ -72,6 +81,18 @@ class Refusal(Exception):
         self.status, self.reason, self.message, self.detail = status, reason, message, detail
 
 
+class Tally:
+    """Bytes of one exchange in one direction, also added to the proxy-wide counter."""
+
+    def __init__(self, counter: Any):
+        self.counter = counter
+        self.n = 0
+
+    def inc(self, n: int) -> None:
+        self.n += n
+        self.counter.inc(n)
+
+
 def address_refusal(addr: IPAddress, allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
     """Why ``addr`` may not be dialled, or "" if it may."""
     check = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped else addr
@@ -86,6 +107,21 @@ def address_refusal(addr: IPAddress, allowed: list[ipaddress.IPv4Network | ipadd
     return ""
 
 
+async def _client_left(conn: Conn) -> None:
+    """Return once the client closed its side (a held request nobody waits for any more)."""
+    while True:
+        await conn.wait(True)
+        try:
+            data = conn.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        await anyio.sleep_forever()  # it sent more bytes: still there; the answer or timeout decides
+
+
 class _Policy:
     """What egress.* settings mean, rebuilt only when the settings object changes."""
 
@@ -94,13 +130,21 @@ class _Policy:
         self.resolver = Resolver(cfg.resolver, cfg.hosts, cfg.connect_timeout_s)
         self.allowed_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.allow_private_networks]
         self.head_timeout = min(HEADER_TIMEOUT_S, cfg.idle_timeout_s)
+        self.rules = EgressRules(cfg)
 
 
 class EgressProxy:
-    def __init__(self, settings: Callable[[], EgressConfig], decide: Decide, metrics: EgressMetrics):
+    def __init__(self, settings: Callable[[], EgressConfig], decide: Decide, metrics: EgressMetrics, *,
+                 audit: EgressAudit | None = None, approvals: Approvals | None = None,
+                 issue_hosts: IssueHosts | None = None, approve: Callable[[Any], Any] | None = None):
         self._settings = settings
         self._decide = decide
         self.metrics = metrics
+        self.audit = audit or EgressAudit(None, lambda: settings().audit, metrics)  # in memory: counts only
+        self.approvals = approvals or Approvals(metrics)
+        self.issue_hosts = issue_hosts
+        self._approve = approve  # the risoluto_egress_decide hook
+        self._held = 0
         self._clients: dict[str, Client] = {}
         self._policy: _Policy | None = None
         self._open = 0
@@ -179,22 +223,25 @@ class EgressProxy:
 
     async def _serve_one(self, conn: Conn, peer: str) -> None:
         policy = self.policy()
-        ctx: dict[str, Any] = {"peer": peer}
+        ctx: dict[str, Any] = {"peer": peer, "started": anyio.current_time()}
         try:
             reader = Reader(conn)
             head = await self._read_head(reader, policy)
             ctx["method"] = head.method
             client = await self._authenticate(head, peer)
-            ctx["sandbox"] = client.sandbox
+            ctx.update(sandbox=client.sandbox, issue=client.issue)
             target = parse_target(head)
             try:
                 host = normalise_host(target.host)
             except HostError:
                 raise Refusal(400, "malformed_host", "The host is not a valid name or IP literal.") from None
-            ctx.update(host=str(host), port=target.port)
+            ctx.update(host=str(host), port=target.port, path=target.path)
             framing = body_framing(head) if head.method != "CONNECT" else ("none", 0)
-            match = self._decide_one(client, head, target, host)
-            upstream = await self._connect(policy, host, target.port, ctx)
+            match = self._decide_one(policy, client, head, target, host, ctx)
+            addresses = await self._resolve(policy, host, target.port, ctx)
+            if not match.allowed:  # unlisted under onUnlisted: ask, and its addresses passed
+                match = await self._ask(conn, policy, client, head.method, host, target.port, ctx)
+            upstream = await self._dial(policy, addresses, host, target.port, ctx)
         except BadRequest as exc:
             await self._refuse(conn, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
             return
@@ -237,7 +284,13 @@ class EgressProxy:
             raise Refusal(407, "credential_foreign", "The credential is not valid from this address.")
         return client
 
-    def _decide_one(self, client: Client, head: RequestHead, target: Target, host: str | IPAddress) -> Match:
+    def _decide_one(self, policy: _Policy, client: Client, head: RequestHead, target: Target,
+                    host: str | IPAddress, ctx: dict[str, Any]) -> Match:
+        """Deny list, decision hook, HTTP rules, allowlists; a Match that is not allowed means "ask"."""
+        denied = policy.rules.denied(host, target.port)
+        if denied is not None:  # wins over every allow
+            ctx["rule"] = f"deny:{denied.entry}"
+            raise Refusal(403, "deny_listed", f"{host} is on the egress deny list.")
         request = EgressRequest(sandbox=client.sandbox, method=head.method, host=str(host), port=target.port,
                                 path=target.path)
         try:
@@ -249,17 +302,71 @@ class EgressProxy:
             if not verdict.allowed:
                 raise Refusal(403, "plugin", f"Refused by policy: {verdict.reason}", verdict.reason)
             return Match(True, "plugin")
+        if head.method != "CONNECT":  # method and path are visible: the HTTP rules apply
+            rule = policy.rules.http_rule(host, target.port, head.method, target.path)
+            if rule is not None:
+                ctx["rule"] = rule.name
+                if rule.verdict == "deny":
+                    raise Refusal(403, "rule_deny", f"{head.method} {target.path} on {host} is refused by a rule.")
+                return Match(True, "rule_allow")
         match = client.allowlist.match(host, target.port)
-        if not match.allowed:
-            messages = {
-                "host_not_allowed": f"{host} is not in this sandbox's egress allowlist.",
-                "port_not_allowed": f"Port {target.port} of {host} is not in this sandbox's egress allowlist.",
-                "ip_literal_not_allowed": f"The IP address {host} is not in this sandbox's egress allowlist.",
-            }
-            raise Refusal(403, match.reason, messages[match.reason])
-        return match
+        granted = self.issue_hosts.allowlist(client.issue) if self.issue_hosts and client.issue else None
+        if not match.allowed and granted is not None:  # hosts granted to this issue by allow-issue
+            found = granted.match(host, target.port)
+            if found.allowed:
+                match = Match(True, "issue_allowlist", found.rule)
+        if match.allowed:
+            ctx["rule"] = match.rule.entry if match.rule else ""
+            return match
+        if policy.cfg.on_unlisted == "ask" and match.reason in ASKABLE:
+            return match  # held for approval once the address checks pass
+        messages = {
+            "host_not_allowed": f"{host} is not in this sandbox's egress allowlist.",
+            "port_not_allowed": f"Port {target.port} of {host} is not in this sandbox's egress allowlist.",
+            "ip_literal_not_allowed": f"The IP address {host} is not in this sandbox's egress allowlist.",
+        }
+        raise Refusal(403, match.reason, messages[match.reason])
 
-    async def _connect(self, policy: _Policy, host: str | IPAddress, port: int, ctx: dict[str, Any]) -> Any:
+    async def _ask(self, conn: Conn, policy: _Policy, client: Client, method: str, host: str | IPAddress,
+                   port: int, ctx: dict[str, Any]) -> Match:
+        """Hold the request until an approval answers; other connections go on meanwhile."""
+        timeout = policy.cfg.ask_timeout_seconds
+        pending = self.approvals.open(client.sandbox, client.issue, str(host), port, method, timeout)
+        if pending is None:
+            raise Refusal(403, "approval_queue_full", "Too many requests of this sandbox await approval.")
+        ctx["approval"] = pending.id
+        self._log(ctx, "ask", "approval_pending")
+        self._held += 1
+        try:
+            await self.approvals.wait(pending, timeout, self._approve, lambda: _client_left(conn))
+        finally:
+            self._held -= 1
+        ctx["principal"] = pending.principal
+        if pending.answer == "deny":
+            raise Refusal(403, pending.reason, f"{host} was not approved.")
+        entry = issue_entry(host, port)
+        if pending.answer == "allow-issue":
+            await self._grant(client.issue, entry)
+        ctx["rule"] = entry
+        return Match(True, pending.reason, parse_entry(entry))
+
+    async def _grant(self, issue: str, entry: str) -> None:
+        if self.issue_hosts is None or not issue:
+            return  # nowhere to keep it: this request only
+        try:
+            await anyio.to_thread.run_sync(self.issue_hosts.add, issue, entry)
+        except (OSError, ValueError) as exc:
+            log.error("egress: could not keep %s for issue %s: %s", entry, issue, exc)
+
+    async def release_held(self, timeout: float = 2.0) -> None:
+        """Deny every held request (the server is stopping) and let them answer their clients."""
+        self.approvals.cancel_all()
+        with anyio.move_on_after(timeout):
+            while self._held:
+                await anyio.sleep(0.01)
+
+    async def _resolve(self, policy: _Policy, host: str | IPAddress, port: int,
+                       ctx: dict[str, Any]) -> list[IPAddress]:
         if isinstance(host, str):
             try:
                 addresses = await policy.resolver.resolve(host, port)
@@ -272,6 +379,10 @@ class EgressProxy:
             if why:
                 ctx["address"] = str(addr)
                 raise Refusal(403, "private_address", f"{host} resolves to a {why}; refused.")
+        return addresses
+
+    async def _dial(self, policy: _Policy, addresses: list[IPAddress], host: str | IPAddress, port: int,
+                    ctx: dict[str, Any]) -> Any:
         last = "connect_failed"
         for addr in addresses:
             ctx["address"] = str(addr)
@@ -287,17 +398,18 @@ class EgressProxy:
                       host: str | IPAddress, match: Match, ctx: dict[str, Any]) -> None:
         await conn.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
         raw_ok = match.rule is not None and match.rule.port is not None and match.rule.port != 443
-        first, why = await self._client_hello(reader, policy, host, raw_ok)
+        first, why = await self._client_hello(reader, policy, host, raw_ok, ctx)
         if why:
             self._log(ctx, "deny", why)
             return  # already said 200: closing the tunnel is the refusal
-        self._log(ctx, "allow", match.reason)
         self.metrics.tunnels.inc()
+        up, down = Tally(self.metrics.upload), Tally(self.metrics.download)
+        ctx["tallies"] = (up, down)
         try:
             activity = Activity(policy.cfg.idle_timeout_s)
             if first:
                 await upstream.send(first, activity)
-                self.metrics.upload.inc(len(first))
+                up.inc(len(first))
             async with anyio.create_task_group() as tg:
                 async def both_ways(src: Conn, dst: Conn, counter: Any) -> None:
                     try:
@@ -305,13 +417,14 @@ class EgressProxy:
                     except (IdleTimeout, OSError):
                         tg.cancel_scope.cancel()  # idle or reset: the whole tunnel ends
 
-                tg.start_soon(both_ways, conn, upstream, self.metrics.upload)
-                await both_ways(upstream, conn, self.metrics.download)
+                tg.start_soon(both_ways, conn, upstream, up)
+                await both_ways(upstream, conn, down)
         finally:
             self.metrics.tunnels.dec()
+            self._log(ctx, "allow", match.reason)  # audited once it ends: with its byte counts
 
     async def _client_hello(self, reader: Reader, policy: _Policy, host: str | IPAddress,
-                            raw_ok: bool) -> tuple[bytes, str]:
+                            raw_ok: bool, ctx: dict[str, Any]) -> tuple[bytes, str]:
         """(bytes read, refusal reason or ""). Reads the first flight and checks its SNI."""
         if raw_ok and not reader.buffer:
             with anyio.move_on_after(SERVER_FIRST_WAIT_S):
@@ -335,6 +448,7 @@ class EgressProxy:
             hello = _tls.parse_client_hello(message)
         except _tls.HelloError as exc:
             return b"", str(exc)
+        ctx["sni"] = hello.server_name or ""
         if hello.ech:
             return b"", "ech_not_allowed"
         if hello.server_name is None:
@@ -349,34 +463,53 @@ class EgressProxy:
         authority = f"[{host}]" if ":" in host else host
         if target.port != 80:
             authority += f":{target.port}"
-        self._log(ctx, "allow", match.reason)
-        activity = Activity(policy.cfg.idle_timeout_s)
-        await upstream.send(upstream_head(head, target, authority), activity)
-        if framing[0] == "none":
-            await pump(upstream, conn, activity, self.metrics.download, eof=False)
-            return
-        async with anyio.create_task_group() as tg:
-            async def upload() -> None:
-                try:
-                    await relay_body(reader, upstream, framing, activity, self.metrics.upload)
-                except (BadRequest, IdleTimeout, anyio.EndOfStream, OSError):
-                    tg.cancel_scope.cancel()  # a broken body: drop the exchange, never guess
+        up, down = Tally(self.metrics.upload), Tally(self.metrics.download)
+        ctx["tallies"] = (up, down)
+        try:
+            activity = Activity(policy.cfg.idle_timeout_s)
+            await upstream.send(upstream_head(head, target, authority), activity)
+            if framing[0] == "none":
+                await pump(upstream, conn, activity, down, eof=False)
+                return
+            async with anyio.create_task_group() as tg:
+                async def upload() -> None:
+                    try:
+                        await relay_body(reader, upstream, framing, activity, up)
+                    except (BadRequest, IdleTimeout, anyio.EndOfStream, OSError):
+                        tg.cancel_scope.cancel()  # a broken body: drop the exchange, never guess
 
-            tg.start_soon(upload)
-            await pump(upstream, conn, activity, self.metrics.download, eof=False)
-            tg.cancel_scope.cancel()
+                tg.start_soon(upload)
+                await pump(upstream, conn, activity, down, eof=False)
+                tg.cancel_scope.cancel()
+        finally:
+            self._log(ctx, "allow", match.reason)  # audited once it ends: with its byte counts
 
     # -- answers and the decision log ----------------------------------------------------
     async def _refuse(self, conn: Conn, ctx: dict[str, Any], refusal: Refusal) -> None:
         self._log(ctx, "deny", refusal.reason, refusal.detail)
+        message = refusal.message
+        if refusal.status == 403:  # written for the agent: what, not another route, how to ask
+            plain = ctx.get("method") != "CONNECT"
+            message = refusal_text(refusal.reason, ctx.get("host", ""), ctx.get("port", 0),
+                                   ctx.get("method", "") if plain else "", ctx.get("path", "") if plain else "",
+                                   refusal.detail)
         with anyio.move_on_after(1):
             try:
-                await conn.send(answer(refusal.status, refusal.reason, refusal.message))
+                await conn.send(answer(refusal.status, refusal.reason, message))
             except OSError:
                 pass
 
     def _log(self, ctx: dict[str, Any], verdict: str, reason: str, detail: str = "") -> None:
-        self.metrics.decisions.labels(verdict=verdict, reason=reason).inc()
+        plain = ctx.get("method") != "CONNECT"
+        up, down = (t.n for t in ctx["tallies"]) if "tallies" in ctx else (0, 0)
+        self.audit.record(Decision(
+            verdict=verdict, reason=reason, sandbox=ctx.get("sandbox", ""), issue=ctx.get("issue", ""),
+            host=ctx.get("host", ""), port=ctx.get("port", 0), sni=ctx.get("sni", ""),
+            method=ctx.get("method", "") if plain else "", path=ctx.get("path", "") if plain else "",
+            rule=ctx.get("rule", ""), bytes_up=up, bytes_down=down, approval=ctx.get("approval", ""),
+            principal=ctx.get("principal", ""),
+            duration_ms=int((anyio.current_time() - ctx["started"]) * 1000) if "started" in ctx else 0,
+        ))
         log.info(
             "egress %s reason=%s sandbox=%s peer=%s method=%s host=%s port=%s address=%s%s",
             verdict, reason, ctx.get("sandbox", "-"), ctx.get("peer", "-"), ctx.get("method", "-"),

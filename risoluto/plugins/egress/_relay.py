@@ -4,18 +4,32 @@ The proxy drives plain non-blocking sockets with ``anyio.wait_readable`` /
 ``anyio.wait_writable`` instead of anyio's stream transports: once a request is judged,
 the bytes of a tunnel or a response are moved kernel-to-kernel with ``splice(2)``
 through a pipe (Linux), never copied into Python. Elsewhere ``recv``/``send`` are used.
+
+Two ways of driving splice, chosen per direction:
+
+- on the event loop, waiting for readiness between calls: no thread hand-off, so a short
+  exchange (an API call, a small download) costs no more than its few syscalls;
+- in a relay thread of its own, once the direction has moved ``BULK_BYTES``: a bulk transfer
+  then runs poll(2) + splice(2) loops outside the event loop (the GIL is released in both
+  calls), instead of paying the event loop's per-wakeup work (epoll registration, a future,
+  a task step) for every chunk, and leaves the loop free for new connections. At most
+  ``RELAY_THREADS`` directions are in threads at once; beyond that they stay on the loop.
+  A thread is told to stop through a pipe of its own, so cancelling the tunnel (idle bound,
+  reset of the other direction, server stop) ends it promptly and before its sockets close.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
+import select
 import socket
+import time
 from typing import Any
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from ._http import BadRequest
 
@@ -24,6 +38,11 @@ PIPE_SIZE = 1024 * 1024
 _HEX = re.compile(rb"^[0-9a-fA-F]{1,15}\Z")
 _SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)) if _SPLICE else 0
+BULK_BYTES = 4 * 1024 * 1024  # a direction that moved this much continues in a relay thread
+RELAY_THREADS = 64
+POOLED_PIPES = 64  # empty pipes kept for the next exchanges (2 descriptors each)
+_PIPES: list[tuple[int, int]] = []
+_THREADS: RunVar[anyio.CapacityLimiter] = RunVar("risoluto_egress_relay_threads")
 
 
 class IdleTimeout(Exception):
@@ -31,14 +50,18 @@ class IdleTimeout(Exception):
 
 
 class Activity:
-    """Last time a byte moved in either direction of one exchange."""
+    """Last time a byte moved in either direction of one exchange (``time.monotonic``: relay
+    threads touch it too)."""
 
     def __init__(self, idle: float):
         self.idle = idle
-        self.last = anyio.current_time()
+        self.last = time.monotonic()
 
     def touch(self) -> None:
-        self.last = anyio.current_time()
+        self.last = time.monotonic()
+
+    def left(self) -> float:
+        return self.last + self.idle - time.monotonic()
 
 
 class Conn:
@@ -56,7 +79,7 @@ class Conn:
             await waiter(self.sock)
             return
         while True:
-            left = activity.last + activity.idle - anyio.current_time()
+            left = activity.left()
             if left <= 0:
                 raise IdleTimeout
             with anyio.move_on_after(left):
@@ -88,6 +111,13 @@ class Conn:
         self.sock.close()
 
 
+def _ready_now(fd: int, events: int) -> bool:
+    """Whether ``fd`` is ready without waiting (one poll(2), no event loop round trip)."""
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(0))
+
+
 async def open_connection(host: str, port: int) -> Conn:
     """Connect to exactly ``host`` (an IP address, never a name: no lookup happens here)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -98,7 +128,8 @@ async def open_connection(host: str, port: int) -> Conn:
         try:
             sock.connect((host, port))
         except BlockingIOError:
-            await anyio.wait_writable(sock)
+            if not _ready_now(sock.fileno(), select.POLLOUT):  # a near origin is often connected already
+                await anyio.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err)) from None
@@ -158,20 +189,44 @@ async def pump(src: Conn, dst: Conn, activity: Activity, counter: Any, eof: bool
         dst.send_eof()
 
 
-async def _splice_pump(src: Conn, dst: Conn, activity: Activity, counter: Any) -> None:
+def _take_pipe() -> tuple[int, int]:
+    """An empty pipe: from the pool, or a new one (made 1 MiB once, not per exchange)."""
+    if _PIPES:
+        return _PIPES.pop()
     rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.fcntl(wpipe, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-        except OSError:
-            pass  # a smaller pipe only means more rounds
+        fcntl.fcntl(wpipe, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe only means more rounds
+    return rpipe, wpipe
+
+
+def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
+    """Back to the pool when known empty, else closed (its leftover bytes must never reach another tunnel)."""
+    if empty and len(_PIPES) < POOLED_PIPES:
+        _PIPES.append(pipe)
+    else:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+async def _splice_pump(src: Conn, dst: Conn, activity: Activity, counter: Any) -> None:
+    pipe = _take_pipe()
+    rpipe, wpipe = pipe
+    empty = False
+    try:
+        moved_here = 0
         while True:
+            if moved_here >= BULK_BYTES and _thread_free():  # the pipe is empty here: hand over
+                await _splice_in_thread(src, dst, activity, counter, rpipe, wpipe)
+                return
             try:
                 n = os.splice(src.fd, wpipe, PIPE_SIZE, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 await src.wait(True, activity)
                 continue
             if n == 0:
+                empty = True
                 return
             activity.touch()
             while n:
@@ -180,16 +235,88 @@ async def _splice_pump(src: Conn, dst: Conn, activity: Activity, counter: Any) -
                 except BlockingIOError:
                     await dst.wait(False, activity)
                     continue
-                except OSError as exc:
-                    if exc.errno == errno.EAGAIN:
-                        await dst.wait(False, activity)
-                        continue
-                    raise
                 n -= moved
+                moved_here += moved
                 counter.inc(moved)
     finally:
-        os.close(rpipe)
-        os.close(wpipe)
+        _give_pipe(pipe, empty)
+
+
+def _threads() -> anyio.CapacityLimiter:
+    try:
+        return _THREADS.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(RELAY_THREADS)
+        _THREADS.set(limiter)
+        return limiter
+
+
+def _thread_free() -> bool:
+    return _threads().available_tokens >= 1
+
+
+async def _splice_in_thread(src: Conn, dst: Conn, activity: Activity, counter: Any, rpipe: int, wpipe: int) -> None:
+    """The rest of one direction in a relay thread; errors (IdleTimeout, OSError) come back here."""
+    stop_r, stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    failure: list[BaseException] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            async def wake_thread_on_cancel() -> None:
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    os.write(stop_w, b"x")
+
+            tg.start_soon(wake_thread_on_cancel)
+            try:
+                # not abandoned on cancel: the thread always ends before the sockets are closed
+                await anyio.to_thread.run_sync(_splice_thread, src.fd, dst.fd, rpipe, wpipe, stop_r, activity,
+                                               counter, limiter=_threads())
+            except (IdleTimeout, OSError) as exc:
+                failure.append(exc)
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        os.close(stop_r)
+        os.close(stop_w)
+    if failure:
+        raise failure[0]
+
+
+def _splice_thread(src: int, dst: int, rpipe: int, wpipe: int, stop: int, activity: Activity, counter: Any) -> None:
+    """Blocking-style splice loop on non-blocking descriptors, in a relay thread (see above)."""
+    readable, writable = select.poll(), select.poll()
+    readable.register(src, select.POLLIN)
+    writable.register(dst, select.POLLOUT)
+    for poller in (readable, writable):
+        poller.register(stop, select.POLLIN)
+
+    def wait(poller: Any) -> bool:
+        """False when told to stop."""
+        left = activity.left()
+        if left <= 0:
+            raise IdleTimeout
+        return not any(fd == stop for fd, _ in poller.poll(left * 1000))
+
+    while True:
+        try:
+            n = os.splice(src, wpipe, PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            if not wait(readable):
+                return
+            continue
+        if n == 0:
+            return
+        activity.touch()
+        while n:
+            try:
+                moved = os.splice(rpipe, dst, n, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                if not wait(writable):
+                    return
+                continue
+            n -= moved
+            counter.inc(moved)
 
 
 async def relay_body(reader: Reader, dst: Conn, framing: tuple[str, int], activity: Activity,

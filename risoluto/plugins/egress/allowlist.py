@@ -192,8 +192,10 @@ def risoluto_sandbox_spec_check(spec: ContainerSpec, settings: Settings) -> None
 def risoluto_settings_validate(settings: Settings) -> None:
     """Refuse an invalid entry at startup and at overlay PUT, not only at the next launch."""
     from ._dns import parse_pins, parse_resolver  # _dns builds on this module
+    from ._rules import EgressRules
 
     Allowlist(settings.codex.sandbox.egress_allowlist)
+    EgressRules(settings.egress)  # egress.deny and egress.rules, errors naming the key path
     if settings.egress.resolver:
         parse_resolver(settings.egress.resolver)
     parse_pins(settings.egress.hosts)

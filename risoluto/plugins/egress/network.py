@@ -28,6 +28,8 @@ from risoluto.errors import ApiError, ConfigError, StartupError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 
+from ._approvals import approvals_for, issue_hosts_for
+from ._audit import audit_for
 from ._metrics import metrics_for
 from .allowlist import Allowlist
 from .host_firewall import HostFirewall, can_manage
@@ -98,6 +100,7 @@ class DockerEgressEnforcer:
         self.settings = settings
         self.network = network
         self.proxy: EgressProxy | None = None
+        self.issue_hosts: Any = None
         self.firewall: HostFirewall | None = None
         self.gateway = ""
         self.bridge = ""
@@ -111,7 +114,10 @@ class DockerEgressEnforcer:
         self._docker = await anyio.to_thread.run_sync(docker_client)
         attrs = await anyio.to_thread.run_sync(ensure_network, self._docker, self.network)
         self.gateway, self.bridge = gateway_of(attrs)
-        self.proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel))
+        self.issue_hosts = issue_hosts_for(kernel)
+        self.proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
+                                 audit=audit_for(kernel), approvals=approvals_for(kernel),
+                                 issue_hosts=self.issue_hosts, approve=kernel.hooks.egress_decide)
         await self._serve(self.proxy)
         why = can_manage()
         if why:
@@ -151,6 +157,8 @@ class DockerEgressEnforcer:
             raise StartupError(f"egress: the proxy cannot listen on {self.gateway}: {failure[0]}")
 
     async def stop(self) -> None:
+        if self.proxy is not None:  # held requests are denied (fail closed), and told so, before the proxy goes
+            await self.proxy.release_held()
         if self.firewall is not None:
             await self.firewall.remove()
         if self._stopping is not None and self._task is not None:
@@ -178,6 +186,9 @@ class DockerEgressEnforcer:
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
             spec.env[name] = url
         spec.env["NO_PROXY"] = spec.env["no_proxy"] = NO_PROXY
+        issue = "" if request.dry_run else request.issue
+        if issue and self.issue_hosts is not None:  # hosts granted to this issue by allow-issue
+            spec.policy["egressIssueHosts"] = list(self.issue_hosts.entries(issue))
         proxy = self.proxy
 
         async def created(container_id: str) -> None:
@@ -185,7 +196,7 @@ class DockerEgressEnforcer:
                 return await anyio.to_thread.run_sync(self._addresses, container_id)
 
             proxy.register(Client(username=username, secret=secret.encode(), allowlist=allowlist,
-                                  sandbox=username, locate=locate))
+                                  sandbox=container_id, issue=issue, locate=locate))
 
         async def removed(container_id: str) -> None:
             proxy.unregister(username)

@@ -1,0 +1,166 @@
+"""The tunnel relay on loopback: byte-exact bulk transfers on the zero-copy paths (splice on the
+event loop, then in a relay thread) and on the portable fallback; byte counts in the audit;
+idle bounds and cancellation reach a relay thread.
+
+The origin is a raw TCP server of this test on 127.0.0.1 sending random bytes; the sandbox's
+allowlist names its port explicitly, so the CONNECT tunnel carries it as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+import pytest
+
+from risoluto.kernel import Kernel
+from risoluto.plugins.egress import _relay
+from risoluto.plugins.egress._audit import audit_for
+from risoluto.plugins.egress._metrics import metrics_for
+from risoluto.plugins.egress.allowlist import Allowlist
+from risoluto.plugins.egress._proxy import Client, EgressProxy
+from risoluto.settings import build_settings
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "relay-" + "q" * 24
+AUTH = "Proxy-Authorization: Basic " + base64.b64encode(f"sbx-r:{SECRET}".encode()).decode() + "\r\n"
+SIZE = 24 * 1024 * 1024
+BLOB = os.urandom(1024 * 1024) * (SIZE // (1024 * 1024))
+
+
+@contextlib.asynccontextmanager
+async def relay_env(tmp_path, stall_after: int | None = None) -> AsyncIterator[tuple[int, int, Kernel, Any]]:
+    """(proxy port, origin port, kernel, task group); the origin sends BLOB (or stalls after
+    ``stall_after`` bytes, keeping the connection open)."""
+    async def serve(stream: Any) -> None:
+        async with stream:
+            await stream.receive()  # the client speaks first: "go"
+            data = BLOB if stall_after is None else BLOB[:stall_after]
+            for i in range(0, len(data), 1 << 20):
+                await stream.send(data[i:i + (1 << 20)])
+            if stall_after is not None:
+                await anyio.sleep(30)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    origin_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    settings = build_settings({"egress": {"allowPrivateNetworks": ["127.0.0.0/8"], "idleTimeoutS": 1.5}}, None,
+                              {"DATA_DIR": str(tmp_path)})
+    kernel = Kernel(settings)
+    proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
+                        audit=audit_for(kernel))
+    proxy.register(Client(username="sbx-r", secret=SECRET.encode(), sandbox="sbx-r", addresses=frozenset({"127.0.0.1"}),
+                          allowlist=Allowlist([f"127.0.0.1:{origin_port}"])))
+    async with anyio.create_task_group() as tg:
+        async def serve_origin() -> None:
+            async with listener:
+                await listener.serve(serve)
+
+        tg.start_soon(serve_origin)
+        _, port = await tg.start(proxy.serve, "127.0.0.1")
+        yield port, origin_port, kernel, tg
+        tg.cancel_scope.cancel()
+
+
+async def open_tunnel(port: int, origin_port: int) -> Any:
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    await stream.send(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\n{AUTH}\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await stream.send(b"go")
+    return stream
+
+
+async def download(port: int, origin_port: int) -> bytes:
+    stream = await open_tunnel(port, origin_port)
+    got = bytearray()
+    async with stream:
+        with anyio.fail_after(60), contextlib.suppress(anyio.EndOfStream):
+            while True:
+                got += await stream.receive(1 << 20)
+    return bytes(got)
+
+
+def last_line(kernel: Kernel) -> Any:
+    return audit_for(kernel).recent(lambda d: True, 1)[0]
+
+
+@pytest.fixture
+def thread_calls(monkeypatch):
+    calls: list[int] = []
+    real = _relay._splice_thread
+
+    def counted(*args: Any) -> None:
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(_relay, "_splice_thread", counted)
+    return calls
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
+async def test_a_bulk_tunnel_is_byte_exact_through_the_relay_thread(tmp_path, thread_calls):
+    async with relay_env(tmp_path) as (port, origin_port, kernel, _):
+        got = await download(port, origin_port)
+        with anyio.fail_after(5):
+            while not audit_for(kernel).recent(lambda d: d.verdict == "allow", 1):
+                await anyio.sleep(0.01)
+        line = last_line(kernel)
+    assert len(got) == SIZE and hashlib.sha256(got).digest() == hashlib.sha256(BLOB).digest()
+    assert thread_calls  # past BULK_BYTES the download direction moved to a relay thread
+    assert (line.verdict, line.reason, line.bytes_down, line.bytes_up) == ("allow", "allowlist", SIZE, 2)
+
+
+async def test_the_portable_relay_is_byte_exact_too(tmp_path, monkeypatch, thread_calls):
+    monkeypatch.setattr(_relay, "_SPLICE", False)
+    async with relay_env(tmp_path) as (port, origin_port, kernel, _):
+        got = await download(port, origin_port)
+        with anyio.fail_after(5):
+            while not audit_for(kernel).recent(lambda d: d.verdict == "allow", 1):
+                await anyio.sleep(0.01)
+        line = last_line(kernel)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(BLOB).digest()
+    assert thread_calls == [] and line.bytes_down == SIZE
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
+async def test_the_idle_bound_reaches_a_relay_thread(tmp_path, thread_calls):
+    stall = 12 * 1024 * 1024
+    async with relay_env(tmp_path, stall_after=stall) as (port, origin_port, kernel, _):
+        started = time.monotonic()
+        got = await download(port, origin_port)  # ends when the proxy closes the idle tunnel
+        elapsed = time.monotonic() - started
+        with anyio.fail_after(5):
+            while not audit_for(kernel).recent(lambda d: d.verdict == "allow", 1):
+                await anyio.sleep(0.01)
+        line = last_line(kernel)
+    assert thread_calls and len(got) == stall
+    assert 1.0 < elapsed < 6  # the 1.5 s idle bound, not the origin's 30 s stall
+    assert line.bytes_down == stall
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
+async def test_stopping_the_proxy_ends_a_relay_thread_at_once(tmp_path, thread_calls):
+    stall = 12 * 1024 * 1024
+    async with relay_env(tmp_path, stall_after=stall) as (port, origin_port, kernel, tg):
+        stream = await open_tunnel(port, origin_port)
+        got = 0
+        with anyio.fail_after(20):
+            while got < stall:  # the thread is relaying; the origin then stalls, keeping it open
+                got += len(await stream.receive(1 << 20))
+        assert thread_calls
+        started = time.monotonic()
+        tg.cancel_scope.cancel()  # the server stops
+    assert time.monotonic() - started < 1.0  # the thread was told to stop; nothing waited for the idle bound
+    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+        with anyio.fail_after(2):
+            while await stream.receive():
+                pass
+    await stream.aclose()
