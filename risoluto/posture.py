@@ -36,6 +36,8 @@ DEPLOY_TIME_KEYS: tuple[str, ...] = (
     "egress.hosts",
     "egress.allow_private_networks",
     "egress.credentials",
+    "egress.upstream_ca_file",  # a host path: the roots the proxy trusts upstream
+    "egress.audit",  # where and how long decisions are kept: the audit trail is not the overlay's to shrink
     "codex.auth_dir",  # a host path read into every worker
     "codex.sandbox.user",
     "codex.sandbox.network",  # which Docker network workers join: fixed when the runtime starts
@@ -192,6 +194,13 @@ def _only_adds(base: Iterable[Any], new: Iterable[Any]) -> bool:
     return set(base) <= set(new)
 
 
+def _deny_rules_first(base: list[Any], new: list[Any]) -> bool:
+    """The file's rules kept, in order, at the end; only ``deny`` rules added before them (first
+    match wins, so a rule put in front can only refuse what the file's rules would decide)."""
+    added = len(new) - len(base)
+    return added >= 0 and new[added:] == base and all(rule.verdict == "deny" for rule in new[:added])
+
+
 _SECURITY = "codex.sandbox.security."
 _RESOURCES = "codex.sandbox.resources."
 POSTURE_RULES: tuple[PostureRule, ...] = (
@@ -205,6 +214,9 @@ POSTURE_RULES: tuple[PostureRule, ...] = (
                 "networkAccess only to false", _turn_policy),
     PostureRule("codex.sandbox.egress_allowlist", "only to a non-empty subset", _allowlist),
     PostureRule("egress.deny", "only by adding entries", _only_adds),
+    PostureRule("egress.rules", "only by adding deny rules before the config file's rules", _deny_rules_first),
+    PostureRule("egress.on_unlisted", "only to deny (ask lets a person or a plugin allow unlisted hosts)",
+                _ordered("ask", "deny")),
     PostureRule("rate_limit.api", "only a lower limit or a longer window", _bucket),
     PostureRule("rate_limit.webhooks", "only a lower limit or a longer window", _bucket),
     PostureRule("rate_limit.fail_open", "only to false", _only_false),

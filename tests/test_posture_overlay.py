@@ -38,6 +38,8 @@ FILE_CONFIG = {
         },
     },
     "rateLimit": {"api": {"limit": 100, "windowSeconds": 60}},
+    "egress": {"deny": ["bad.example.test"], "onUnlisted": "deny",
+               "rules": [{"hosts": ["api.example.test"], "methods": ["DELETE"], "verdict": "deny"}]},
 }
 
 # Deploy-time keys an overlay may not hold, as an attacker would send them (both spellings).
@@ -68,6 +70,7 @@ DEPLOY_TIME = [
     ({"codex": {"authDir": "/etc"}}, "codex.authDir"),
     ({"masterKey": "x"}, "masterKey"),
     ({"data_dir": "/tmp"}, "data_dir"),
+    ({"egress": {"audit": {"keep": 1}}}, "egress.audit"),
 ]
 
 # Posture changes towards the looser side of FILE_CONFIG (+ defaults).
@@ -94,6 +97,11 @@ LOOSENING = [
     ({"codex": {"sandbox": {"resources": {"cpus": 2.5}}}}, "codex.sandbox.resources.cpus"),
     ({"codex": {"sandbox": {"resources": {"pidsLimit": 513}}}}, "codex.sandbox.resources.pidsLimit"),
     ({"codex": {"sandbox": {"resources": {"tmpfsSize": "1g"}}}}, "codex.sandbox.resources.tmpfsSize"),
+    ({"egress": {"deny": []}}, "egress.deny"),
+    ({"egress": {"rules": []}}, "egress.rules"),
+    ({"egress": {"rules": [{"hosts": ["evil.test"], "verdict": "allow"},
+                           {"hosts": ["api.example.test"], "methods": ["DELETE"], "verdict": "deny"}]}}, "egress.rules"),
+    ({"egress": {"onUnlisted": "ask"}}, "egress.onUnlisted"),
 ]
 
 # Tightening changes: accepted.
@@ -107,6 +115,9 @@ TIGHTENING = [
     {"codex": {"sandbox": {"resources": {"memory": "1g", "memorySwap": "1g", "memoryReservation": "512m",
                                          "cpus": 0.5, "pidsLimit": 64, "tmpfsSize": "64m"}}}},
     {"codex": {"sandbox": {"image": "risoluto-codex:v2"}}},  # neither deploy-time nor posture
+    {"egress": {"deny": ["bad.example.test", "worse.example.test"]}},
+    {"egress": {"rules": [{"hosts": ["*.pkg.example.test"], "methods": ["POST"], "verdict": "deny"},
+                          {"hosts": ["api.example.test"], "methods": ["DELETE"], "verdict": "deny"}]}},
 ]
 
 
