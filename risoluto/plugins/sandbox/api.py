@@ -45,6 +45,7 @@ RECORD = {
         "status": {"enum": ["created", "running", "exited", "timed_out", "stopped", "failed", "removed"]},
         "exit_code": {"type": ["integer", "null"]}, "oom_killed": {"type": "boolean"},
         "timed_out": {"type": "boolean"}, "env_keys": {"type": "array", "items": _STR},
+        "removed": {"type": "boolean"}, "removal": {"enum": ["", "pending", "done"]},
         "policy_digest": _STR, "policy": {"type": "object"},
     },
 }
