@@ -19,6 +19,7 @@ from ...errors import ApiError
 from ...hookspecs import hookimpl
 from ...openapi import api
 from ...requests import json_object
+from . import _owner
 from ._launcher import effective_policy, launch, parse_launch
 from ._metrics import metrics_for
 from ._naming import checked_id
@@ -67,6 +68,7 @@ def install_runtime(kernel: Any, runtime: Any, relay: Callable[[Any], None] | No
     if hasattr(runtime, "attach"):
         runtime.attach(kernel, observe)
     kernel.runtime = runtime
+    _owner.hold(kernel)  # while held, the doctor knows these sandboxes have a live owner
 
 
 async def remove_leftovers(runtime: Any) -> None:
@@ -79,8 +81,11 @@ async def remove_leftovers(runtime: Any) -> None:
 
 async def close_runtime(kernel: Any) -> None:
     runtime, kernel.runtime = kernel.runtime, None
-    if runtime is not None:
-        await runtime.close()
+    try:
+        if runtime is not None:
+            await runtime.close()
+    finally:
+        _owner.release(kernel)
 
 
 class SandboxService:

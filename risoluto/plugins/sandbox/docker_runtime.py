@@ -29,6 +29,7 @@ from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult
 from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
 from . import _engine as engine
+from . import _owner
 from ._engine_pool import EngineBusy, EnginePool, EngineTimeout
 from ._guard import exposed, redact
 from ._prepared import LABEL_CARRIER, PreparedVolumes, Slot
@@ -567,8 +568,8 @@ class DockerRuntime:
             data = (await self._api(lambda c: _tail(c, cid)))[0]
         except NotFound:
             data = rec.logs if rec is not None else b""
-        except ApiError:
-            if rec is None:
+        except ApiError as err:
+            if rec is None or _engine_down(err):
                 raise
             data = rec.logs  # the engine refuses logs while removal is in progress (409)
         return data.decode("utf-8", "replace")
@@ -735,10 +736,11 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     if kernel.settings.sandbox.runtime != "docker":
         return []
     facts = engine.engine_facts(kernel)
+    orphans = _owner.doctor_item(kernel, facts)
     if not facts["ok"]:
         return [CheckResult(item="sandbox docker", status=FAIL, reason=f"Docker engine {facts['error']}",
-                            fix=engine.START_HINT)]
+                            fix=engine.START_HINT), orphans]
     return [CheckResult(item="sandbox docker", status=PASS,
                         reason=f"Docker engine {facts.get('version', '')} reachable; runtimes: "
-                               f"{', '.join(sorted(facts['runtimes']))}")]
+                               f"{', '.join(sorted(facts['runtimes']))}"), orphans]
 
