@@ -153,6 +153,23 @@ async def test_an_attempt_volume_without_labels_is_found_by_name_at_start(world,
         world.docker.remove_volume(other, force=True)
 
 
+async def test_leftovers_a_start_without_engine_could_not_remove_go_once_the_engine_is_back(world, engine):
+    left = world.docker.create_container("risoluto-test:latest", ["sleep", "300"], name=f"rsl-left-{world.instance}",
+                                         labels={"risoluto.instance": world.instance, "risoluto.managed": "true"})
+    await anyio.sleep(2.5)  # made well before the kernel starts (the sweep's margin)
+    await anyio.to_thread.run_sync(engine.stop)
+    client, _ = await world.app(OVERRIDES, env={"DOCKER_HOST": engine.host})  # starts without an engine
+    assert (await client.get("/api/v1/sandboxes")).status_code == 503
+    await anyio.to_thread.run_sync(engine.start)
+    with anyio.fail_after(30):
+        while True:
+            await client.get("/api/v1/sandboxes")  # the first answer triggers the sweep
+            if not world.docker.containers(all=True, filters={"id": left["Id"]}):
+                break
+            await anyio.sleep(0.3)
+    assert mine(world) == {"containers": [], "volumes": []}
+
+
 # --- engine frozen --------------------------------------------------------------------------
 class Served:
     """``risoluto serve`` on this world's DATA_DIR, on the test's engine."""
