@@ -133,3 +133,22 @@ async def test_what_is_still_pending_at_close_gets_one_last_round():
     assert await rec.remove([("volume", "first-try")]) is False
     await rec.close(budget_s=1)
     assert gone == ["refused", "first-try"] and rec.pending() == []
+
+
+async def test_leftovers_are_removed_each_on_its_own_and_deferred_once_the_engine_is_gone():
+    tried: list[str] = []
+
+    async def remove_one(kind: str, ref: str) -> None:
+        tried.append(ref)
+        if ref == "in-use":
+            raise ApiError(502, "sandbox_engine_error", "volume is in use")
+        if ref == "engine-dies-here":
+            raise ApiError(503, "sandbox_runtime_unavailable", "no engine")
+
+    rec = Reconciler(remove_one)
+    done = await rec.remove_each([("volume", "in-use"), ("volume", "a"), ("volume", "engine-dies-here"),
+                                  ("volume", "b"), ("volume", "c")])
+    assert done == 1  # "a": a refusal of one object does not hold back the next
+    assert tried == ["in-use", "a", "engine-dies-here"]  # after that, b and c wait for the engine
+    assert sorted(ref for _, ref in rec.pending()) == ["b", "c", "engine-dies-here", "in-use"]
+    await rec.close(budget_s=0.5)

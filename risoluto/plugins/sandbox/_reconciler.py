@@ -37,7 +37,7 @@ Items = list[Item]
 
 @attrs.define(eq=False)
 class Group:
-    items: list[Item]
+    items: Items
     then: Callable[[], None] | None = None  # called once every item is confirmed
 
 
@@ -55,10 +55,10 @@ class Reconciler:
         self._in_round = False
         self._closed = False
 
-    def pending(self) -> list[Item]:
+    def pending(self) -> Items:
         return [item for group in self._groups for item in group.items]
 
-    async def remove(self, items: list[Item], then: Callable[[], None] | None = None) -> bool:
+    async def remove(self, items: Items, then: Callable[[], None] | None = None) -> bool:
         """Remove ``items`` in order now; what fails is retried in the background. True when
         all are confirmed now (``then`` has then been called), False when some are pending."""
         group = Group(list(items), then)
@@ -68,7 +68,21 @@ class Reconciler:
         self._start()
         return False
 
-    def defer(self, items: list[Item], then: Callable[[], None] | None = None) -> None:
+    async def remove_each(self, items: Items) -> int:
+        """Remove unrelated objects (leftovers), each on its own: one refusal does not hold back
+        the others. After a failure for want of an engine the rest is deferred, not tried (one
+        deadline, not one per object). The number confirmed now."""
+        done = 0
+        self._engine_gone = False
+        for n, item in enumerate(items):
+            if self._engine_gone:
+                for rest in items[n:]:
+                    self.defer([rest])
+                break
+            done += await self.remove([item])
+        return done
+
+    def defer(self, items: Items, then: Callable[[], None] | None = None) -> None:
         """Leave ``items`` to the background without trying now (the engine is known to be down)."""
         group = Group(list(items), then)
         if not group.items:
@@ -104,6 +118,7 @@ class Reconciler:
                 self._engine_gone = why == UNAVAILABLE
                 return False
             group.items.pop(0)
+            self._engine_gone = False
         self._done(group)
         return True
 

@@ -665,9 +665,10 @@ class DockerRuntime:
         except ApiError:
             self._sweep_due = before is None  # no engine at start: sweep once it answers
             raise
-        await self._removal.remove(items)
+        done = await self._removal.remove_each(items)
         if items:
-            log.warning("removing %d container(s)/volume(s) left over by a previous run", len(items))
+            log.warning("removed %d container(s)/volume(s) left over by a previous run%s", done,
+                        f"; {len(items) - done} more are retried" if done < len(items) else "")
         return len(items)
 
     async def _leftovers(self, before: float | None) -> Items:
