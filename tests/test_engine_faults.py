@@ -20,10 +20,11 @@ import pytest
 import yaml
 from docker_util import World, remove_persistent
 from http_support import free_port
-from own_engine import OwnEngine, missing
+from own_engine import RUNSC, OwnEngine, missing
 from serve_util import RISOLUTO, operator_env, spawn, stop, wait_answering
 
 from risoluto.plugins.sandbox._naming import attempt_volume_prefix
+from risoluto.settings import deep_merge
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
@@ -105,11 +106,16 @@ def mine(w: World) -> dict[str, list[str]]:
 
 
 # --- engine restart mid-sandbox ----------------------------------------------------------
-async def test_an_engine_restart_mid_sandbox_leaks_nothing_and_the_record_tells_the_truth(world, engine):
-    client, _ = await world.app(OVERRIDES, env={"DOCKER_HOST": engine.host})
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+async def test_an_engine_restart_mid_sandbox_leaks_nothing_and_the_record_tells_the_truth(world, engine, runtime):
+    if runtime == "runsc" and RUNSC is None:
+        _unavailable("runsc is not installed (scripts/provision-docker)")
+    overrides = deep_merge(OVERRIDES, {"codex": {"sandbox": {"security": {"gvisor": runtime == "runsc"}}}})
+    client, _ = await world.app(overrides, env={"DOCKER_HOST": engine.host})
     response = await client.post("/api/v1/sandboxes", json={"issue": "RESTART-1", "command": QUICK_TERM})
     started = await response.get_json()
     assert response.status_code == 201, started
+    assert started["runtime"] == runtime
     # CODEX_HOME is a volume named for this instance (it holds a copy of auth.json)
     [codex_home] = mine(world)["volumes"]
     assert world.docker.inspect_volume(codex_home)["Labels"]["risoluto.instance"] == world.instance
