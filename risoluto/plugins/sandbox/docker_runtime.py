@@ -4,9 +4,11 @@ Lifecycle of a launch: check the runtime and image -> network -> volumes (a per-
 volume may come ready-filled from ``_prepared``) -> create -> ``on_created`` callbacks -> check
 the prepared volume -> put files -> start; then, in the background: wait (up to the timeout,
 then stop with grace) -> record exit code, OOM flag and output -> remove the container and its
-per-attempt volumes -> ``on_removed`` callbacks. Blocking SDK calls run in worker threads.
-Every object carries ``risoluto.instance`` (a digest of DATA_DIR), so a restarted kernel
-removes what its crashed predecessor left, and nothing of another kernel.
+per-attempt volumes -> ``on_removed`` callbacks. Blocking SDK calls run in worker threads of
+the runtime's own bounded pool, each within ``sandbox.engineTimeoutSeconds``; a removal the
+engine does not confirm is retried by ``_reconciler``. Every object carries
+``risoluto.instance`` (a digest of DATA_DIR), and per-attempt volumes a name with it, so a
+restarted kernel removes what its crashed predecessor left, and nothing of another kernel.
 """
 
 from __future__ import annotations
