@@ -223,7 +223,7 @@ async def test_a_frozen_engine_holds_no_route_past_the_deadline(world, engine, t
         status, running, _ = timed("POST", base + "/sandboxes", json={"issue": "FROZEN-1", "command": QUICK_TERM})
         assert status == 201, running
         assert timed("POST", base + "/secrets/FROZEN_KEY", json={"value": "v"})[0] == 204  # the store is open
-        await anyio.to_thread.run_sync(_frozen_checks, engine, base, running["id"])
+        await anyio.to_thread.run_sync(_frozen_checks, engine, served, running["id"])
         # thawed: the engine routes work again, the sandbox is stopped and removed for real
         status, body, _ = timed("GET", base + "/sandboxes")
         assert status == 200, body
@@ -235,7 +235,14 @@ async def test_a_frozen_engine_holds_no_route_past_the_deadline(world, engine, t
     assert mine(world) == {"containers": [], "volumes": []}
 
 
-def _frozen_checks(engine: OwnEngine, base: str, sandbox_id: str) -> None:
+def _timed_doctor(served: Served) -> tuple[dict[str, Any], float]:
+    t0 = time.monotonic()
+    items = served.doctor()
+    return items, time.monotonic() - t0
+
+
+def _frozen_checks(engine: OwnEngine, served: Served, sandbox_id: str) -> None:
+    base = served.base
     engine.freeze()
     try:
         with ThreadPoolExecutor(64) as pool:
@@ -254,8 +261,10 @@ def _frozen_checks(engine: OwnEngine, base: str, sandbox_id: str) -> None:
             checks = [pool.submit(timed, "GET", f"{base}/sandboxes/{sandbox_id}/logs"),
                       pool.submit(timed, "DELETE", f"{base}/sandboxes/{sandbox_id}")]
             hardening = pool.submit(timed, "GET", base + "/hardening")
+            doctor = pool.submit(_timed_doctor, served)  # `risoluto doctor`, its own process
             results = [f.result() for f in burst + checks]
             h_status, h_body, h_seconds = hardening.result()
+            d_items, d_seconds = doctor.result()
     finally:
         engine.thaw()
     timings = sorted((round(seconds, 2), body["_request"]) for _, body, seconds in results)
@@ -270,6 +279,9 @@ def _frozen_checks(engine: OwnEngine, base: str, sandbox_id: str) -> None:
     assert h_status == 200 and h_seconds < FROZEN_DEADLINE_S + SLACK_S, (h_body, h_seconds)
     items = {i["item"]: i for i in h_body["items"]}
     assert items["sandbox docker"]["status"] == "FAIL"
+    # the CLI too (its process start and plugin loading on top: a few seconds on a busy machine)
+    assert d_items["sandbox docker"]["status"] == "FAIL" and d_seconds < FROZEN_DEADLINE_S + 2 * SLACK_S, d_seconds
+    assert d_items["sandbox orphans"]["status"] == "PASS"  # the live server owns its sandbox
 
 
 # --- kernel killed with -9 -------------------------------------------------------------------
