@@ -61,7 +61,8 @@ def release(kernel: Any) -> None:
 
 
 def live_owner(data_path: Path) -> bool:
-    """True while some process holds the owner lock of ``data_path``."""
+    """True while some process holds the owner lock of ``data_path``; OSError when the lock
+    file cannot be opened (another user's DATA_DIR)."""
     try:
         fd = os.open(data_path / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -78,8 +79,12 @@ def live_owner(data_path: Path) -> bool:
 def doctor_item(kernel: Any, facts: dict[str, Any]) -> CheckResult:
     """WARN when containers or attempt volumes of this DATA_DIR are on the engine and no live
     kernel owns them (the server crashed or was killed, and has not been started again)."""
-    if live_owner(kernel.settings.data_path):
-        return CheckResult(item=ITEM, status=PASS, reason="a running kernel of this DATA_DIR owns its sandboxes")
+    try:
+        if live_owner(kernel.settings.data_path):
+            return CheckResult(item=ITEM, status=PASS, reason="a running kernel of this DATA_DIR owns its sandboxes")
+    except OSError as exc:
+        return CheckResult(item=ITEM, status=WARN, reason=f"not checked: cannot open {LOCK_NAME} ({exc.strerror})",
+                           fix="run the doctor as the user the kernel runs as")
     if not facts["ok"]:
         return CheckResult(item=ITEM, status=WARN, reason=f"not checked: Docker is {facts['error']}",
                            fix="start Docker, then run the doctor again")
