@@ -89,7 +89,9 @@ def log_tail(client: docker.APIClient, cid: str, lines: int, cap: int) -> tuple[
 def follow_logs(client: docker.APIClient, cid: str) -> Any:
     """The SDK's ``logs(stream=True, follow=True)`` without a read timeout: the client's
     timeout (the engine deadline) would end a follower whenever its container is quiet that
-    long. The stream is closed by the reader (which shuts the socket) or ends with the container."""
+    long. The stream is closed by the reader (which shuts the socket) or ends with the container.
+    Built from the SDK's own helpers (private, like the URL ``log_tail`` reads), the same way
+    its ``logs()`` builds it for a container without a TTY, as ours are."""
     url = client._url("/containers/{0}/logs", cid)
     res = client._get(url, params={"stdout": 1, "stderr": 1, "follow": 1, "tail": "all"}, stream=True,
                       timeout=None)

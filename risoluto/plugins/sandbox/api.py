@@ -76,7 +76,8 @@ async def remove_leftovers(runtime: Any) -> None:
     try:
         await runtime.cleanup_orphans()
     except ApiError as err:  # Docker absent: start anyway, report on use and in the doctor
-        log.warning("sandbox runtime not usable yet: %s", err.message)
+        log.warning("sandbox runtime not usable yet: %s (what a previous run left is removed once the "
+                    "engine answers)", err.message)
 
 
 async def close_runtime(kernel: Any) -> None:
