@@ -51,7 +51,7 @@ def tuned(client: docker.APIClient) -> docker.APIClient:
     return client
 
 
-def from_env(environ: Mapping[str, str], timeout: int, pool: int = 10) -> docker.DockerClient:
+def from_env(environ: Mapping[str, str], timeout: float, pool: int = 10) -> docker.DockerClient:
     """``docker.from_env()``, tuned before its first request reaches the engine.
 
     With ``version="auto"`` the SDK asks the engine for its API version while it builds the

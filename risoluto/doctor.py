@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 _ORDER = {FAIL: 0, WARN: 1, PASS: 2}
 SEEN_LIMIT = 160
+CHECK_THREADS = 4  # concurrent GET /api/v1/hardening evaluations; more wait for one of these
 
 
 def seen(out: str, limit: int = SEEN_LIMIT) -> str:
@@ -87,12 +88,18 @@ HARDENING_SCHEMA = {
 def doctor_blueprint(kernel: Kernel) -> Blueprint:
     bp = Blueprint("risoluto_doctor", __name__)
 
+    checks_limiter: list[Any] = []
+
     @bp.get("/api/v1/hardening")
     @api("Every checklist item evaluated: PASS / WARN / FAIL", tags=("doctor",), responses={200: HARDENING_SCHEMA})
     async def hardening() -> Any:
         import anyio
 
-        results = await anyio.to_thread.run_sync(run_checks, kernel)
+        # threads of its own: checks that wait on a slow Docker engine (each bounded by
+        # sandbox.engineTimeoutSeconds) never take anyio's shared threads from other routes
+        if not checks_limiter:
+            checks_limiter.append(anyio.CapacityLimiter(CHECK_THREADS))
+        results = await anyio.to_thread.run_sync(run_checks, kernel, limiter=checks_limiter[0])
         return summary(results)
 
     return bp

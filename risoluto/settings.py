@@ -218,6 +218,9 @@ class RuntimeConfig:
     # docs/data-plane.md); fixed when the app is created, an overlay cannot switch it.
     role: Literal["control", "data-plane"] = "control"
     data_plane_timeout_s: float = attrs.field(default=30.0, validator=_positive(3600))
+    # Every call to the local Docker engine answers by then (503 sandbox_runtime_unavailable
+    # otherwise): a frozen engine never holds a request longer (docs/sandbox.md, "Engine faults").
+    engine_timeout_seconds: float = attrs.field(default=10.0, validator=_positive(600))
 
 
 @attrs.frozen(kw_only=True)

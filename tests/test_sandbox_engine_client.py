@@ -142,10 +142,11 @@ def _engine_calls(make: str, host: str) -> None:
         client.info()
         client.close()
     elif make == "doctor engine facts":
-        facts = engine.engine_facts(SimpleNamespace(state={}, environ={"DOCKER_HOST": host}))
+        settings = SimpleNamespace(sandbox=SimpleNamespace(engine_timeout_seconds=10.0))
+        facts = engine.engine_facts(SimpleNamespace(settings=settings, state={}, environ={"DOCKER_HOST": host}))
         assert facts["ok"], facts
     elif make == "doctor image check":
-        settings = SimpleNamespace(sandbox=SimpleNamespace(runtime="docker"),
+        settings = SimpleNamespace(sandbox=SimpleNamespace(runtime="docker", engine_timeout_seconds=10.0),
                                    codex=SimpleNamespace(sandbox=SimpleNamespace(image="risoluto-none:1")))
         [result] = image_check.risoluto_doctor_checks(
             SimpleNamespace(settings=settings, state={}, environ={"DOCKER_HOST": host}))

@@ -260,11 +260,13 @@ class FakeEngine:
     async def _api(self, call):
         return call(self)
 
-    async def _quietly(self, call):
-        try:
-            call(self)
-        except KeyError:
-            pass
+    async def remove_objects(self, items):
+        for kind, ref in items:
+            try:
+                (self.remove_container if kind == "container" else self.remove_volume)(ref, force=True)
+            except KeyError:
+                pass
+        return True
 
     def create_volume(self, name, labels):
         self.volumes[name] = {"Name": name, "Labels": labels}

@@ -45,6 +45,7 @@ log = logging.getLogger("risoluto.egress")
 NETWORK = "risoluto-egress"
 LABELS = {"risoluto.managed": "true", "risoluto.network": "egress"}
 NO_PROXY = "localhost,127.0.0.1,::1"
+LOCATE_THREADS = 8  # engine look-ups of a sandbox's address at its first proxied request
 
 
 def docker_client() -> Any:
@@ -109,8 +110,10 @@ class DockerEgressEnforcer:
         self._task: asyncio.Task[None] | None = None
         self._stopping: anyio.Event | None = None
         self._docker: Any = None
+        self._locates: Any = None
 
     async def start(self, kernel: Kernel) -> None:
+        self._locates = anyio.CapacityLimiter(LOCATE_THREADS)
         self._docker = await anyio.to_thread.run_sync(docker_client)
         attrs = await anyio.to_thread.run_sync(ensure_network, self._docker, self.network)
         self.gateway, self.bridge = gateway_of(attrs)
@@ -193,7 +196,9 @@ class DockerEgressEnforcer:
 
         async def created(container_id: str) -> None:
             async def locate() -> set[str]:
-                return await anyio.to_thread.run_sync(self._addresses, container_id)
+                # threads of its own: on a frozen engine this waits, and must not take anyio's
+                # shared threads from routes that do not need the engine
+                return await anyio.to_thread.run_sync(self._addresses, container_id, limiter=self._locates)
 
             proxy.register(Client(username=username, secret=secret.encode(), allowlist=allowlist,
                                   sandbox=container_id, issue=issue, locate=locate))

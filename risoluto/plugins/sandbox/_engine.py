@@ -10,6 +10,7 @@ import io
 import posixpath
 import struct
 import tarfile
+import threading
 import time
 from typing import Any, Mapping
 
@@ -23,6 +24,7 @@ from ._naming import LABEL_SCOPE, SCOPE_ATTEMPT
 
 API_TIMEOUT_S = 60.0
 FACTS_TTL_S = 5.0
+FACTS_TIMEOUT_S = 3.0
 START_HINT = (
     "Start Docker (for example `systemctl start docker`; on a test machine `scripts/provision-docker`) "
     "or point DOCKER_HOST at a running engine, then retry."
@@ -34,9 +36,12 @@ def docker_host(environ: Mapping[str, str]) -> str:
 
 
 def connect(environ: Mapping[str, str], timeout: float = API_TIMEOUT_S, pool: int = 10) -> docker.APIClient:
-    """A connected client, or 503 ``sandbox_runtime_unavailable`` with what to do."""
+    """A connected client, or 503 ``sandbox_runtime_unavailable`` with what to do.
+
+    ``timeout`` bounds each socket operation of every call but the long ones that pass their
+    own (a container's ``wait``, a log follower): a frozen engine frees the caller's thread."""
     try:
-        client = docker_transport.from_env(environ, int(timeout), pool).api
+        client = docker_transport.from_env(environ, timeout, pool).api
         client.ping()
         return client
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
@@ -81,11 +86,35 @@ def log_tail(client: docker.APIClient, cid: str, lines: int, cap: int) -> tuple[
     return bytes(kept), cut
 
 
+def follow_logs(client: docker.APIClient, cid: str) -> Any:
+    """The SDK's ``logs(stream=True, follow=True)`` without a read timeout: the client's
+    timeout (the engine deadline) would end a follower whenever its container is quiet that
+    long. The stream is closed by the reader (which shuts the socket) or ends with the container.
+    Built from the SDK's own helpers (private, like the URL ``log_tail`` reads), the same way
+    its ``logs()`` builds it for a container without a TTY, as ours are."""
+    url = client._url("/containers/{0}/logs", cid)
+    res = client._get(url, params={"stdout": 1, "stderr": 1, "follow": 1, "tail": "all"}, stream=True,
+                      timeout=None)
+    client._raise_for_status(res)
+    return docker.types.CancellableStream(client._multiplexed_response_stream_helper(res), res)
+
+
 def unavailable(environ: Mapping[str, str], exc: BaseException | None = None) -> ApiError:
     why = f" ({type(exc).__name__})" if exc is not None else ""
     return ApiError(
         503, "sandbox_runtime_unavailable",
         f"The Docker engine is not reachable at {docker_host(environ)}{why}. {START_HINT}",
+    )
+
+
+def not_answering(environ: Mapping[str, str], why: str) -> ApiError:
+    """503 for an engine that accepts connections but does not answer in time (frozen, or
+    overloaded): the request is not held longer than ``sandbox.engineTimeoutSeconds``."""
+    return ApiError(
+        503, "sandbox_runtime_unavailable",
+        f"The Docker engine at {docker_host(environ)} is not answering ({why}); retry later. If it stays "
+        "so, check dockerd (`systemctl status docker`, its log, a full disk under its data root).",
+        {"Retry-After": "5"},
     )
 
 
@@ -103,14 +132,33 @@ def engine_elsewhere(kernel: Any, item: str) -> list[Any] | None:
     return [CheckResult(item=item, status=PASS, reason=f"checked by the {runtime} runtime's engine")]
 
 
+_FACTS_LOCK = threading.Lock()
+
+
+def facts_timeout(kernel: Any) -> float:
+    """Each socket operation of a doctor's engine call: 3 s, or less with a shorter engine deadline."""
+    return min(FACTS_TIMEOUT_S, kernel.settings.sandbox.engine_timeout_seconds)
+
+
 def engine_facts(kernel: Any) -> dict[str, Any]:
-    """Reachability and registered runtimes, for the doctor; cached a few seconds per kernel."""
+    """Reachability and registered runtimes, for the doctor; cached a few seconds per kernel.
+
+    One fetch at a time (the doctor's items all ask, and so may concurrent hardening requests):
+    on a frozen engine the others wait for its answer, not for a fetch each."""
     cached = kernel.state.get("sandbox.engine_facts")
     if cached and time.monotonic() - cached["at"] < FACTS_TTL_S:
         return cached
+    with _FACTS_LOCK:
+        cached = kernel.state.get("sandbox.engine_facts")
+        if cached and time.monotonic() - cached["at"] < FACTS_TTL_S:
+            return cached
+        return _fetch_facts(kernel)
+
+
+def _fetch_facts(kernel: Any) -> dict[str, Any]:
     facts: dict[str, Any] = {"at": time.monotonic(), "ok": False, "error": "", "runtimes": {}, "networks": {}}
     try:
-        client = docker_transport.from_env(kernel.environ, timeout=3).api
+        client = docker_transport.from_env(kernel.environ, timeout=facts_timeout(kernel)).api
         try:
             info = client.info()
             facts.update(ok=True, runtimes=info.get("Runtimes") or {}, version=info.get("ServerVersion", ""))
@@ -119,6 +167,7 @@ def engine_facts(kernel: Any) -> dict[str, Any]:
             client.close()
     except Exception as exc:  # the doctor reports, never raises
         facts["error"] = f"not reachable at {docker_host(kernel.environ)} ({type(exc).__name__})"
+    facts["at"] = time.monotonic()  # cached from the answer: a slow failure is not fetched again at once
     kernel.state["sandbox.engine_facts"] = facts
     return facts
 

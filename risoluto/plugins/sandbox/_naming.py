@@ -103,6 +103,17 @@ def home_volume(key: str, settings: Settings) -> str:
     return f"risoluto-home-{instance_id(settings)[:12]}-{key}"
 
 
+def attempt_volume_prefix(instance: str) -> str:
+    """Every per-attempt volume of a kernel is named with this prefix, so the cleanup finds one
+    by name even when the engine made it without its labels (a create cut short by an engine
+    shutdown leaves a bare volume of that name)."""
+    return f"risoluto-attempt-{instance[:12]}-"
+
+
+def attempt_volume(instance: str) -> str:
+    return attempt_volume_prefix(instance) + os.urandom(8).hex()
+
+
 def instance_id(settings: Settings) -> str:
     """Stable id of this kernel: a digest of its DATA_DIR, so two kernels on one engine
     never clean up each other's containers."""

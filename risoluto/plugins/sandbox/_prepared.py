@@ -41,7 +41,7 @@ import attrs
 
 from ...hookspecs.sandbox import ContainerSpec, Mount
 from . import _engine as engine
-from ._naming import LABEL_INSTANCE, LABEL_MANAGED, LABEL_SCOPE, SCOPE_ATTEMPT
+from ._naming import LABEL_INSTANCE, LABEL_MANAGED, LABEL_SCOPE, SCOPE_ATTEMPT, attempt_volume
 
 log = logging.getLogger("risoluto.sandbox")
 LABEL_PREPARED = "risoluto.prepared"  # on a pooled volume: the keyed digest of its files
@@ -184,16 +184,20 @@ class PreparedVolumes:
                     await self._discard(name)
 
     async def _fill(self, slot: Slot) -> str:
-        name = f"risoluto-attempt-{self._rt.instance[:12]}-{secrets.token_hex(8)}"
+        name = attempt_volume(self._rt.instance)
         labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: self._rt.instance, LABEL_SCOPE: SCOPE_ATTEMPT,
                   LABEL_PREPARED: slot.digest}
-        await self._rt._api(lambda c: c.create_volume(name, labels=labels))
+        # named, as the volume is: a create whose answer was lost (engine gone mid-call) left
+        # something the cleanup can still find and remove by that name
+        carrier_name = f"risoluto-carrier-{self._rt.instance[:12]}-{secrets.token_hex(6)}"
         carrier = ""
         try:
+            await self._rt._api(lambda c: c.create_volume(name, labels=labels))
             mounts = [{"Type": "volume", "Source": name, "Target": CARRIER_PATH, "ReadOnly": False,
                        "VolumeOptions": {"NoCopy": True}}]
+            carrier = carrier_name
             carrier = (await self._rt._api(lambda c: c.create_container(
-                slot.image, command=["true"], network_disabled=True,
+                slot.image, command=["true"], network_disabled=True, name=carrier_name,
                 labels={LABEL_MANAGED: "true", LABEL_CARRIER: self._rt.instance},
                 host_config={"Mounts": mounts, "NetworkMode": "none"})))["Id"]
             files = {CARRIER_PATH + rel: data for rel, data in slot.files.items()}
@@ -209,9 +213,9 @@ class PreparedVolumes:
         return name
 
     async def _discard(self, name: str, carrier: str = "") -> None:
-        if carrier:
-            await self._rt._quietly(lambda c: c.remove_container(carrier, force=True, v=True))
-        await self._rt._quietly(lambda c: c.remove_volume(name, force=True))
+        """Remove the carrier (if any) and the volume; what fails is retried while the kernel runs."""
+        items = [("container", carrier)] if carrier else []
+        await self._rt.remove_objects(items + [("volume", name)])
 
     async def settled(self) -> None:
         """Return once no volume is being filled (benchmarks: background work has ended)."""

@@ -33,7 +33,8 @@ class Record:
     oom_killed: bool = False
     timed_out: bool = False
     stop_requested: bool = False
-    removed: bool = False
+    removed: bool = False  # only once the engine confirmed it
+    removal: str = ""  # "" while it lives, "pending" until the engine confirms, then "done"
     reason: str = ""
     logs: bytes = attrs.field(default=b"", repr=False)
     logs_truncated: bool = False
@@ -59,7 +60,7 @@ class Record:
             "policy_digest": self.policy_digest, "env_keys": self.env_keys, "timeout_s": self.timeout_s,
             "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
             "exit_code": self.exit_code, "oom_killed": self.oom_killed, "timed_out": self.timed_out,
-            "removed": self.removed, "reason": self.reason,
+            "removed": self.removed, "removal": self.removal, "reason": self.reason,
         }
 
 

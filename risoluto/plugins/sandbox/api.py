@@ -19,6 +19,7 @@ from ...errors import ApiError
 from ...hookspecs import hookimpl
 from ...openapi import api
 from ...requests import json_object
+from . import _owner
 from ._launcher import effective_policy, launch, parse_launch
 from ._metrics import metrics_for
 from ._naming import checked_id
@@ -45,6 +46,7 @@ RECORD = {
         "status": {"enum": ["created", "running", "exited", "timed_out", "stopped", "failed", "removed"]},
         "exit_code": {"type": ["integer", "null"]}, "oom_killed": {"type": "boolean"},
         "timed_out": {"type": "boolean"}, "env_keys": {"type": "array", "items": _STR},
+        "removed": {"type": "boolean"}, "removal": {"enum": ["", "pending", "done"]},
         "policy_digest": _STR, "policy": {"type": "object"},
     },
 }
@@ -66,6 +68,7 @@ def install_runtime(kernel: Any, runtime: Any, relay: Callable[[Any], None] | No
     if hasattr(runtime, "attach"):
         runtime.attach(kernel, observe)
     kernel.runtime = runtime
+    _owner.hold(kernel)  # while held, the doctor knows these sandboxes have a live owner
 
 
 async def remove_leftovers(runtime: Any) -> None:
@@ -73,13 +76,17 @@ async def remove_leftovers(runtime: Any) -> None:
     try:
         await runtime.cleanup_orphans()
     except ApiError as err:  # Docker absent: start anyway, report on use and in the doctor
-        log.warning("sandbox runtime not usable yet: %s", err.message)
+        log.warning("sandbox runtime not usable yet: %s (what a previous run left is removed once the "
+                    "engine answers)", err.message)
 
 
 async def close_runtime(kernel: Any) -> None:
     runtime, kernel.runtime = kernel.runtime, None
-    if runtime is not None:
-        await runtime.close()
+    try:
+        if runtime is not None:
+            await runtime.close()
+    finally:
+        _owner.release(kernel)
 
 
 class SandboxService:

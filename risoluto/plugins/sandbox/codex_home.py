@@ -1,8 +1,8 @@
 """Checklist rows "Container paths" / "Sandbox policy": HOME and the per-attempt CODEX_HOME.
 
 ``/home/agent`` is a per-issue named volume (build caches survive attempts).
-``/home/agent/.codex-runtime`` is a fresh anonymous volume per attempt (so it starts empty
-and is removed with the container) holding ``config.toml``, derived from ``threadSandbox`` and
+``/home/agent/.codex-runtime`` is a fresh volume per attempt (so it starts empty and is
+removed after the container; the runtime names it for its instance) holding ``config.toml``, derived from ``threadSandbox`` and
 ``turnSandboxPolicy``, and ``auth.json`` copied from ``codex.authDir`` when it exists.
 Both files are put in through the Engine API: ``~/.codex`` itself is never mounted.
 """
@@ -75,7 +75,7 @@ def risoluto_sandbox_spec(spec: Any, request: Any, settings: Any) -> None:
     key = "preview" if request.dry_run else issue_key(request.issue)
     spec.mounts.append(Mount(target=CONTAINER_HOME, source=home_volume(key, settings), type="volume",
                              labels={LABEL_SCOPE: "issue", LABEL_ISSUE: request.issue}))
-    # Anonymous: a new, empty volume for every container, removed with it.
+    # No source: a new, empty volume for every container, removed after it (the runtime names it).
     spec.mounts.append(Mount(target=CODEX_HOME, source="", type="volume", labels={LABEL_SCOPE: SCOPE_ATTEMPT}))
     spec.env["HOME"] = CONTAINER_HOME
     spec.env["CODEX_HOME"] = CODEX_HOME

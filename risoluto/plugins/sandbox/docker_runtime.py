@@ -4,9 +4,11 @@ Lifecycle of a launch: check the runtime and image -> network -> volumes (a per-
 volume may come ready-filled from ``_prepared``) -> create -> ``on_created`` callbacks -> check
 the prepared volume -> put files -> start; then, in the background: wait (up to the timeout,
 then stop with grace) -> record exit code, OOM flag and output -> remove the container and its
-per-attempt volumes -> ``on_removed`` callbacks. Blocking SDK calls run in worker threads.
-Every object carries ``risoluto.instance`` (a digest of DATA_DIR), so a restarted kernel
-removes what its crashed predecessor left, and nothing of another kernel.
+per-attempt volumes -> ``on_removed`` callbacks. Blocking SDK calls run in worker threads of
+the runtime's own bounded pool, each within ``sandbox.engineTimeoutSeconds``; a removal the
+engine does not confirm is retried by ``_reconciler``. Every object carries
+``risoluto.instance`` (a digest of DATA_DIR), and per-attempt volumes a name with it, so a
+restarted kernel removes what its crashed predecessor left, and nothing of another kernel.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult
 from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
 from . import _engine as engine
+from . import _owner
+from ._engine_pool import EngineBusy, EnginePool, EngineTimeout
 from ._guard import exposed, redact
 from ._prepared import LABEL_CARRIER, PreparedVolumes, Slot
 from ._naming import (
-    LABEL_INSTANCE, LABEL_ISSUE, LABEL_MANAGED, LABEL_SCOPE, LABEL_STARTED, SCOPE_ATTEMPT, instance_id,
+    LABEL_INSTANCE, LABEL_ISSUE, LABEL_MANAGED, LABEL_SCOPE, LABEL_STARTED, SCOPE_ATTEMPT, attempt_volume,
+    attempt_volume_prefix, instance_id,
 )
+from ._reconciler import Items, Reconciler
 from ._records import Record, docker_record
 
 log = logging.getLogger("risoluto.sandbox")
@@ -43,6 +49,9 @@ PREPARE_AFTER_S = 1.0
 # Log followers each hold a worker thread for as long as they follow; they get their own
 # threads so that they can never take anyio's shared ones (40) from every other engine call.
 MAX_LOG_FOLLOWERS = 64
+# After the engine comes back, what a crashed predecessor left is swept if the start could not:
+# only objects the engine made this long before this runtime began (never a launch of its own).
+SWEEP_MARGIN_S = 2.0
 
 
 def _tail(client: docker.APIClient, cid: str) -> tuple[bytes, bool]:
@@ -75,6 +84,19 @@ class NotFound(ApiError):
         super().__init__(404, "sandbox_not_found", f"No such object on the Docker engine ({detail}).")
 
 
+def _engine_down(exc: BaseException) -> bool:
+    """The engine is unreachable or not answering (rather than refusing one request)."""
+    return isinstance(exc, ApiError) and exc.code == "sandbox_runtime_unavailable"
+
+
+def _created(vol: Mapping[str, Any]) -> float:
+    """A volume's creation time (the engine's RFC 3339 ``CreatedAt``); 0 when it has none."""
+    try:
+        return datetime.datetime.fromisoformat(str(vol.get("CreatedAt", ""))).timestamp()
+    except ValueError:
+        return 0.0
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -103,6 +125,11 @@ class DockerRuntime:
         self._follows: anyio.CapacityLimiter | None = None
         self._prepared = PreparedVolumes(self)
         self.observer: Callable[[SandboxEvent], None] | None = None
+        self._calls: EnginePool | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._removal = Reconciler(self._remove_one)
+        self._born = time.time()
+        self._sweep_due = False  # the start's leftover cleanup found no engine: once it is back
 
     def attach(self, kernel: Any, observer: Callable[[SandboxEvent], None] | None = None) -> None:
         """Follow the kernel's live settings and environment; report events to ``observer``."""
@@ -113,27 +140,77 @@ class DockerRuntime:
         return self._kernel.settings if self._kernel is not None else self._settings
 
     # --- engine access ------------------------------------------------------------
+    @property
+    def deadline(self) -> float:
+        """``sandbox.engineTimeoutSeconds``: every engine call answers by then."""
+        return float(self.settings.sandbox.engine_timeout_seconds)
+
+    def _pool(self) -> EnginePool:
+        if self._calls is None:
+            # room for a burst of launches (a few calls each at once) and the queries beside them;
+            # a frozen engine can hold no more threads than this, whatever the number of requests
+            self._calls = EnginePool("risoluto-engine", self.settings.codex.sandbox.max_concurrent * 3 + 8)
+        return self._calls
+
     async def _api(self, call: Callable[..., Any], limiter: Any = None,
-                   mask: tuple[str, ...] = (), abandon: bool = True) -> Any:
+                   mask: tuple[str, ...] = (), abandon: bool = True, slack: float = 0.0) -> Any:
         """Run one SDK call in a worker thread. Engine errors become ApiErrors: 404 ->
-        :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine -> 503.
-        ``abandon=False``: a cancelled caller waits for the thread, which keeps its limiter token."""
-        if self._client is None:
-            # one pool for the socket: room for every sandbox's wait (held for its life), a
-            # burst of launch calls and every log follower, so connections are kept, not dropped
-            pool = self.settings.codex.sandbox.max_concurrent * 3 + 12 + MAX_LOG_FOLLOWERS
-            self._client = await anyio.to_thread.run_sync(functools.partial(engine.connect, self._environ, pool=pool))
-        client = self._client
+        :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine or
+        no answer within :attr:`deadline` (+ ``slack``) -> 503.
+
+        Calls without ``limiter`` run on the runtime's own bounded pool (:mod:`._engine_pool`).
+        Calls that last as long as a container (its ``wait``, a log follower) pass their own
+        limiter and have no deadline; ``abandon=False``: a cancelled caller waits for the
+        thread, which keeps its limiter token."""
         try:
-            return await anyio.to_thread.run_sync(call, client, limiter=limiter, abandon_on_cancel=abandon)
+            client = await self._connected()
+            if limiter is None:
+                result = await self._pool().run(call, client, deadline=self.deadline + slack)
+            else:
+                result = await anyio.to_thread.run_sync(call, client, limiter=limiter, abandon_on_cancel=abandon)
         except docker.errors.NotFound as exc:
+            self._removal.engine_answered()
             raise NotFound(redact(str(exc.explanation or exc), mask)[:300]) from None
         except docker.errors.APIError as exc:
             text = redact(str(exc.explanation or exc), mask)  # never echo an environment value back
             raise ApiError(502, "sandbox_engine_error", f"the Docker engine refused: {text[:400]}") from None
+        except EngineBusy:
+            raise engine.not_answering(self._environ, f"{self._pool().size} engine calls are waiting for it "
+                                       "already") from None
+        except (EngineTimeout, requests.exceptions.Timeout):
+            raise engine.not_answering(self._environ, f"no answer within {self.deadline + slack:g} s, "
+                                       "sandbox.engineTimeoutSeconds") from None
         except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
             self._client = None  # reconnect next time
             raise engine.unavailable(self._environ, exc) from None
+        self._removal.engine_answered()
+        if self._sweep_due:
+            self._sweep_later()
+        return result
+
+    async def _connected(self) -> docker.APIClient:
+        """The client, connecting first if needed: one connect for all callers at once (each
+        waits for the same attempt), within the deadline."""
+        if self._client is None:
+            if self._connecting is None:
+                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+                self._connecting.add_done_callback(self._connect_done)
+            await asyncio.shield(self._connecting)
+        assert self._client is not None
+        return self._client
+
+    def _connect_done(self, task: asyncio.Task[None]) -> None:
+        if self._connecting is task:
+            self._connecting = None  # a failure is everyone's who waited; the next call tries again
+        if not task.cancelled():
+            task.exception()  # retrieved, even when every waiter has left
+
+    async def _connect(self) -> None:
+        # one pool for the socket: room for every sandbox's wait (held for its life), a
+        # burst of launch calls and every log follower, so connections are kept, not dropped
+        size = self.settings.codex.sandbox.max_concurrent * 3 + 12 + MAX_LOG_FOLLOWERS
+        connect = functools.partial(engine.connect, self._environ, timeout=self.deadline, pool=size)
+        self._client = await self._pool().run(connect, deadline=self.deadline)
 
     async def settled(self) -> None:
         """Return once no background engine work (filling a per-attempt volume) is in flight."""
@@ -171,11 +248,15 @@ class DockerRuntime:
             # only a launch that got this far may take (or make out of date) a prepared volume
             slots = self._prepared.slots(spec)
             taken = self._prepared.claim(slots, volumes)
+            self._name_attempt_volumes(spec, volumes)
             labels = {**spec.labels, LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_STARTED: _now()}
             kwargs = engine.create_kwargs(spec, labels)
             with anyio.CancelScope(shield=True):  # a cancelled request must not orphan the container
+                # by name until the engine answers with an id: a create whose answer is lost
+                # (engine gone or frozen mid-call) may still have made the container
+                created.append(spec.name)
                 cid = await self._create(spec, kwargs)
-                created.append(cid)
+                created[-1] = cid
             rec = Record.from_spec(cid, spec, timeout_s, labels[LABEL_STARTED])
             self._records[cid] = rec
             self._emit("created", rec)
@@ -312,18 +393,54 @@ class DockerRuntime:
         log.error("sandbox launch failed: %s", type(exc).__name__)
         return ApiError(502, "sandbox_launch_failed", f"the launch failed ({type(exc).__name__}).")
 
+    def _name_attempt_volumes(self, spec: ContainerSpec, volumes: list[str]) -> None:
+        """Give every anonymous per-attempt volume (CODEX_HOME) a name of this instance, so that
+        one the engine made but could not remove (or made without labels, cut short by its own
+        shutdown) is still found by name; it is removed after its container, like any named one."""
+        for m in spec.mounts:
+            if m.type == "volume" and not m.source and m.labels.get(LABEL_SCOPE) == SCOPE_ATTEMPT:
+                m.source = attempt_volume(self.instance)
+                volumes.append(m.source)
+
     async def _discard(self, created: list[str], volumes: list[str], spec: ContainerSpec,
                        rec: Record | None, exc: BaseException) -> None:
-        for cid in created:
-            await self._quietly(lambda c, i=cid: c.remove_container(i, force=True, v=True))
-            for callback in spec.on_removed:
-                await self._quietly_call(callback, cid)
-        for name in volumes:
-            await self._quietly(lambda c, n=name: c.remove_volume(n, force=True))
+        items: Items = [("container", ref) for ref in created] + [("volume", n) for n in volumes]
         if rec is not None:
             rec.status, rec.reason, rec.finished_at = "failed", f"launch failed ({type(exc).__name__})", _now()
+            rec.removal = "pending"
+        then = functools.partial(self._confirmed, rec) if rec is not None else None
+        if _engine_down(exc):
+            self._removal.defer(items, then)  # answer now: trying again here would cost another deadline
+        else:
+            await self._removal.remove(items, then)
+        if rec is not None:
+            for callback in spec.on_removed:
+                await self._quietly_call(callback, rec.id)
             rec.done.set()
         self._emit("failed", rec, spec=spec, reason=type(exc).__name__)
+
+    def _confirmed(self, rec: Record | None, seconds: float | None = None) -> None:
+        """The engine confirmed that the sandbox's container and volumes are gone."""
+        if rec is None:
+            return
+        rec.removal, rec.removed = "done", True
+        if seconds is not None:
+            self._emit("removed", rec, seconds=seconds)
+
+    async def remove_objects(self, items: Items) -> bool:
+        """Remove engine objects in order; what fails is retried while the kernel runs."""
+        return await self._removal.remove(items)
+
+    async def _remove_one(self, kind: str, ref: str) -> None:
+        """Remove one object; returns when the engine removed it or has no such object."""
+        if kind == "container":
+            call: Callable[..., Any] = lambda c: c.remove_container(ref, force=True, v=True)  # noqa: E731
+        else:
+            call = lambda c: c.remove_volume(ref, force=True)  # noqa: E731
+        try:
+            await self._api(call)
+        except NotFound:
+            pass
 
     # --- after start -------------------------------------------------------------------
     async def _watch(self, rec: Record, spec: ContainerSpec, volumes: list[str], timeout_s: float,
@@ -331,20 +448,21 @@ class DockerRuntime:
         # Fill the next attempt's volumes once this container has run a while, or once it is
         # gone: never during its own start or exit, where the engine work would slow them.
         refill = asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepared.refill, slots)
+        engine_down = False
         try:
             await self._wait_exit(rec, timeout_s)
         except NotFound:
             rec.status, rec.reason = "removed", "the container was removed outside this kernel"
         except Exception as exc:  # engine gone mid-run, or it refused a step
             rec.status = "failed"
-            if isinstance(exc, ApiError) and exc.code == "sandbox_runtime_unavailable":
+            if engine_down := _engine_down(exc):
                 rec.reason = "lost contact with the Docker engine"
             else:
                 rec.reason = exc.message if isinstance(exc, ApiError) else type(exc).__name__
             log.warning("sandbox %s: %s", rec.name, rec.reason)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._finish(rec, spec, volumes)
+                await self._finish(rec, spec, volumes, engine_down)
             if not refill.cancelled() and refill.when() > asyncio.get_running_loop().time():
                 refill.cancel()
                 self._prepared.refill(slots)
@@ -366,32 +484,27 @@ class DockerRuntime:
         rec.set_logs(output, cut)
         rec.status = "timed_out" if rec.timed_out else "stopped" if rec.stop_requested else "exited"
 
-    async def _stop(self, cid: str) -> None:
-        grace = max(1, int(self.settings.codex.sandbox.stop_grace_s))
-        await self._api(lambda c: c.stop(cid, timeout=grace))
+    async def _stop(self, cid: str, grace: int | None = None) -> None:
+        grace = grace or max(1, int(self.settings.codex.sandbox.stop_grace_s))
+        await self._api(lambda c: c.stop(cid, timeout=grace), slack=grace)  # the engine waits out the grace
 
-    async def _finish(self, rec: Record, spec: ContainerSpec, volumes: list[str]) -> None:
+    async def _finish(self, rec: Record, spec: ContainerSpec, volumes: list[str], engine_down: bool) -> None:
         rec.finished_at = _now()
         seconds = time.monotonic() - rec.started_mono
         self._emit("exited", rec, seconds=seconds)
-        await self._quietly(lambda c: c.remove_container(rec.id, force=True, v=True))  # + anonymous volumes
-        for name in volumes:
-            await self._quietly(lambda c, n=name: c.remove_volume(n, force=True))
+        rec.removal = "pending"
+        # the container (with its anonymous volumes) first: its named volumes are in use until then
+        items: Items = [("container", rec.id)] + [("volume", n) for n in volumes]
+        then = functools.partial(self._confirmed, rec, seconds)
+        if engine_down:
+            self._removal.defer(items, then)  # the reconciler tries once the engine answers again
+        elif not await self._removal.remove(items, then):
+            log.warning("sandbox %s: its removal is pending until the engine confirms it", rec.name)
         for callback in spec.on_removed:
             await self._quietly_call(callback, rec.id)
-        rec.removed = True
         self._active -= 1
         rec.done.set()
-        self._emit("removed", rec, seconds=seconds)
         self._trim()
-
-    async def _quietly(self, call: Callable[..., Any]) -> None:
-        try:
-            await self._api(call)
-        except NotFound:
-            pass
-        except Exception as exc:  # cleanup continues; leftovers go at the next start
-            log.warning("sandbox cleanup step failed: %s", type(exc).__name__)
 
     @staticmethod
     async def _quietly_call(callback: Any, cid: str) -> None:
@@ -457,8 +570,8 @@ class DockerRuntime:
             data = (await self._api(lambda c: _tail(c, cid)))[0]
         except NotFound:
             data = rec.logs if rec is not None else b""
-        except ApiError:
-            if rec is None:
+        except ApiError as err:
+            if rec is None or _engine_down(err):
                 raise
             data = rec.logs  # the engine refuses logs while removal is in progress (409)
         return data.decode("utf-8", "replace")
@@ -482,7 +595,7 @@ class DockerRuntime:
 
         def pump(client: docker.APIClient) -> None:
             try:
-                stream = client.logs(rec.id, stream=True, follow=True)
+                stream = engine.follow_logs(client, rec.id)
                 opened.append(stream)
                 if left:  # the reader left while the stream was being opened
                     stream.close()
@@ -528,43 +641,92 @@ class DockerRuntime:
                     await self._stop(rec.id)
                 except NotFound:
                     pass
-                await rec.done.wait()
+                with anyio.move_on_after(self.deadline):  # the exit is recorded, the removal tried
+                    await rec.done.wait()
+                if not rec.done.is_set():
+                    raise engine.not_answering(self._environ, "the sandbox was stopped; its exit is not "
+                                               f"recorded within {self.deadline:g} s")
             return rec.public()
         target = await self.inspect(sandbox_id)
+        # named attempt volumes are not removed with the container (anonymous ones are)
+        info = await self._api(lambda c: c.inspect_container(target["id"]))
+        prefix = attempt_volume_prefix(self.instance)
+        volumes = [m["Name"] for m in info.get("Mounts") or []
+                   if m.get("Type") == "volume" and str(m.get("Name", "")).startswith(prefix)]
         await self._api(lambda c: c.remove_container(target["id"], force=True, v=True))
-        return {**target, "status": "removed", "removed": True}
+        pending = not await self._removal.remove([("volume", n) for n in volumes])
+        return {**target, "status": "removed", "removed": True, "removal": "pending" if pending else "done"}
 
-    async def cleanup_orphans(self) -> int:
+    async def cleanup_orphans(self, before: float | None = None) -> int:
+        """Remove what a previous run of this DATA_DIR left: its containers and carriers (by
+        label) and its per-attempt volumes (by label, and by name for a volume the engine made
+        without labels). ``before``: only objects the engine made before that time (a sweep
+        while this runtime may be launching). Failures are retried by the reconciler."""
+        try:
+            items = await self._leftovers(before)
+        except ApiError:
+            self._sweep_due = before is None  # no engine at start: sweep once it answers
+            raise
+        done = await self._removal.remove_each(items)
+        if items:
+            log.warning("removed %d container(s)/volume(s) left over by a previous run%s", done,
+                        f"; {len(items) - done} more are retried" if done < len(items) else "")
+        return len(items)
+
+    async def _leftovers(self, before: float | None) -> Items:
         mine = f"{LABEL_INSTANCE}={self.instance}"
         rows = await self._api(lambda c: c.containers(all=True, filters={"label": [mine]}))
         rows += await self._api(lambda c: c.containers(all=True, filters={"label": [f"{LABEL_CARRIER}={self.instance}"]}))
-        count = 0
+        vols = (await self._api(lambda c: c.volumes()) or {}).get("Volumes") or []
+        prefix = attempt_volume_prefix(self.instance)
+        items: Items = []
         for row in rows:
-            if row["Id"] not in self._records:
-                await self._quietly(lambda c, i=row["Id"]: c.remove_container(i, force=True, v=True))
-                count += 1
-        vols = await self._api(lambda c: c.volumes(filters={"label": [mine, f"{LABEL_SCOPE}={SCOPE_ATTEMPT}"]}))
-        for vol in vols.get("Volumes") or []:
-            await self._quietly(lambda c, n=vol["Name"]: c.remove_volume(n, force=True))
-            count += 1
-        if count:
-            log.warning("removed %d container(s)/volume(s) left over by a previous run", count)
-        return count
+            if row["Id"] not in self._records and (before is None or row.get("Created", before) < before):
+                items.append(("container", row["Id"]))
+        for vol in vols:
+            labels = vol.get("Labels") or {}
+            ours = labels.get(LABEL_INSTANCE) == self.instance and labels.get(LABEL_SCOPE) == SCOPE_ATTEMPT
+            if (ours or vol["Name"].startswith(prefix)) and (before is None or _created(vol) < before):
+                items.append(("volume", vol["Name"]))
+        return items
+
+    def _sweep_later(self) -> None:
+        """The engine answers again after a start without one: sweep the leftovers now."""
+        self._sweep_due = False
+
+        async def sweep() -> None:
+            try:
+                await self.cleanup_orphans(before=self._born - SWEEP_MARGIN_S)
+            except ApiError as err:
+                self._sweep_due = True
+                log.warning("sweeping leftovers failed: %s", err.message)
+
+        task = asyncio.get_running_loop().create_task(sweep())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         await self._prepared.close()  # first: sandboxes ending below must not start new fills
         running = [r for r in self._records.values() if not r.done.is_set()]
-        for rec in running:
+
+        async def stop(rec: Record) -> None:
             rec.stop_requested = True
-            await self._quietly(lambda c, i=rec.id: c.stop(i, timeout=2))
+            with contextlib.suppress(Exception):  # gone, or no engine: the wait ends either way
+                await self._stop(rec.id, grace=2)
+
+        await gather(*(stop(rec) for rec in running))  # at once: a frozen engine costs one deadline
         with anyio.move_on_after(15):
             for rec in running:
                 await rec.done.wait()
         for task in list(self._tasks):
             task.cancel()
+        await self._removal.close(budget_s=self.deadline)
         if self._client is not None:
             client, self._client = self._client, None
-            await anyio.to_thread.run_sync(client.close)
+            with anyio.move_on_after(self.deadline):
+                await self._pool().run(client.close, deadline=self.deadline)
+        if self._calls is not None:
+            self._calls.close()
 
 
 @hookimpl
@@ -577,10 +739,11 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     if kernel.settings.sandbox.runtime != "docker":
         return []
     facts = engine.engine_facts(kernel)
+    orphans = _owner.doctor_item(kernel, facts)
     if not facts["ok"]:
         return [CheckResult(item="sandbox docker", status=FAIL, reason=f"Docker engine {facts['error']}",
-                            fix=engine.START_HINT)]
+                            fix=engine.START_HINT), orphans]
     return [CheckResult(item="sandbox docker", status=PASS,
                         reason=f"Docker engine {facts.get('version', '')} reachable; runtimes: "
-                               f"{', '.join(sorted(facts['runtimes']))}")]
+                               f"{', '.join(sorted(facts['runtimes']))}"), orphans]
 

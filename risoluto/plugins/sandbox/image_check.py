@@ -24,6 +24,7 @@ from ... import docker_transport
 from ...errors import ConfigError
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult
+from ._engine import engine_facts
 from ._naming import LABEL_INSTANCE, LABEL_MANAGED, instance_id, valid_image_ref
 
 _CACHE = "sandbox.image_scan"
@@ -109,8 +110,13 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     import docker
 
     image = kernel.settings.codex.sandbox.image
+    facts = engine_facts(kernel)  # cached: an engine that did not answer is not asked again here
+    if not facts["ok"]:
+        return [CheckResult(item="sandbox image", status=FAIL, reason=f"cannot inspect {image}: Docker is "
+                            f"{facts['error']}", fix="start Docker")]
     try:
-        client = docker_transport.from_env(kernel.environ, timeout=SCAN_TIMEOUT_S).api
+        # each call within the engine deadline; the scan's wait passes its own, longer timeout
+        client = docker_transport.from_env(kernel.environ, timeout=kernel.settings.sandbox.engine_timeout_seconds).api
     except Exception as exc:
         return [CheckResult(item="sandbox image", status=FAIL, reason=f"cannot inspect {image}: Docker is not "
                             f"reachable ({type(exc).__name__})", fix="start Docker")]
