@@ -146,8 +146,12 @@ async def test_every_policy_decision_leaves_one_line_and_streams_within_a_second
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
 async def test_approvals_from_real_workers(sandbox_world: Any, runtime: str) -> None:  # noqa: F811
-    async with egress_env(sandbox_world, runtime) as env:
-        await set_overlay(env, {"onUnlisted": "ask", "askTimeoutSeconds": 20})
+    # ask (looser than deny) and the flood's name pins (deploy-time) come from the config file
+    def ask_and_pins(t: Any) -> dict[str, Any]:
+        pins = {f"h{i}.flood.test": t.ns.ns_ip for i in range(1000)}
+        return {"onUnlisted": "ask", "askTimeoutSeconds": 20, "hosts": {"pinned.test": t.ns.ns_ip, **pins}}
+
+    async with egress_env(sandbox_world, runtime, ask_and_pins) as env:
         held = await env.launch("DEC-B", script(
             env,
             "c once http://unlisted.test/once",
@@ -178,8 +182,6 @@ async def test_approvals_from_real_workers(sandbox_world: Any, runtime: str) -> 
 
         # a flood of 1000 unlisted hosts from one sandbox: never more than 16 held, the rest refused at
         # once, and the kernel's memory stays put (names pinned to the target, as a resolver would answer)
-        pins = {f"h{i}.flood.test": env.targets.ns.ns_ip for i in range(1000)}
-        await set_overlay(env, {"onUnlisted": "ask", "askTimeoutSeconds": 20, "hosts": pins})
         rss_before = rss_bytes()
         flood = await env.launch("DEC-F", script(env, "python3 - <<'EOF'\n" + FLOOD_PY + "EOF"))
         peak = 0
@@ -194,7 +196,7 @@ async def test_approvals_from_real_workers(sandbox_world: Any, runtime: str) -> 
         # the server stops while a request is held: it is denied, and the old id means nothing
         restart = await env.launch("DEC-R", script(env, "c held http://unlisted.test/held"))
         waiting = await pending(env, "unlisted.test", restart["id"])
-        await env.kernel.state["egress.enforcer"].stop()
+        await env.kernel.egress_enforcer.stop()
         restart_out = await env.output(restart, "done=1")
         assert await answer(env, waiting, "allow-once") == 404
 

@@ -88,12 +88,15 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def egress_env(world: Any, runtime: str) -> AsyncIterator[Env]:
+async def egress_env(world: Any, runtime: str, egress: Any = None) -> AsyncIterator[Env]:
+    """``egress(targets)`` -> extra ``egress`` settings of the config file (deploy-time or looser
+    keys, which an overlay may not set)."""
     async with targets(world.tmp) as t, anyio.create_task_group() as tg:
         overrides = {
             "codex": {"sandbox": {"egressAllowlist": ALLOW, "security": {"gvisor": runtime == "runsc"}}},
-            "egress": {"resolver": f"{t.ns.ns_ip}:53", "allowPrivateNetworks": [t.ns.cidr],
-                       "hosts": {"pinned.test": t.ns.ns_ip}, "idleTimeoutS": 5.0, "maxConnections": 40},
+            "egress": deep_merge({"resolver": f"{t.ns.ns_ip}:53", "allowPrivateNetworks": [t.ns.cidr],
+                                  "hosts": {"pinned.test": t.ns.ns_ip}, "idleTimeoutS": 5.0, "maxConnections": 40},
+                                 egress(t) if egress else {}),
         }
         # the same config as a file, so that overlay changes merge over it as in production; the file
         # also allows other.test: an overlay may only narrow the file's allowlist, and sandbox B's
