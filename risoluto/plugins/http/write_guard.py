@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from risoluto.errors import ApiError
-from risoluto.fsutil import append_line
+from risoluto.fsutil import append_line, append_problem
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
@@ -151,4 +151,15 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
         reason="mutating requests checked on the routed path; writes audited in "
                f"{kernel.settings.data_path / AUDIT_FILE}",
     ))
+    results.append(_audit_check(kernel.settings.data_path / AUDIT_FILE))
     return results
+
+
+def _audit_check(path: Any) -> CheckResult:
+    """The write audit is appended after each answer: one that cannot be appended loses entries."""
+    problem = append_problem(path)
+    if problem is None:
+        return CheckResult(item="Write audit log", status=PASS, reason=f"{path} can take new entries")
+    return CheckResult(item="Write audit log", status=FAIL, reason=f"{problem}: writes go unrecorded",
+                       fix=f"free space on that file system, or make {path} a regular file owned by the kernel's "
+                           "user, mode 0600")
