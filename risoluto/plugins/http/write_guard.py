@@ -110,7 +110,10 @@ def risoluto_request_completed(info: RequestInfo, status: int, seconds: float) -
     try:
         kernel = kernel_here()
         append_line(kernel.settings.data_path / AUDIT_FILE, json.dumps(entry, ensure_ascii=True))
-    except Exception:  # the response is already decided; never turn it into a 500
+    except OSError as exc:  # the response is already decided; never turn it into a 500
+        log.error("cannot append to %s (%s): the entry for %s %s (request %s) is lost", AUDIT_FILE,
+                  exc.strerror or exc, info.method, info.path, info.request_id)
+    except Exception:
         log.exception("cannot append to the write audit log")
 
 
