@@ -1,5 +1,8 @@
 """Workspace roots the kernel refuses, and what a failed launch made (not a plugin itself).
 
+The second half, ``launch_scope``: one launch of an issue at a time from its workspace to its
+start, and a failed launch removes the workspace directory it made (only that one, only empty).
+
 Every ``<root>/<issue>`` becomes a read-write bind mount of a container, and an issue id
 picks the child: a root at ``/etc`` hands ``/etc/cron.d`` to a worker, one above DATA_DIR or
 Docker's data root hands over the kernel's secrets or every container's layers. So a root is
@@ -8,7 +11,8 @@ refused, at startup and in the doctor, when it resolves (symlinks followed) to:
 - ``/`` or a system directory: ``/etc /usr /bin /sbin /lib* /boot /dev /proc /sys /run /var
   /root /home`` themselves, or anything inside ``/etc /boot /dev /proc /sys /bin /sbin /lib*``
   and ``/usr`` (except ``/usr/local``), where no workspace belongs;
-- Docker's data root (the engine's ``DockerRootDir`` when it answers, else ``/var/lib/docker``),
+- Docker's data root (the engine's ``DockerRootDir`` when it answers, else ``/var/lib/docker``;
+  with ``sandbox.runtime: remote`` always ``/var/lib/docker``),
   anything inside it, or an ancestor of it;
 - DATA_DIR, anything inside it, or an ancestor of it; the kernel's own code or an ancestor of it;
 - a directory (or an existing ancestor) that others may write to without the sticky bit, where
@@ -103,14 +107,20 @@ def root_problem(settings: Any, environ: Mapping[str, str], resolved: str | None
     """Why ``workspace.root`` is refused (one sentence naming the path), or None."""
     from ._naming import workspace_root
 
-    root = resolved or os.path.realpath(workspace_root(settings))
+    try:
+        root = resolved or os.path.realpath(workspace_root(settings))
+    except (ValueError, UnicodeEncodeError):  # NUL, a lone surrogate: no file system takes it
+        return f"workspace.root {settings.workspace.root!r} is not a path the system can use"
     shown = f"workspace.root {settings.workspace.root!r} resolves to {root}"
     if root == "/":
         return f"{shown}, the whole file system"
     system = _system_dir(root)
     if system is not None:
         return f"{shown}, which is (or lies inside) the system directory {system}"
-    engine = docker_root(environ)
+    # only a kernel that runs its sandboxes on this host's engine asks it (a control plane with
+    # sandbox.runtime: remote has no engine to ask: the usual place is checked)
+    local = getattr(settings.sandbox, "runtime", "docker") == "docker"
+    engine = docker_root(environ) if local else os.path.realpath(DEFAULT_DOCKER_ROOT)
     if _inside(root, engine) or _inside(engine, root):
         return f"{shown}, which overlaps Docker's data root {engine}"
     data = os.path.realpath(settings.data_path)
