@@ -92,7 +92,7 @@ async def _store_errors() -> AsyncIterator[None]:
     except (StorageFull, OSError) as exc:
         if not isinstance(exc, StorageFull) and not is_full(exc):
             log.error("secret store failure: %s", exc)
-            raise _UNAVAILABLE from None
+            raise _unavailable() from None
         log.error("secret store: disk full: %s", exc)
         raise ApiError(507, "insufficient_storage",
                        "The disk holding the secret store or its audit log is full; nothing was changed. "
@@ -104,11 +104,12 @@ async def _store_errors() -> AsyncIterator[None]:
                        "Run `risoluto doctor`.") from None
     except SecretStoreError as exc:
         log.error("secret store failure: %s", exc)
-        raise _UNAVAILABLE from None
+        raise _unavailable() from None
 
 
-_UNAVAILABLE = ApiError(503, "secret_store_unavailable",
-                        "The secret store could not complete the operation; nothing was changed.")
+def _unavailable() -> ApiError:
+    return ApiError(503, "secret_store_unavailable",
+                    "The secret store could not complete the operation; nothing was changed.")
 
 
 def _event(kernel: Kernel, operation: str, key: str) -> SecretEvent:
