@@ -208,3 +208,15 @@ async def test_two_launches_of_one_issue_racing_keep_the_winners_workspace(sandb
             await asyncio.sleep(0.1)
         assert (workspace / f"alive-{round_}").exists()
         assert (await client.delete(f"/api/v1/sandboxes/{record['id']}")).status_code == 200
+
+
+async def test_an_overlay_cannot_move_the_workspace_root_to_a_refused_place(risoluto_client, risoluto_data_dir, tmp_path):
+    client = await risoluto_client({"workspace": {"root": str(tmp_path / "ws")}},
+                                   env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
+    for root in ("/etc", str(risoluto_data_dir), "/"):
+        response = await client.put("/api/v1/config/overlay", json={"workspace": {"root": root}})
+        body = await response.get_json()
+        assert response.status_code == 400 and "workspace.root" in body["error"]["message"], body
+    assert not (risoluto_data_dir / "config" / "overlay.yaml").exists()
+    policy = await (await client.get("/api/v1/sandbox/policy")).get_json()
+    assert policy["launchable"] is True
