@@ -151,16 +151,21 @@ def _cut_torn_tail(path: Path, fd: int) -> int:
     """The file's length after cutting a last line that has no line break; caller holds the lock."""
     size = os.fstat(fd).st_size
     if size == 0:
-        return 0
+        return size
     rfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        tail = os.pread(rfd, min(size, _TAIL), max(size - _TAIL, 0))
+        if os.pread(rfd, 1, size - 1) == b"\n":
+            return size  # the usual case: one byte read
+        keep, end = 0, size
+        while end > 0:  # back, block by block, to the last line break
+            start = max(end - _TAIL, 0)
+            cut = os.pread(rfd, end - start, start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
     finally:
         os.close(rfd)
-    if tail.endswith(b"\n"):
-        return size
-    cut = tail.rfind(b"\n")
-    keep = size - len(tail) + cut + 1 if cut >= 0 else max(size - _TAIL, 0)
     os.ftruncate(fd, keep)
     log.warning("%s ended with %d bytes of an unfinished line; cut them", path, size - keep)
     return keep

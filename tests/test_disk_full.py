@@ -177,6 +177,10 @@ def test_an_append_on_a_full_disk_leaves_no_fragment_for_the_next_line_to_be_glu
             fh.write(b'{"n": 3, "tor')
         append_line(log, json.dumps({"n": 4}))
         assert [json.loads(line)["n"] for line in log.read_text().splitlines()] == [0, 1, 4]
+        with open(log, "ab") as fh:  # longer than one block read back
+            fh.write(b'{"n": 5, "pad": "' + b"y" * 150_000)
+        append_line(log, json.dumps({"n": 6}))
+        assert [json.loads(line)["n"] for line in log.read_text().splitlines()] == [0, 1, 4, 6]
 
 
 def test_the_doctor_fails_an_audit_log_it_cannot_append_to(tmp_path):
