@@ -104,7 +104,8 @@ class LineAppend:
         self.path = path
         data = (line.rstrip("\n") + "\n").encode("utf-8")
         ensure_private_dir(path.parent)
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        # read-write: the tail is checked through the same descriptor (pread ignores O_APPEND)
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                                        0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -150,22 +151,16 @@ def _write_all(fd: int, data: bytes) -> None:
 def _cut_torn_tail(path: Path, fd: int) -> int:
     """The file's length after cutting a last line that has no line break; caller holds the lock."""
     size = os.fstat(fd).st_size
-    if size == 0:
-        return size
-    rfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if os.pread(rfd, 1, size - 1) == b"\n":
-            return size  # the usual case: one byte read
-        keep, end = 0, size
-        while end > 0:  # back, block by block, to the last line break
-            start = max(end - _TAIL, 0)
-            cut = os.pread(rfd, end - start, start).rfind(b"\n")
-            if cut >= 0:
-                keep = start + cut + 1
-                break
-            end = start
-    finally:
-        os.close(rfd)
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size  # the usual case: one byte read
+    keep, end = 0, size
+    while end > 0:  # back, block by block, to the last line break
+        start = max(end - _TAIL, 0)
+        cut = os.pread(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            keep = start + cut + 1
+            break
+        end = start
     os.ftruncate(fd, keep)
     log.warning("%s ended with %d bytes of an unfinished line; cut them", path, size - keep)
     return keep
@@ -200,7 +195,7 @@ def append_problem(path: Path, min_free: int = MIN_FREE_BYTES) -> str | None:
             return f"{path} is not a regular file"
     try:
         if target == path:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)  # as LineAppend opens it
         else:
             fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
