@@ -6,10 +6,13 @@ also when two launches of one issue race. Against a real engine; the startup ref
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
+import socketserver
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -220,3 +223,55 @@ async def test_an_overlay_cannot_move_the_workspace_root_to_a_refused_place(riso
     assert not (risoluto_data_dir / "config" / "overlay.yaml").exists()
     policy = await (await client.get("/api/v1/sandbox/policy")).get_json()
     assert policy["launchable"] is True
+
+
+class _EngineWithADataRoot(http.server.BaseHTTPRequestHandler):
+    """Answers like a Docker engine whose data root is not the usual /var/lib/docker."""
+
+    root = ""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if "version" in self.path:
+            answer = {"ApiVersion": "1.41", "Version": "99.0.0"}
+        else:
+            answer = {"DockerRootDir": self.root} if self.path.endswith("/info") else {}
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self):
+        return "unix"
+
+    def log_message(self, *args):
+        pass
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def test_the_engines_own_data_root_is_asked_and_refused(tmp_path):
+    engine_root = tmp_path / "srv" / "docker-data"
+    engine_root.mkdir(parents=True)
+    _EngineWithADataRoot.root = str(engine_root)
+    sock = tmp_path / "engine.sock"
+    server = _UnixHTTPServer(str(sock), _EngineWithADataRoot)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = tmp_path / "config.yaml"
+    env = {**operator_env(), "DATA_DIR": str(tmp_path / "data"), "RISOLUTO_CONFIG": str(config),
+           "DOCKER_HOST": f"unix://{sock}"}
+    try:
+        for root, refused in ((engine_root / "ws", True), (tmp_path / "srv", True), (tmp_path / "elsewhere", False)):
+            config.write_text(yaml.safe_dump({"workspace": {"root": str(root)}}))
+            done = subprocess.run([*RISOLUTO, "config", "check"], env=env, capture_output=True, text=True,
+                                  timeout=60, cwd=ROOT)
+            if refused:
+                assert done.returncode != 0 and f"Docker's data root {engine_root}" in done.stderr, done.stderr
+            else:
+                assert done.returncode == 0, done.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
