@@ -275,3 +275,17 @@ def test_the_engines_own_data_root_is_asked_and_refused(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_a_remote_launch_that_fails_leaves_no_workspace_on_the_control_plane(risoluto_client, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = {"sandbox": {"runtime": "remote", "dataPlaneUrl": url, "dataPlaneTimeoutS": 2},
+              "workspace": {"root": str(tmp_path / "ws")},
+              "codex": {"authDir": str(tmp_path / "auth"), "sandbox": {"user": "1000:1000"}}}
+    client = await risoluto_client(config, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock",
+                                                "RISOLUTO_DATA_PLANE_SECRET": "s3cret-" + "7" * 40})
+    for n in range(3):
+        response = await client.post("/api/v1/sandboxes", json={"issue": f"REMOTE-{n}", "command": ["true"]})
+        body = await response.get_json()
+        assert response.status_code == 503 and body["error"]["code"] == "data_plane_unavailable", body
+    assert entries(tmp_path / "ws") == []
