@@ -259,3 +259,26 @@ async def test_sqlite_full_rolls_the_write_back_and_says_so(tmp_path, caplog):
         reopened = await stored_values(settings, "sqlite", KEY)
         assert reopened["KEEP"] == "kept value" and reopened["AFTER"] == "after"
         assert all(v == secret for k, v in reopened.items() if k.startswith("BIG_"))
+
+
+async def test_an_overlay_is_not_saved_or_applied_without_its_audit_line(tmp_path):
+    from risoluto.testing import running_app
+
+    data = tmp_path / "data"
+    with small_tmpfs(data, "2m"):
+        env = {"DATA_DIR": str(data), "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+        async with running_app(build_settings({}, None, env), environ=env) as test_app:
+            client = test_app.test_client()
+            kernel = test_app.app.extensions["risoluto"]
+            before = kernel.settings.codex.sandbox.image
+            filler = fill(data)
+            response = await client.put("/api/v1/config/overlay", json={"codex": {"sandbox": {"image": "img:full"}}})
+            body = await response.get_json()
+            assert response.status_code == 507 and body["error"]["code"] == "insufficient_storage", body
+            assert kernel.settings.codex.sandbox.image == before  # not applied
+            assert not (data / "config" / "overlay.yaml").exists()
+            assert audit_lines(data / "config" / "overlay.audit.log") == []
+            filler.unlink()
+            response = await client.put("/api/v1/config/overlay", json={"codex": {"sandbox": {"image": "img:after"}}})
+            assert response.status_code == 200 and kernel.settings.codex.sandbox.image == "img:after"
+            assert [e["keys"] for e in audit_lines(data / "config" / "overlay.audit.log")] == [["codex"]]
