@@ -200,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.settings = settings
         return int(args.func(args) or 0)
     except (ConfigError, StartupError) as exc:
+        if isinstance(exc, ConfigError) and argv[:1] == ["doctor"]:
+            from .doctor import config_refused  # the doctor still answers: one FAIL line
+
+            return config_refused(str(exc), "--json" in argv)
         print(f"risoluto: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

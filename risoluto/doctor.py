@@ -57,6 +57,13 @@ def format_table(results: list[CheckResult], colour: bool) -> str:
     return "\n".join(lines)
 
 
+def config_refused(message: str, as_json: bool) -> int:
+    """The doctor's answer when the kernel refuses the configuration itself: one FAIL, exit 1."""
+    result = CheckResult(item="configuration", status=FAIL, reason=message,
+                         fix="fix the key the message names, then run `risoluto config check`")
+    return report([result], as_json)
+
+
 def report(results: list[CheckResult], as_json: bool) -> int:
     if as_json:
         print(json.dumps(summary(results), indent=2))

@@ -82,6 +82,11 @@ class Hooks:
     def secret_store(self, settings: Settings, master_key: str) -> SecretStore | None:
         return self._hook.risoluto_secret_store(kernel=self._kernel, settings=settings, master_key=master_key)
 
+    def secret_changing(self, event: SecretEvent, settings: Settings) -> list[Any]:
+        """The write-ahead records' finishers (callables taking "the change is durable")."""
+        return [f for f in self._hook.risoluto_secret_changing(kernel=self._kernel, event=event, settings=settings)
+                if f is not None]
+
     def secret_changed(self, event: SecretEvent, settings: Settings) -> None:
         self._hook.risoluto_secret_changed(kernel=self._kernel, event=event, settings=settings)
 

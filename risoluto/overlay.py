@@ -16,7 +16,7 @@ import yaml
 from quart import Blueprint, g
 
 from .errors import ApiError, ConfigError
-from .fsutil import append_line, atomic_write
+from .fsutil import LineAppend, atomic_write, is_full
 from .openapi import api
 from .requests import json_object
 from .shielded import to_the_end
@@ -80,22 +80,39 @@ def overlay_blueprint(kernel: Kernel) -> Blueprint:
                 "request_id": getattr(info, "request_id", ""),
             }
 
-            def save() -> None:  # in a thread: dumping a large overlay takes YAML a while
-                atomic_write(path, yaml.safe_dump(overlay, sort_keys=True, allow_unicode=True).encode("utf-8"))
+            def audit_and_save() -> None:  # in a thread: dumping a large overlay takes YAML a while
+                # the audit line first, taken back if the save fails: never an overlay without its line
+                pending = LineAppend(path.parent / "overlay.audit.log", json.dumps(entry))
+                try:
+                    atomic_write(path, yaml.safe_dump(overlay, sort_keys=True, allow_unicode=True).encode("utf-8"))
+                except BaseException:
+                    pending.take_back()
+                    raise
+                pending.keep()
 
-            async def save_apply_audit() -> None:
-                await anyio.to_thread.run_sync(save)
+            async def audit_save_apply() -> None:
+                try:
+                    await anyio.to_thread.run_sync(audit_and_save)
+                except OSError as exc:  # nothing saved, nothing applied
+                    raise _not_saved(exc) from None
                 kernel.apply_settings(new)
                 try:
                     await kernel.start_new_services()
                 except Exception:  # what it would enforce fails closed (e.g. launches refused, 503)
                     log.exception("a service the new overlay calls for failed to start")
-                await anyio.to_thread.run_sync(append_line, path.parent / "overlay.audit.log", json.dumps(entry))
 
-            await to_the_end(save_apply_audit())  # all three even if the client leaves half-way
+            await to_the_end(audit_save_apply())  # all of it even if the client leaves half-way
         return {"overlay": overlay}
 
     return bp
+
+
+def _not_saved(exc: OSError) -> ApiError:
+    if is_full(exc):
+        return ApiError(507, "insufficient_storage",
+                        "The disk holding DATA_DIR is full; the overlay was not saved. Free space there and retry.")
+    return ApiError(503, "overlay_unavailable", f"The overlay or its audit line could not be written "
+                    f"({exc.strerror or exc}); nothing was changed. Run `risoluto doctor`.")
 
 
 def _now() -> str:

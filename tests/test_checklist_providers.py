@@ -162,6 +162,7 @@ def _facade_calls(hooks: Hooks, kernel: Any) -> dict[str, Any]:
         "ratelimit_backend": lambda: hooks.ratelimit_backend(s),
         "secret_store": lambda: hooks.secret_store(s, "key"),
         "secret_changed": lambda: hooks.secret_changed(object(), s),  # type: ignore[arg-type]
+        "secret_changing": lambda: hooks.secret_changing(object(), s),  # type: ignore[arg-type]
         "sandbox_runtime": lambda: hooks.sandbox_runtime(s),
         "sandbox_spec": lambda: hooks.sandbox_spec(object(), object(), s),  # type: ignore[arg-type]
         "sandbox_spec_check": lambda: hooks.sandbox_spec_check(ContainerSpec(name="x", image="i"),

@@ -114,8 +114,9 @@ async def test_an_overlay_put_is_applied_and_audited_even_if_the_client_leaves(d
         body = json.dumps({"codex": {"sandbox": {"image": "img:after-leaving"}}}).encode()
         await leaves_mid_request(test_app.app, "PUT", "/api/v1/config/overlay", body, gate)
         audit = data_dir / "config" / "overlay.audit.log"
-        await eventually(lambda: len(lines(audit)) == 1)
-        assert kernel.settings.codex.sandbox.image == "img:after-leaving"  # saved and applied alike
+        # the audit line is written first, then the overlay saved, then applied
+        await eventually(lambda: kernel.settings.codex.sandbox.image == "img:after-leaving")
+        assert len(lines(audit)) == 1
         assert "img:after-leaving" in (data_dir / "config" / "overlay.yaml").read_text()
 
 

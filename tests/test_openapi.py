@@ -79,7 +79,7 @@ def test_every_route_of_the_default_app_is_declared(tmp_path):
     doc = _assert_all_declared(app)
     secrets = doc["paths"]["/api/v1/secrets/{key}"]
     assert secrets["put"]["requestBody"]["content"]["application/json"]["schema"]["required"] == ["value"]
-    assert set(secrets["delete"]["responses"]) == {"204", "400", "404", "503", "default"}
+    assert set(secrets["delete"]["responses"]) == {"204", "400", "404", "503", "507", "default"}
     assert "content" not in secrets["delete"]["responses"]["204"]
 
 

@@ -14,6 +14,7 @@ import pytest
 from secrets_util import stored_values
 
 from risoluto.errors import StartupError
+from risoluto.hookspecs import hookimpl
 from risoluto.kernel import Kernel
 
 pytestmark = pytest.mark.anyio
@@ -230,3 +231,39 @@ async def test_doctor_reports_loose_file_modes(risoluto_client, risoluto_data_di
     items = {i["item"]: i for i in health["items"]}
     assert items["credential encryption: file modes"]["status"] == "FAIL"
     assert "secrets.enc" in items["credential encryption: file modes"]["reason"]
+
+
+class BrokenRecorder:
+    """A third-party write-ahead recorder whose store of record is down."""
+
+    @hookimpl
+    def risoluto_secret_changing(self, event, settings):
+        raise RuntimeError("journal down")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_change_whose_audit_line_cannot_be_written_is_refused_and_not_made(
+        backend, risoluto_client, risoluto_data_dir, risoluto_settings):
+    client = await risoluto_client(config=config(backend), env={"MASTER_KEY": KEY})
+    assert (await client.put("/api/v1/secrets/KEEP", json={"value": "kept"})).status_code == 204
+    log_path = risoluto_data_dir / "secrets.audit.log"
+    log_path.unlink()
+    log_path.mkdir()  # no line can be appended there (as a read-only file would refuse it)
+    for response in (await client.put("/api/v1/secrets/NEW", json={"value": MARKER}),
+                     await client.put("/api/v1/secrets/KEEP", json={"value": MARKER}),
+                     await client.delete("/api/v1/secrets/KEEP")):
+        body = await response.get_json()
+        assert response.status_code == 503 and body["error"]["code"] == "audit_unavailable", body
+        assert MARKER not in json.dumps(body)
+    assert (await stored_values(risoluto_settings(config(backend)), backend, KEY)) == {"KEEP": "kept"}
+    log_path.rmdir()
+    assert (await client.put("/api/v1/secrets/NEW", json={"value": "new"})).status_code == 204
+    assert [json.loads(line)["key"] for line in log_path.read_text().splitlines()] == ["NEW"]
+
+
+async def test_a_failing_third_party_recorder_refuses_the_change(risoluto_client, risoluto_data_dir, risoluto_settings):
+    client = await risoluto_client(config=config("sqlite"), env={"MASTER_KEY": KEY},
+                                   plugins=(("test.broken_recorder", BrokenRecorder()),))
+    response = await client.put("/api/v1/secrets/NEW", json={"value": "v"})
+    assert response.status_code == 503 and (await response.get_json())["error"]["code"] == "audit_unavailable"
+    assert (await stored_values(risoluto_settings(config("sqlite")), "sqlite", KEY)) == {}

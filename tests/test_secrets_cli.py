@@ -157,3 +157,18 @@ async def test_migrate_both_ways(risoluto_data_dir, risoluto_settings):
     back = cli(risoluto_data_dir, "migrate", "--to", "file", backend="sqlite")
     assert back.returncode == 0, back.stderr
     assert await stored_values(risoluto_settings(), "file", OLD) == secrets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_cli_refuses_a_change_whose_audit_line_cannot_be_written(backend, risoluto_data_dir,
+                                                                        risoluto_settings):
+    assert cli(risoluto_data_dir, "set", "KEEP", stdin="kept\n", backend=backend).returncode == 0
+    log_path = risoluto_data_dir / "secrets.audit.log"
+    log_path.unlink()
+    log_path.mkdir()
+    for args, stdin in ((("set", "NEW"), MARKER + "\n"), (("delete", "KEEP"), "")):
+        done = cli(risoluto_data_dir, *args, stdin=stdin, backend=backend)
+        assert done.returncode != 0 and "nothing was changed" in done.stderr, done.stderr
+        assert MARKER not in done.stderr and "Traceback" not in done.stderr
+    settings = risoluto_settings({"secrets": {"backend": backend}})
+    assert await stored_values(settings, backend, OLD) == {"KEEP": "kept"}

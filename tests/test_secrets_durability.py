@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -116,6 +117,44 @@ async def test_concurrent_writers_against_a_real_server(backend, risoluto_data_d
         stop(proc)
     values = await stored_values(risoluto_settings({"secrets": {"backend": backend}}), backend, KEY)
     assert values == {f"C{i:03}": f"v{i}" for i in range(120)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_kill_9_of_the_server_mid_burst_keeps_every_acknowledged_write_and_its_audit_line(
+        backend, risoluto_data_dir, risoluto_settings):
+    proc, base = start_server(env_for(risoluto_data_dir, backend))
+    acknowledged: list[str] = []
+    killed = asyncio.Event()
+
+    async def writer(client: httpx.AsyncClient, w: int) -> None:
+        for i in range(10_000):
+            name = f"K{w}_{i:05}"
+            try:
+                response = await client.put(f"/api/v1/secrets/{name}", json={"value": "value-" + name})
+            except httpx.TransportError:
+                assert killed.is_set()
+                return
+            assert response.status_code == 204
+            acknowledged.append(name)
+            if len(acknowledged) >= 150 and not killed.is_set():
+                os.kill(proc.pid, signal.SIGKILL)  # with the other writers' requests in flight
+                killed.set()
+
+    try:
+        assert proc.poll() is None, proc.communicate()[1]
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            await asyncio.gather(*[writer(client, w) for w in range(8)])
+    finally:
+        stop(proc)
+    assert killed.is_set() and proc.returncode == -signal.SIGKILL
+    values = await stored_values(risoluto_settings({"secrets": {"backend": backend}}), backend, KEY)
+    lost = [name for name in acknowledged if values.get(name) != "value-" + name]
+    assert not lost, f"lost {len(lost)} acknowledged write(s), e.g. {lost[:3]}"
+    raw = (risoluto_data_dir / "secrets.audit.log").read_bytes()
+    assert raw.endswith(b"\n")
+    audited = [json.loads(line) for line in raw.decode().splitlines()]  # every line whole
+    unaudited = set(acknowledged) - {e["key"] for e in audited if e["operation"] == "set"}
+    assert not unaudited, f"{len(unaudited)} acknowledged write(s) without their audit line"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import attrs
 
@@ -23,6 +23,14 @@ class WrongMasterKey(SecretStoreError):
 
 class SecretIntegrityError(SecretStoreError):
     """One stored secret fails authentication (tampered, or moved under another name)."""
+
+
+class StorageFull(SecretStoreError):
+    """The disk (or quota) holding the store or its audit trail is full; nothing was changed."""
+
+
+class AuditUnavailable(SecretStoreError):
+    """A change's audit record could not be written, so the change was not made."""
 
 
 class SecretStore(Protocol):
@@ -96,10 +104,32 @@ def risoluto_secret_store(kernel: Kernel, settings: Settings, master_key: str) -
 
 
 @hookspec
+def risoluto_secret_changing(kernel: Kernel, event: SecretEvent, settings: Settings) -> Callable[[bool], None] | None:
+    """Record a secret ``set`` or ``delete`` BEFORE it is made (a write-ahead audit).
+
+    Collected; called off the event loop, one change at a time per process. Raise
+    :class:`StorageFull` or :class:`AuditUnavailable` to refuse the change: it is then not
+    made and the client gets 507 ``insufficient_storage`` or 503 ``audit_unavailable``, so
+    no change is ever acknowledged without its record. Return a callable, or None: it is
+    called with True once the change is durable, with False if the change failed or changed
+    nothing (a delete of a missing name), so the record can be taken back. The built-in
+    ``secrets.audit_log`` appends its line here and truncates it away on False.
+
+    Example::
+
+        @hookimpl
+        def risoluto_secret_changing(event, settings):
+            ticket = journal.begin(event.operation, event.key)
+            return lambda done: journal.finish(ticket, done)
+    """
+
+
+@hookspec
 def risoluto_secret_changed(kernel: Kernel, event: SecretEvent, settings: Settings) -> None:
     """Observe a secret being set, deleted or the store being rotated (audit).
 
-    Called after the change is durable; collected. Must not raise.
+    Called after the change is durable; collected. Must not raise. A record that must
+    exist before a set or delete is acknowledged belongs in ``risoluto_secret_changing``.
 
     Example::
 

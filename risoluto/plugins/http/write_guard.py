@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from risoluto.errors import ApiError
-from risoluto.fsutil import append_line
 from risoluto.addresses import is_loopback_bind
+from risoluto.fsutil import append_line, append_problem
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
@@ -136,7 +136,10 @@ def risoluto_request_completed(kernel: Any, info: RequestInfo, status: int) -> N
     }
     try:
         append_line(kernel.settings.data_path / AUDIT_FILE, json.dumps(entry, ensure_ascii=True))
-    except Exception:  # the response is already decided; never turn it into a 500
+    except OSError as exc:  # the response is already decided; never turn it into a 500
+        log.error("cannot append to %s (%s): the entry for %s %s (request %s) is lost", AUDIT_FILE,
+                  exc.strerror or exc, info.method, info.path, info.request_id)
+    except Exception:
         log.exception("cannot append to the write audit log")
 
 
@@ -175,9 +178,20 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
         reason="mutating requests checked on the routed path; writes audited in "
                f"{kernel.settings.data_path / AUDIT_FILE}",
     ))
+    results.append(_audit_check(kernel.settings.data_path / AUDIT_FILE))
     return results
 
 
 @hookimpl
 def risoluto_checklist_provides() -> list[str]:
     return ["write guard"]
+
+
+def _audit_check(path: Any) -> CheckResult:
+    """The write audit is appended after each answer: one that cannot be appended loses entries."""
+    problem = append_problem(path)
+    if problem is None:
+        return CheckResult(item="Write audit log", status=PASS, reason=f"{path} can take new entries")
+    return CheckResult(item="Write audit log", status=FAIL, reason=f"{problem}: writes go unrecorded",
+                       fix=f"free space on that file system, or make {path} a regular file owned by the kernel's "
+                           "user, mode 0600")

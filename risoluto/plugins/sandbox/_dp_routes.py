@@ -25,7 +25,7 @@ from ...openapi import api
 from ...requests import json_object
 from ._guard import check_spec, refuse
 from .api import close_runtime, install_runtime, remove_leftovers
-from ._naming import checked_id, workspace_root
+from ._naming import LABEL_ISSUE, checked_id, validate_issue, workspace_root
 from ._wire import PREFIX, spec_from_wire, timeout_from_wire
 
 STATE = "sandbox.data_plane"
@@ -98,6 +98,8 @@ class DataPlaneService:
 def enforce(spec: Any, kernel: Any) -> None:
     """This host's policy over a spec sent by the control plane (403 on a violation)."""
     settings = kernel.settings
+    if LABEL_ISSUE in spec.labels:  # the control plane checked it too; this host trusts no one's labels
+        validate_issue(spec.labels[LABEL_ISSUE])
     check_spec(spec, settings, kernel.environ)
     root = Path(os.path.realpath(workspace_root(settings)))
     for m in spec.mounts:

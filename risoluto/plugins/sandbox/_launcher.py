@@ -20,6 +20,7 @@ from ...settings import MAX_TIMEOUT_S
 from ...text import is_text
 from ._guard import MIN_MATCHED_VALUE
 from ._naming import LABEL_ISSUE, LABEL_POLICY, container_name, issue_key, valid_image_ref, validate_issue
+from ._workspaces import launch_scope
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,256}\Z")
@@ -149,9 +150,12 @@ async def launch(kernel: Any, request: LaunchRequest, wait: bool = False) -> dic
                        f"No sandbox runtime {kernel.settings.sandbox.runtime!r} is loaded; check sandbox.runtime "
                        "and that its plugin is enabled, and that Docker is running.")
     secret_values = await resolve_secrets(kernel, request.secrets)
-    spec = build_spec(kernel, request, secret_values)
-    timeout = request.timeout_s or kernel.settings.codex.sandbox.timeout_s
-    record = await runtime.launch(spec, timeout)
+    # from the workspace to the start, one launch of an issue at a time; a refused or failed
+    # launch takes back the workspace directory it made (never one it found)
+    async with launch_scope(kernel.state, issue_key(request.issue)):
+        spec = build_spec(kernel, request, secret_values)
+        timeout = request.timeout_s or kernel.settings.codex.sandbox.timeout_s
+        record = await runtime.launch(spec, timeout)
     if wait:
         record = await runtime.wait(record["id"])
     return {**record, "policy": spec.policy}

@@ -31,7 +31,10 @@ WORKSPACE = "/workspace"
 MAX_ISSUE_CHARS = 200  # longer identifiers are refused with 400 invalid_issue
 _KEY_CHARS = 64  # the readable part of a sanitised key
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls (U+0085 NEL and U+009B CSI among them) and the bidirectional controls
+# (embeddings, overrides, isolates, and the LRM/RLM/ALM marks): an id that reorders or
+# rewrites what a terminal or a log viewer shows never reaches a label, a path or a record.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _USER = re.compile(r"^([0-9]{1,10}):([0-9]{1,10})\Z")
 
 
@@ -42,7 +45,7 @@ def validate_issue(issue: object) -> str:
     if len(issue) > MAX_ISSUE_CHARS:
         raise ApiError(400, "invalid_issue", f"issue is longer than {MAX_ISSUE_CHARS} characters.")
     if _CONTROL.search(issue):
-        raise ApiError(400, "invalid_issue", "issue must not contain control characters.")
+        raise ApiError(400, "invalid_issue", "issue must not contain control characters (C0, C1 or bidirectional).")
     if not is_text(issue):  # a lone surrogate, from JSON or from an argv byte that is not UTF-8
         raise ApiError(400, "invalid_issue", "issue must be valid Unicode text.")
     return issue

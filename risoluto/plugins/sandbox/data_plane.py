@@ -170,7 +170,10 @@ def risoluto_request_completed(kernel: Any, info: Any, status: int) -> None:
              "principal": ROLE, "request_id": info.request_id}
     try:
         append_line(kernel.settings.data_path / "write-audit.log", json.dumps(entry, ensure_ascii=True))
-    except Exception:  # the response is decided; never a 500
+    except OSError as exc:  # the response is decided; never a 500
+        log.error("cannot append to write-audit.log (%s): the entry for %s %s (request %s) is lost",
+                  exc.strerror or exc, info.method, info.path, info.request_id)
+    except Exception:
         log.exception("cannot append to the write audit log")
 
 

@@ -3,7 +3,13 @@
 ``<workspace.root>/<sanitised issue>`` is created on dispatch (with the root when missing),
 owned by the container user, and bind-mounted at ``/workspace``: read-write, or read-only
 when ``codex.threadSandbox`` is ``workspace-read``. An existing workspace is kept as it is
-(never wiped): it is the agent's work.
+(never wiped): it is the agent's work, and the kernel never changes the owner or mode of a
+directory it did not create, so one owned by a user who is neither the kernel's nor the
+sandbox's is refused (409 ``workspace_not_owned``) and left untouched.
+
+A root the kernel refuses (``_workspaces.root_problem``: a system directory, Docker's data
+root, DATA_DIR, the kernel's code, a directory others may write to) is a configuration error
+at startup, a FAIL in the doctor, and 503 ``workspace_unavailable`` at launch.
 """
 
 from __future__ import annotations
@@ -17,18 +23,22 @@ import stat
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from ...errors import ApiError
+from ...errors import ApiError, ConfigError
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult, Probe
 from ...hookspecs.sandbox import Mount
 from ._guard import forbidden_paths, overlaps
 from ._naming import LABEL_WORKSPACE, WORKSPACE, container_user, issue_key, workspace_root
 from ._probes import failed, facts, passed, probe, seen, values
+from ._workspaces import FIX, record_made, root_problem
 
 ITEM = "sandbox workspace"
 
 
 def ensure_workspace(settings: Any, key: str) -> Path:
+    problem = root_problem(settings, os.environ)
+    if problem is not None:
+        raise ApiError(503, "workspace_unavailable", f"{problem}; {FIX}.")
     root = workspace_root(settings)
     try:
         root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -38,18 +48,37 @@ def ensure_workspace(settings: Any, key: str) -> Path:
     if not root.is_dir():
         raise ApiError(503, "workspace_unavailable", f"workspace.root {root} is not a directory; fix workspace.root.")
     path = root / key  # key has no "/" and no leading ".": always a direct child of root
+    uid, gid = container_user(settings)
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
         os.mkdir(path, 0o700)
-        st = os.lstat(path)
+    except FileExistsError:
+        return _existing(path, uid)
+    record_made(path)  # this launch made it: a failed launch takes it back
+    if os.geteuid() == 0 and (uid, gid) != (os.geteuid(), os.getegid()):
+        os.chown(path, uid, gid, follow_symlinks=False)  # ours, just made: given to the container user
+    return path
+
+
+def _existing(path: Path, sandbox_uid: int) -> Path:
+    """An existing workspace, used as it is: never chowned or chmodded."""
+    st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         # A symlink here could point the bind mount anywhere on the host.
         raise ApiError(409, "workspace_invalid", f"{path} exists and is not a directory; move it away.")
-    uid, gid = container_user(settings)
-    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (uid, gid):
-        os.chown(path, uid, gid, follow_symlinks=False)
+    if st.st_uid not in (os.geteuid(), sandbox_uid):
+        raise ApiError(409, "workspace_not_owned",
+                       f"{path} exists and belongs to uid {st.st_uid}, neither the kernel's user ({os.geteuid()}) nor "
+                       f"the sandbox user ({sandbox_uid}); it was left unchanged. Move it away, or give it to one "
+                       "of them if it is really this issue's workspace.")
     return path
+
+
+@hookimpl
+def risoluto_settings_validate(settings: Any) -> None:
+    """A refused ``workspace.root`` stops startup (and ``config check``) naming the key."""
+    problem = root_problem(settings, os.environ)
+    if problem is not None:
+        raise ConfigError(f"{problem}. {FIX[0].upper()}{FIX[1:]}.")
 
 
 @hookimpl
@@ -69,6 +98,9 @@ def risoluto_sandbox_spec(spec: Any, request: Any, settings: Any) -> None:
 @hookimpl
 def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     root = workspace_root(kernel.settings)
+    problem = root_problem(kernel.settings, kernel.environ)
+    if problem is not None:
+        return [CheckResult(item=ITEM, status=FAIL, reason=problem, fix=FIX)]
     if root.exists() and not root.is_dir():
         return [CheckResult(item=ITEM, status=FAIL, reason=f"workspace.root {root} is not a directory",
                             fix="set workspace.root to a directory")]

@@ -7,7 +7,10 @@ with ``{"value": "<non-empty string>"}`` -> 204; ``DELETE`` -> 204 or 404
 ``/`` in a name gets that answer, not a 404); values are non-empty strings of at most
 64 KiB of UTF-8 (400 ``invalid_secret_value``; a body over the kernel's 1 MiB limit is
 413 ``payload_too_large`` before it gets here). Authorization is the write guard's job.
-The audit event is emitted after the change is durable.
+Every set and delete is recorded in ``secrets.audit.log`` BEFORE it is made (see
+``audit_log``): a change whose record cannot be written is never made. A full disk (store or
+audit log) is 507 ``insufficient_storage``, an audit log that cannot be written for another
+reason 503 ``audit_unavailable``; both mean nothing was changed.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from quart import Blueprint, g
 
 from risoluto.errors import ApiError
 from risoluto.hookspecs import hookimpl
-from risoluto.hookspecs.secrets import SecretEvent, SecretStore, SecretStoreError
+from risoluto.fsutil import is_full
+from risoluto.hookspecs.secrets import (
+    AuditUnavailable, SecretEvent, SecretStore, SecretStoreError, StorageFull,
+)
 from risoluto.openapi import api
 from risoluto.requests import json_object
 from risoluto.shielded import to_the_end
 
-from .service import announce
+from .service import audited
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel
@@ -83,10 +89,27 @@ async def _store_errors() -> AsyncIterator[None]:
     """A failing store is a 503 with a generic sentence; the detail goes to the log only."""
     try:
         yield
-    except (SecretStoreError, OSError) as exc:
+    except (StorageFull, OSError) as exc:
+        if not isinstance(exc, StorageFull) and not is_full(exc):
+            log.error("secret store failure: %s", exc)
+            raise _unavailable() from None
+        log.error("secret store: disk full: %s", exc)
+        raise ApiError(507, "insufficient_storage",
+                       "The disk holding the secret store or its audit log is full; nothing was changed. "
+                       "Free space there and retry.") from None
+    except AuditUnavailable as exc:
+        log.error("secret audit log: %s", exc)
+        raise ApiError(503, "audit_unavailable",
+                       "The change was not made: its audit record could not be written. "
+                       "Run `risoluto doctor`.") from None
+    except SecretStoreError as exc:
         log.error("secret store failure: %s", exc)
-        raise ApiError(503, "secret_store_unavailable",
-                       "The secret store could not complete the operation; nothing was changed.") from None
+        raise _unavailable() from None
+
+
+def _unavailable() -> ApiError:
+    return ApiError(503, "secret_store_unavailable",
+                    "The secret store could not complete the operation; nothing was changed.")
 
 
 def _event(kernel: Kernel, operation: str, key: str) -> SecretEvent:
@@ -113,7 +136,7 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
 
     @bp.route("/api/v1/secrets/<path:key>", methods=["POST", "PUT"])
     @api("Set a secret (encrypted at rest, audited)", tags=("secrets",), request=_VALUE,
-         responses={204: None, 400: _ERROR, 503: _ERROR})
+         responses={204: None, 400: _ERROR, 503: _ERROR, 507: _ERROR})
     async def set_secret(key: str) -> Any:
         store = _store(kernel)
         _checked_name(key)
@@ -124,16 +147,20 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
             raise ApiError(400, "invalid_secret_value", str(exc)) from None
         event = _event(kernel, "set", key)
 
+        async def change() -> bool:
+            await store.set(key, value)
+            return True
+
         async def commit_and_audit() -> None:
             async with _store_errors():
-                await store.set(key, value)
-            await announce(kernel.hooks, kernel.settings, event)
+                await audited(kernel.hooks, kernel.settings, event, store, change)
 
         await to_the_end(commit_and_audit())  # a client that leaves never skips the audit line
         return "", 204
 
     @bp.delete("/api/v1/secrets/<path:key>")
-    @api("Delete a secret (audited)", tags=("secrets",), responses={204: None, 400: _ERROR, 404: _ERROR, 503: _ERROR})
+    @api("Delete a secret (audited)", tags=("secrets",),
+         responses={204: None, 400: _ERROR, 404: _ERROR, 503: _ERROR, 507: _ERROR})
     async def delete_secret(key: str) -> Any:
         store = _store(kernel)
         _checked_name(key)
@@ -141,10 +168,7 @@ def risoluto_app_blueprints(kernel: Kernel) -> list[Any]:
 
         async def commit_and_audit() -> bool:
             async with _store_errors():
-                existed = await store.delete(key)
-            if existed:
-                await announce(kernel.hooks, kernel.settings, event)
-            return existed
+                return await audited(kernel.hooks, kernel.settings, event, store, lambda: store.delete(key))
 
         if not await to_the_end(commit_and_audit()):
             raise ApiError(404, "secret_not_found", "No secret has that name.")

@@ -1,24 +1,29 @@
 """``secrets.audit.log``: one NDJSON line per secret change (SPEC 3.1, compat + extra fields).
 
 ``{"at", "operation", "key", "principal", "remote", "backend"}``: never a value (the event
-does not carry one). Written as a hook implementation, so the stores stay unaware of it
-and another plugin can ship the same events elsewhere. Each line is one ``write`` on an
-``O_APPEND`` descriptor followed by ``fsync``: the trail survives a crash as well as the
-change it records does.
+does not carry one). Written as hook implementations, so the stores stay unaware of it
+and another plugin can ship the same events elsewhere.
+
+A ``set`` or ``delete`` is recorded AHEAD of the change (``risoluto_secret_changing``): the
+line is appended whole and fsynced before the store is touched, and truncated away again if
+the change then fails, so no change is acknowledged without its line. A line that cannot be
+appended (a full disk, a read-only file) refuses the change: 507 ``insufficient_storage`` or
+503 ``audit_unavailable``. A crash between the line and the change may leave a line for a
+change that was never made; never the reverse. ``rotate`` and ``migrate`` (CLI) are recorded
+after the fact (``risoluto_secret_changed``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import stat
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from risoluto.fsutil import ensure_private_dir
+from risoluto.fsutil import LineAppend, append_line, append_problem, is_full
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, CheckResult
+from risoluto.hookspecs.secrets import AuditUnavailable, StorageFull
 
 if TYPE_CHECKING:
     from risoluto.hookspecs.secrets import SecretEvent
@@ -33,43 +38,60 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def append_durably(path: os.PathLike[str] | str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+WRITTEN_AHEAD = frozenset({"set", "delete"})
+
+
+def _line(event: SecretEvent) -> str:
+    return json.dumps({
+        "at": _now(), "operation": event.operation, "key": event.key,
+        "principal": event.principal, "remote": event.remote, "backend": event.backend,
+    }, ensure_ascii=False)
+
+
+@hookimpl
+def risoluto_secret_changing(event: SecretEvent, settings: Settings) -> Callable[[bool], None] | None:
+    if event.operation not in WRITTEN_AHEAD:
+        return None
+    path = settings.data_path / LOG_NAME
     try:
-        os.write(fd, (line + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        pending = LineAppend(path, _line(event), sync=True)
+    except OSError as exc:
+        log.error("cannot append to %s (%s): the %s is refused", path, exc.strerror or exc, event.operation)
+        if is_full(exc):
+            raise StorageFull(f"{path}: no space left for the audit line") from None
+        raise AuditUnavailable(f"{path}: {exc.strerror or exc}") from None
+
+    def finish(durable: bool) -> None:
+        if durable:
+            pending.keep()
+        else:
+            pending.take_back()
+
+    return finish
 
 
 @hookimpl
 def risoluto_secret_changed(event: SecretEvent, settings: Settings) -> None:
-    entry = {
-        "at": _now(), "operation": event.operation, "key": event.key,
-        "principal": event.principal, "remote": event.remote, "backend": event.backend,
-    }
+    if event.operation in WRITTEN_AHEAD:
+        return  # recorded before the change
     path = settings.data_path / LOG_NAME
     try:
-        ensure_private_dir(path.parent)
-        append_durably(path, json.dumps(entry, ensure_ascii=False))
-    except OSError as exc:  # must not raise: the change itself is already durable
-        log.error("cannot append to %s: %s", path, exc.strerror)
+        append_line(path, _line(event), sync=True)
+    except OSError as exc:  # must not raise: the rotation itself is already durable
+        log.error("cannot append to %s: %s", path, exc.strerror or exc)
 
 
 @hookimpl
 def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     item = "credential encryption: audit log"
     path = kernel.settings.data_path / LOG_NAME
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return [CheckResult(item=item, status=PASS, reason=f"{path} is created 0600 on the first change")]
-    except OSError as exc:
-        return [CheckResult(item=item, status=FAIL, reason=f"{path}: {exc.strerror}", fix="fix its permissions")]
-    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.W_OK):
-        return [CheckResult(item=item, status=FAIL, reason=f"{path} is not a writable regular file",
-                            fix=f"make {path} a regular file owned by the kernel's user, mode 0600")]
-    return [CheckResult(item=item, status=PASS, reason=f"every set/delete is appended to {path}")]
+    problem = append_problem(path)
+    if problem is not None:
+        return [CheckResult(item=item, status=FAIL, reason=f"{problem}: secret sets and deletes are refused",
+                            fix=f"free space on that file system, or make {path} a regular file owned by the "
+                                "kernel's user, mode 0600")]
+    where = "is appended to" if path.exists() else "will be appended to (created 0600)"
+    return [CheckResult(item=item, status=PASS, reason=f"every set/delete {where} {path} before it is made")]
 
 
 @hookimpl

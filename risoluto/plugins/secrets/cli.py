@@ -20,11 +20,11 @@ import attrs
 
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.cli import CliCommand
-from risoluto.hookspecs.secrets import SecretEvent, SecretStoreError, WrongMasterKey
+from risoluto.hookspecs.secrets import AuditUnavailable, SecretEvent, SecretStoreError, StorageFull, WrongMasterKey
 
 from .api import MAX_VALUE_BYTES, check_name, check_value
 from .master_key import commit_new_key, key_path, stage_new_key
-from .service import OpenedStore, announce, build_store, open_store
+from .service import OpenedStore, announce, audited, build_store, open_store
 
 
 class CliError(Exception):
@@ -95,6 +95,15 @@ async def _announce(args: Any, operation: str, key: str, backend: str) -> None:
     await announce(args.kernel.hooks, args.settings, event)
 
 
+async def _audited(args: Any, operation: str, key: str, store: Any, change: Any) -> bool:
+    """The change with its audit line written first (see ``audit_log``); refused if it cannot be."""
+    event = SecretEvent(operation=operation, key=key, backend=store.backend, principal=_principal(), remote="local")
+    try:
+        return await audited(args.kernel.hooks, args.settings, event, store, change)
+    except (StorageFull, AuditUnavailable) as exc:
+        raise CliError(f"{exc}; nothing was changed") from None
+
+
 def _name(args: Any) -> str:
     try:
         return check_name(args.name)
@@ -114,17 +123,22 @@ async def _set(args: Any, opened: OpenedStore) -> int:
         value = check_value(read_input(f"Value for {name}: "))
     except ValueError as exc:
         raise CliError(f"invalid value: {exc} Nothing was changed.") from None
-    await opened.store.set(name, value)
-    await _announce(args, "set", name, opened.store.backend)
+    store = opened.store
+
+    async def change() -> bool:
+        await store.set(name, value)
+        return True
+
+    await _audited(args, "set", name, store, change)
     print(f"secret {name} set ({opened.store.backend} backend)", file=sys.stderr)
     return 0
 
 
 async def _delete(args: Any, opened: OpenedStore) -> int:
     name = _name(args)
-    if not await opened.store.delete(name):
+    store = opened.store
+    if not await _audited(args, "delete", name, store, lambda: store.delete(name)):
         raise CliError(f"no secret named {name}")
-    await _announce(args, "delete", name, opened.store.backend)
     print(f"secret {name} deleted", file=sys.stderr)
     return 0
 

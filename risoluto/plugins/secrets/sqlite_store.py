@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from risoluto.fsutil import ensure_private_dir, ensure_private_file
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
-from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError
+from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, StorageFull
 
 from risoluto.worker_thread import WorkerThread, finished, started
 from risoluto.crypto import (
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from risoluto.settings import Settings
 
 DB_NAME = "risoluto.db"
+# Free space a WAL preallocation must leave: past this it would take what commits need.
+_PREALLOCATE_HEADROOM = 64 << 20
 _WAL_HEADER, _WAL_FRAME_HEADER = 32, 24  # bytes, from SQLite's WAL file format
 log = logging.getLogger("risoluto.secrets")
 _SCHEMA = (
@@ -124,8 +126,12 @@ class SqliteStore:
         try:
             if conn.execute(_GUARDED_UPSERT, (*row, check)).rowcount == 1:
                 return
-        except sqlite3.OperationalError:
-            pass  # busy (another writer on the file): the statement did nothing; take the slow path
+        except sqlite3.OperationalError as exc:
+            if _is_full(exc):  # the statement's implicit transaction is rolled back
+                self._after_full(conn)
+                with self._errors("write"):
+                    raise
+            # busy (another writer on the file): the statement did nothing; take the slow path
         except sqlite3.DatabaseError:
             with self._errors("write"):
                 raise
@@ -216,6 +222,8 @@ class SqliteStore:
             raise SecretStoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA secure_delete = ON")  # deleted ciphertexts are zeroed, not left in free pages
+        # a WAL that one large transaction grew past its usual size is cut back at the next reset
+        conn.execute(f"PRAGMA journal_size_limit = {self._wal_target(conn)}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in _SCHEMA:
@@ -236,6 +244,12 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             raise
 
+    def _wal_target(self, conn: sqlite3.Connection) -> int:
+        """The size the WAL reaches before an automatic checkpoint starts it again from the top."""
+        pages = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return _WAL_HEADER + max(pages, 0) * (_WAL_FRAME_HEADER + page_size)
+
     def _preallocate_wal(self, conn: sqlite3.Connection) -> None:
         """Zero-fill the WAL up to the size it reaches before a checkpoint; caller holds the write lock.
 
@@ -245,11 +259,11 @@ class SqliteStore:
         This is what PostgreSQL does with its WAL segments. A zeroed frame is never taken for a
         frame (page number 0 is invalid, the salts differ), as after SQLite's own WAL restart.
         Only bytes past the current end are written, under BEGIN IMMEDIATE, so no frame is
-        touched. It is speed, not safety: a failure is logged and the store goes on.
+        touched. It is speed, not safety, and never at the cost of the disk: it is skipped when
+        it would leave less than ``_PREALLOCATE_HEADROOM`` free, and a failed one (a disk that
+        filled meanwhile) is truncated back to the size the WAL had, then logged.
         """
-        pages = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        target = _WAL_HEADER + max(pages, 0) * (_WAL_FRAME_HEADER + page_size)
+        target = self._wal_target(conn)
         try:  # never created here: the WAL is SQLite's file, with SQLite's mode
             fd = os.open(f"{self.path}-wal", os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -259,16 +273,37 @@ class SqliteStore:
             return
         try:
             size = os.fstat(fd).st_size
-            if size < target:
-                zeros = memoryview(bytes(target - size))
+            if size >= target:
+                return
+            vfs = os.fstatvfs(fd)
+            free = (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) * vfs.f_frsize
+            if free - (target - size) < _PREALLOCATE_HEADROOM:
+                log.info("%s-wal: not preallocated (%d bytes free); commits that grow it are slower",
+                         self.path, free)
+                return
+            zeros = memoryview(bytes(target - size))
+            try:
                 while zeros:
                     zeros = zeros[os.pwrite(fd, zeros, target - len(zeros)):]
                 os.fdatasync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, size)  # give the space back: a shrink never needs any
+                log.warning("%s-wal: preallocation failed (%s); rolled back to %d bytes", self.path,
+                            exc.strerror or exc, size)
         except OSError as exc:
-            log.warning("%s-wal: preallocation failed (%s); commits that grow it are slower", self.path,
-                        exc.strerror or exc)
+            log.warning("%s-wal: preallocation skipped (%s)", self.path, exc.strerror or exc)
         finally:
             os.close(fd)
+
+    def _after_full(self, conn: sqlite3.Connection) -> None:
+        """A write failed on a full disk (its transaction is rolled back): try to give the WAL's
+        space back (a TRUNCATE checkpoint) and say so, without any value."""
+        wal = f"{self.path}-wal"
+        before = _size(wal)
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        log.error("%s: the disk is full; the write was rolled back (WAL %d -> %d bytes)", self.path, before,
+                  _size(wal))
 
     # -- reads and writes ------------------------------------------------------------------
 
@@ -277,6 +312,8 @@ class SqliteStore:
         try:
             yield
         except sqlite3.OperationalError as exc:
+            if _is_full(exc):
+                raise StorageFull(f"{self.path}: {what} failed: the disk is full; nothing was changed") from None
             if "locked" in str(exc) or "busy" in str(exc):
                 raise SecretStoreError(f"{self.path} is locked by another process ({what}); try again") from None
             raise SecretStoreError(f"{self.path}: {what} failed: {exc}") from None
@@ -314,9 +351,11 @@ class SqliteStore:
                 self._check_key(conn, check)
                 result = fn(conn)
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and _is_full(exc):
+                    self._after_full(conn)
                 raise
             return result
 
@@ -355,6 +394,21 @@ class SqliteStore:
             updates,
         )
         conn.execute("UPDATE encrypted_secrets_meta SET value = ? WHERE name = 'key_check'", (key_check(new_key),))
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    """SQLITE_FULL: "database or disk is full" (the extended code keeps the primary in its low byte)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_FULL
+    return "disk is full" in str(exc)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 @hookimpl
