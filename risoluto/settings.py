@@ -172,6 +172,26 @@ class PluginsConfig:
     disable: list[str] = attrs.field(factory=list)
 
 
+def _nonempty(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not value:
+        raise ValueError("must not be empty")
+
+
+_nonempty.allowed = "required"  # type: ignore[attr-defined]  # for the docs
+
+
+@attrs.frozen(kw_only=True)
+class CredentialConfig:
+    """One brokered credential (``egress.credentials[]``, config file only; docs/egress.md)."""
+
+    secret: str = attrs.field(default="", validator=_nonempty)
+    hosts: list[str] = attrs.field(factory=list, validator=_nonempty)
+    header: str = "Authorization"
+    format: str = "Bearer {value}"
+    paths: list[str] = attrs.field(factory=lambda: ["/*"], validator=_nonempty)
+    methods: list[str] = attrs.field(factory=list)  # empty: every method
+
+
 @attrs.frozen(kw_only=True)
 class EgressConfig:
     resolver: str = ""
@@ -180,6 +200,9 @@ class EgressConfig:
     max_connections: int = attrs.field(default=256, validator=_positive(65_536))
     idle_timeout_s: float = attrs.field(default=60.0, validator=_positive(24 * 3600))
     connect_timeout_s: float = attrs.field(default=10.0, validator=_positive(3600))
+    # Credential brokering (docs/egress.md): config file only, never the overlay.
+    credentials: list[CredentialConfig] = attrs.field(factory=list)
+    upstream_ca_file: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -222,6 +245,9 @@ class Settings:
 
 # Keys that only ever come from the environment (never from a file an attacker might write).
 _ENV_ONLY = {"master_key", "data_dir"}
+# egress keys only the config file may set: the overlay is writable through the API, and these
+# say which hosts receive a real secret and which CA vouches for them.
+_FILE_ONLY_EGRESS = {"credentials", "upstream_ca_file"}
 _SECRET_FIELDS = {"master_key", "write_token", "read_token"}
 
 
@@ -235,6 +261,8 @@ def camel(name: str) -> str:
 
 
 def _to_camel(value: Any, redact: bool, field: str = "") -> Any:
+    if isinstance(value, list):
+        return [_to_camel(v, redact, field) for v in value]
     if isinstance(value, dict):
         # user-supplied maps (egress.hosts) keep their own keys
         convert = field != "hosts"
@@ -280,11 +308,16 @@ def _convert(cls: type, data: Any, path: str) -> Any:
 
 def _failing_field(cls: type, kwargs: dict[str, Any]) -> str | None:
     for f in attrs.fields(cls):
-        if f.name in kwargs and f.validator is not None:
-            try:
-                f.validator(None, f, kwargs[f.name])
-            except ValueError:
-                return f.name
+        if f.validator is None:
+            continue
+        if f.name in kwargs:
+            value = kwargs[f.name]
+        else:  # a required key left out fails on its default
+            value = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[union-attr]
+        try:
+            f.validator(None, f, value)
+        except ValueError:
+            return f.name
     return None
 
 
@@ -428,6 +461,15 @@ def _check_env_only(data: Mapping[str, Any], what: str) -> None:
                     )
 
 
+def _check_file_only(overlay: Mapping[str, Any]) -> None:
+    for key, value in overlay.items():
+        if isinstance(key, str) and snake(key) == "egress" and isinstance(value, Mapping):
+            for sub in value:
+                if isinstance(sub, str) and snake(sub) in _FILE_ONLY_EGRESS:
+                    raise ConfigError(f"overlay: egress.{sub}: set only in the config file, never in the overlay "
+                                      "(it decides which hosts receive real secrets)")
+
+
 def build_settings(
     file_data: Mapping[str, Any] | None = None,
     overlay: Mapping[str, Any] | None = None,
@@ -440,6 +482,8 @@ def build_settings(
         if data:
             _check_env_only(data, what)
             merged = deep_merge(merged, data)
+    if overlay:
+        _check_file_only(overlay)
     merged = deep_merge(merged, _env_overrides(environ))
     merged = deep_merge(merged, {
         "data_dir": _env(environ, "DATA_DIR") or ".risoluto",

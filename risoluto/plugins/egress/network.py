@@ -28,6 +28,7 @@ from risoluto.errors import ApiError, ConfigError, StartupError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 
+from ._broker_launch import attach_broker, make_broker
 from ._metrics import metrics_for
 from .allowlist import Allowlist
 from .host_firewall import HostFirewall, can_manage
@@ -112,6 +113,7 @@ class DockerEgressEnforcer:
         attrs = await anyio.to_thread.run_sync(ensure_network, self._docker, self.network)
         self.gateway, self.bridge = gateway_of(attrs)
         self.proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel))
+        self.proxy.broker = make_broker(kernel)  # None unless egress.credentials is set
         await self._serve(self.proxy)
         why = can_manage()
         if why:
@@ -192,6 +194,8 @@ class DockerEgressEnforcer:
 
         spec.on_created.append(created)
         spec.on_removed.append(removed)
+        if proxy.broker is not None and not request.dry_run:
+            attach_broker(proxy.broker, spec, request, settings, username, self._docker)
 
     def _addresses(self, container_id: str) -> set[str]:
         """The container's addresses on the egress network: its credential is valid only from there."""

@@ -1,0 +1,423 @@
+"""The credential broker inside the egress proxy: terminated HTTP/1.1 for credentialed hosts.
+
+A CONNECT to a host some ``egress.credentials`` entry names is not tunnelled: after the
+proxy's usual checks (credential, allowlist, address, SNI) the broker answers the worker's
+TLS with a leaf of that sandbox's own CA, opens verified TLS to the address the proxy
+checked (ALPN ``http/1.1``), and relays HTTP/1.1 exchanges parsed by h11 (keep-alive,
+chunked bodies, streamed responses: each piece is sent on as it arrives). In each request a
+placeholder is replaced by the formatted real secret, read from the secret store per
+request, only when sandbox, host, port, method, path and header all match an entry; any
+other placeholder use is refused with 403 ``credential_not_allowed`` and nothing of that
+request goes upstream. A plain-HTTP request carrying a placeholder is refused the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import anyio
+import attrs
+import h11
+from prometheus_client import Counter
+
+from ._credentials import PLACEHOLDER, Credential, host_of, mentions_placeholder, new_placeholder
+from ._http import MAX_HEAD
+from ._relay import BUF, Activity, Conn, IdleTimeout, Reader
+from ._sandbox_ca import SandboxCA
+
+if TYPE_CHECKING:
+    from risoluto.kernel import Kernel
+
+    from .allowlist import IPAddress
+
+log = logging.getLogger("risoluto.egress")
+
+# Never relayed in either direction: they describe one hop, or would switch protocols.
+_HOP = {b"connection", b"keep-alive", b"proxy-authorization", b"proxy-authenticate", b"proxy-connection",
+        b"te", b"trailer", b"upgrade", b"expect"}
+
+
+class SecretsLocked(Exception):
+    """The secret store is locked (no master key): brokered requests answer 503."""
+
+
+ReadSecret = Callable[[str], Awaitable["str | None"]]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str, message: str, why: str = "", secret: str = ""):
+        super().__init__(reason)
+        self.status, self.reason, self.message, self.why, self.secret = status, reason, message, why, secret
+
+
+@attrs.define
+class SandboxState:
+    """What the broker holds for one sandbox: its CA and its placeholders (secret name -> text)."""
+
+    sandbox: str
+    ca: SandboxCA
+    placeholders: dict[str, str]
+
+
+class BrokerMetrics:
+    def __init__(self, registry: Any):
+        self.requests = Counter("risoluto_egress_brokered_requests",
+                                "Requests in terminated (credentialed) connections, by outcome",
+                                ["outcome"], registry=registry)
+
+
+def broker_metrics(kernel: Kernel) -> BrokerMetrics:
+    metrics = kernel.state.get("egress.broker_metrics")
+    if metrics is None:
+        metrics = kernel.state["egress.broker_metrics"] = BrokerMetrics(kernel.metrics_registry)
+    return metrics
+
+
+def upstream_context(ca_file: str) -> ssl.SSLContext:
+    """The host's trust store, plus ``egress.upstreamCaFile`` when set; HTTP/1.1 only."""
+    ctx = ssl.create_default_context()
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class TLSConn:
+    """TLS over a proxy :class:`Conn` through memory BIOs (bytes already read can be fed in)."""
+
+    def __init__(self, conn: Conn, ctx: ssl.SSLContext, activity: Activity, *, server_side: bool,
+                 hostname: str | None = None, first: bytes = b""):
+        self.conn, self.activity = conn, activity
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        if first:
+            self.incoming.write(first)
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=hostname)
+
+    async def _flush(self) -> None:
+        if self.outgoing.pending:
+            await self.conn.send(self.outgoing.read(), self.activity)
+
+    async def _feed(self) -> None:
+        data = await self.conn.recv(BUF, self.activity)
+        self.activity.touch()
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._feed()
+        await self._flush()
+
+    async def recv(self) -> bytes:
+        """Plaintext as soon as some is there (up to BUF); b"" at the end of the stream."""
+        parts: list[bytes] = []
+        size = 0
+        while size < BUF:
+            try:
+                chunk = self.obj.read(BUF)
+            except ssl.SSLWantReadError:
+                if parts:
+                    break
+                await self._flush()
+                await self._feed()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        await self._flush()
+        return b"".join(parts)
+
+    async def send(self, data: bytes) -> None:
+        if data:
+            self.obj.write(data)
+            self.activity.touch()
+            await self._flush()
+
+    async def close(self) -> None:
+        """Best effort close_notify; the socket itself is closed by the proxy."""
+        with anyio.move_on_after(0.5):
+            try:
+                self.obj.unwrap()
+            except (ssl.SSLError, ValueError):
+                pass
+            try:
+                await self._flush()
+            except OSError:
+                pass
+
+
+class Broker:
+    def __init__(self, credentials: tuple[Credential, ...], read_secret: ReadSecret, upstream_ca_file: str,
+                 metrics: BrokerMetrics):
+        self.credentials = credentials
+        self.read_secret = read_secret
+        self.upstream = upstream_context(upstream_ca_file)
+        self.metrics = metrics
+        self._sandboxes: dict[str, SandboxState] = {}
+        self._owners: dict[str, tuple[str, str]] = {}  # placeholder -> (sandbox, secret name)
+
+    # -- sandboxes ------------------------------------------------------------------------
+    def prepare(self, sandbox: str, names: set[str], life_s: float) -> SandboxState:
+        """A CA and placeholders for a launch (registered only once its container exists)."""
+        return SandboxState(sandbox=sandbox, ca=SandboxCA(sandbox, life_s),
+                            placeholders={name: new_placeholder(name) for name in sorted(names)})
+
+    def register(self, state: SandboxState) -> None:
+        self._sandboxes[state.sandbox] = state
+        for name, text in state.placeholders.items():
+            self._owners[text] = (state.sandbox, name)
+
+    def unregister(self, sandbox: str) -> None:
+        state = self._sandboxes.pop(sandbox, None)
+        if state is not None:
+            for text in state.placeholders.values():
+                self._owners.pop(text, None)
+
+    def brokered(self) -> frozenset[str]:
+        return frozenset(c.secret for c in self.credentials)
+
+    def credentialed(self, host: str | IPAddress, port: int) -> bool:
+        return any(c.covers_host(host, port) for c in self.credentials)
+
+    # -- the proxy's hand-off -------------------------------------------------------------
+    async def takes(self, proxy: Any, conn: Conn, reader: Reader, upstream: Conn, head: Any,
+                    host: str | IPAddress, port: int, client: Any, ctx: dict[str, Any]) -> bool:
+        """Serve the request when it is the broker's (True), else leave it to the proxy (False)."""
+        if head.method != "CONNECT":
+            if any(mentions_placeholder(v) for _, v in head.headers) or mentions_placeholder(head.target):
+                refusal = Refused(403, "credential_not_allowed",
+                                  "A credential placeholder may be used only over HTTPS to the host it is bound to.",
+                                  "plain_http")
+                self._refused(ctx, refusal, head.method)
+                await proxy._refuse(conn, ctx, _proxy_refusal(refusal))
+                return True
+            return False
+        if not self.credentialed(host, port):
+            return False
+        state = self._sandboxes.get(client.username)
+        if state is None:  # cannot happen for a sandbox launched by this kernel: fail closed
+            from .proxy import Refusal
+
+            await proxy._refuse(conn, ctx, Refusal(503, "broker_unavailable", "This sandbox has no broker state."))
+            return True
+        await self._terminate(proxy, conn, reader, upstream, host, port, state, ctx)
+        return True
+
+    async def _terminate(self, proxy: Any, conn: Conn, reader: Reader, upstream: Conn, host: str | IPAddress,
+                         port: int, state: SandboxState, ctx: dict[str, Any]) -> None:
+        policy = proxy.policy()
+        await conn.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        first, why = await proxy._client_hello(reader, policy, host, False)
+        if why:
+            proxy._log(ctx, "deny", why)
+            return
+        proxy._log(ctx, "allow", "credential_host")
+        proxy.metrics.tunnels.inc()
+        activity = Activity(policy.cfg.idle_timeout_s)
+        down = TLSConn(conn, state.ca.context(str(host)), activity, server_side=True, first=first)
+        up = TLSConn(upstream, self.upstream, activity, server_side=False, hostname=str(host))
+        try:
+            try:
+                await down.handshake()
+                await up.handshake()
+            except ssl.SSLError as exc:
+                log.info("egress broker: TLS handshake failed sandbox=%s host=%s: %s", state.sandbox, host,
+                         getattr(exc, "reason", None) or type(exc).__name__)
+                return
+            if up.obj.selected_alpn_protocol() not in (None, "http/1.1"):
+                log.info("egress broker: %s chose ALPN %s, not http/1.1", host, up.obj.selected_alpn_protocol())
+                return
+            await self._exchanges(proxy, down, up, host, port, state, ctx)
+            await down.close()
+        except (h11.ProtocolError, ssl.SSLError, IdleTimeout, anyio.EndOfStream, OSError):
+            pass  # one side broke the protocol or went away: the connection ends
+        finally:
+            proxy.metrics.tunnels.dec()
+
+    async def _exchanges(self, proxy: Any, down: TLSConn, up: TLSConn, host: str | IPAddress, port: int,
+                         state: SandboxState, ctx: dict[str, Any]) -> None:
+        server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        client = h11.Connection(h11.CLIENT)
+        while True:
+            try:
+                request = await _next(server, down)
+            except h11.RemoteProtocolError:
+                await _answer(server, down, 400, "malformed_request", "Malformed HTTP/1.1 request.")
+                return
+            if not isinstance(request, h11.Request):
+                return  # the worker closed the connection
+            try:
+                headers = await self._outgoing(request, host, port, state)
+            except Refused as refusal:
+                self._refused(ctx, refusal, request.method.decode("ascii", "replace"))
+                await _answer(server, down, refusal.status, refusal.reason, refusal.message)
+                return
+            if server.they_are_waiting_for_100_continue:
+                await down.send(server.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await up.send(client.send(h11.Request(method=request.method, target=request.target, headers=headers)))
+            if not await _relay_body(server, down, client, up, proxy.metrics.upload):
+                return
+            if not await self._relay_response(client, up, server, down, proxy.metrics.download):
+                return
+            if server.our_state is not h11.DONE or client.our_state is not h11.DONE \
+                    or client.their_state is not h11.DONE:
+                return  # one side asked to close (Connection: close, HTTP/1.0, close-delimited body)
+            server.start_next_cycle()
+            client.start_next_cycle()
+
+    async def _outgoing(self, request: h11.Request, host: str | IPAddress, port: int,
+                        state: SandboxState) -> list[tuple[bytes, bytes]]:
+        """The request's headers as sent upstream: hop-by-hop ones gone, a matching placeholder
+        replaced by the real value. Refused: every other use of a placeholder."""
+        method = request.method.decode("ascii")
+        target = request.target.decode("latin-1")
+        if mentions_placeholder(target):
+            raise Refused(403, "credential_not_allowed", "A credential placeholder may not be used in the URL.",
+                          "in_url")
+        if method == "CONNECT":
+            raise Refused(405, "method_not_allowed", "CONNECT inside a terminated connection is not supported.")
+        path = target.split("?", 1)[0] if target.startswith("/") else ""
+        marked = any(mentions_placeholder(v.decode("latin-1")) for _, v in request.headers)
+        if marked:
+            hosts = [host_of(v.decode("latin-1")) for k, v in request.headers if k == b"host"]
+            # the name must be the CONNECT host (no other virtual host); a port, when written, its port
+            if len(hosts) != 1 or hosts[0] is None or hosts[0][0] != host or hosts[0][1] not in (None, port):
+                raise Refused(403, "credential_not_allowed", "The Host header does not name the host the "
+                              "credential is bound to.", "host_header")
+        out: list[tuple[bytes, bytes]] = []
+        for name, value in request.headers:
+            if marked and mentions_placeholder(value.decode("latin-1")):
+                value = await self._inject(name.decode("ascii"), value.decode("latin-1"), host, port, method, path,
+                                           state)
+            if name not in _HOP:
+                out.append((name, value))
+        self.metrics.requests.labels(outcome="injected" if marked else "passed").inc()
+        return out
+
+    async def _inject(self, header: str, text: str, host: str | IPAddress, port: int, method: str, path: str,
+                      state: SandboxState) -> bytes:
+        found = list(PLACEHOLDER.finditer(text))
+        if len(found) != 1:
+            raise Refused(403, "credential_not_allowed", "Unknown credential placeholder.", "unknown")
+        placeholder, name = found[0].group(0), found[0].group(1)
+        owner = self._owners.get(placeholder)
+        if owner is None:
+            raise Refused(403, "credential_not_allowed", "This placeholder belongs to no running sandbox.",
+                          "unknown_or_ended", name)
+        if owner[0] != state.sandbox:
+            raise Refused(403, "credential_not_allowed", "This placeholder belongs to another sandbox.",
+                          "other_sandbox", name)
+        entries = [c for c in self.credentials if c.secret == name]
+        if not any(c.header == header for c in entries):
+            raise Refused(403, "credential_not_allowed", f"The placeholder for {name} may not be sent in {header}.",
+                          "header", name)
+        entry = next((c for c in entries if c.header == header and c.allows(host, port, method, path)), None)
+        if entry is None:
+            raise Refused(403, "credential_not_allowed",
+                          f"The credential {name} is not allowed for {method} to this host and path.",
+                          "host_method_or_path", name)
+        try:
+            value = await self.read_secret(name)
+        except SecretsLocked:
+            raise Refused(503, "secrets_locked", "The secret store is locked; brokered credentials are "
+                          "unavailable.", "locked", name) from None
+        if value is None or any(c in value for c in "\r\n\x00"):
+            raise Refused(503, "credential_unavailable", f"The secret {name} is missing or not a header value.",
+                          "missing", name)
+        return entry.render(value).encode("latin-1", "replace")
+
+    async def _relay_response(self, client: h11.Connection, up: TLSConn, server: h11.Connection, down: TLSConn,
+                              counter: Any) -> bool:
+        while True:
+            try:
+                event = await _next(client, up)
+            except h11.RemoteProtocolError:
+                self.metrics.requests.labels(outcome="bad_gateway").inc()
+                if server.our_state is h11.SEND_RESPONSE:
+                    await _answer(server, down, 502, "upstream_protocol_error", "The origin broke HTTP/1.1.")
+                return False
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code != 101:
+                    await down.send(server.send(h11.InformationalResponse(
+                        status_code=event.status_code, headers=_strip(event.headers), reason=event.reason)))
+            elif isinstance(event, h11.Response):
+                await down.send(server.send(h11.Response(status_code=event.status_code,
+                                                         headers=_strip(event.headers), reason=event.reason)))
+            elif isinstance(event, h11.Data):
+                counter.inc(len(event.data))
+                await down.send(server.send(h11.Data(data=event.data)))
+            elif isinstance(event, h11.EndOfMessage):
+                await down.send(server.send(h11.EndOfMessage(headers=_strip(event.headers))))
+                return True
+            else:
+                return False
+
+    def _refused(self, ctx: dict[str, Any], refusal: Refused, method: str) -> None:
+        self.metrics.requests.labels(outcome=refusal.reason).inc()
+        log.info("egress broker deny reason=%s why=%s sandbox=%s method=%s host=%s port=%s secret=%s",
+                 refusal.reason, refusal.why or "-", ctx.get("sandbox", "-"), method, ctx.get("host", "-"),
+                 ctx.get("port", "-"), refusal.secret or "-")
+
+
+def _proxy_refusal(refusal: Refused) -> Any:
+    from .proxy import Refusal
+
+    return Refusal(refusal.status, refusal.reason, refusal.message)
+
+
+def _strip(headers: Any) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in headers if k not in _HOP]
+
+
+async def _next(conn: h11.Connection, tls: TLSConn) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await tls.recv())
+            continue
+        return event
+
+
+async def _relay_body(server: h11.Connection, down: TLSConn, client: h11.Connection, up: TLSConn,
+                      counter: Any) -> bool:
+    """The request body, piece by piece; request trailers are dropped (they could carry a placeholder)."""
+    while True:
+        try:
+            event = await _next(server, down)
+        except h11.RemoteProtocolError:
+            return False
+        if isinstance(event, h11.Data):
+            counter.inc(len(event.data))
+            await up.send(client.send(h11.Data(data=event.data)))
+        elif isinstance(event, h11.EndOfMessage):
+            await up.send(client.send(h11.EndOfMessage()))
+            return True
+        else:
+            return False
+
+
+async def _answer(server: h11.Connection, down: TLSConn, status: int, reason: str, message: str) -> None:
+    """The broker's own answer inside a terminated connection; the connection closes after it."""
+    if server.our_state is not h11.SEND_RESPONSE:
+        return
+    body = f"{message}\n".encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+               (b"x-risoluto-egress", reason.encode()), (b"connection", b"close")]
+    try:
+        await down.send(server.send(h11.Response(status_code=status, headers=headers)))
+        await down.send(server.send(h11.Data(data=body)))
+        await down.send(server.send(h11.EndOfMessage()))
+    except (h11.LocalProtocolError, OSError):
+        pass

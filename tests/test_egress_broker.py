@@ -1,0 +1,340 @@
+"""The credential broker in the egress proxy on loopback, no Docker: every misuse is tried.
+
+An HTTPS origin with its own CA (given as ``egress.upstreamCaFile``) listens on 127.0.78.1;
+the proxy gets a test-only ``allowPrivateNetworks: [127.0.0.0/8]`` and pins the names there.
+Two sandboxes (sbx-a from 127.0.0.1, sbx-b from 127.0.0.2) each hold a placeholder for
+``API_TOKEN``; the client side speaks TLS trusting only the sandbox's own CA.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import ssl
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+import attrs
+import h11
+import pytest
+from anyio.streams.tls import TLSStream
+
+from broker_support import Upstream, start_upstream
+from egress_support import CA
+from risoluto.errors import ConfigError
+from risoluto.kernel import Kernel
+from risoluto.plugins.egress import _credentials
+from risoluto.plugins.egress._broker import Broker, SandboxState
+from risoluto.plugins.egress._broker_launch import make_broker
+from risoluto.plugins.egress._metrics import metrics_for
+from risoluto.plugins.egress.allowlist import Allowlist
+from risoluto.plugins.egress.proxy import Client, EgressProxy
+from risoluto.settings import build_settings
+
+pytestmark = pytest.mark.anyio
+
+HOST = "127.0.78.1"
+REAL = "real-token-" + "r" * 24
+ROTATED = "rotated-token-" + "s" * 24
+
+
+class Store:
+    """A stand-in secret store: get() is what the broker calls per request."""
+
+    def __init__(self, values: dict[str, str]):
+        self.values = values
+
+    async def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    async def list(self) -> list[str]:
+        return sorted(self.values)
+
+
+@attrs.define
+class Env:
+    proxy: EgressProxy
+    port: int
+    kernel: Kernel
+    broker: Broker
+    upstream: Upstream
+    uport: int
+    states: dict[str, SandboxState]
+    ca: CA
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.kernel.metrics_registry.get_sample_value(name, labels) or 0.0
+
+
+SECRETS = {"sbx-a": "secret-a-" + "a" * 20, "sbx-b": "secret-b-" + "b" * 20}
+SOURCES = {"sbx-a": "127.0.0.1", "sbx-b": "127.0.0.2"}
+
+
+def egress_config(tmp_path: Any, ca: CA, uport: int) -> dict[str, Any]:
+    return {
+        "codex": {"sandbox": {"egressAllowlist": [f"api.test:{uport}", f"plain.test:{uport}",
+                                                  f"other-api.test:{uport}"]}},
+        "egress": {
+            "allowPrivateNetworks": ["127.0.0.0/8"], "idleTimeoutS": 5.0,
+            "hosts": {"api.test": HOST, "plain.test": HOST, "other-api.test": HOST},
+            "upstreamCaFile": str(ca.ca_path),
+            "credentials": [
+                {"secret": "API_TOKEN", "hosts": [f"api.test:{uport}"], "paths": ["/v1/*", "/sse", "/big/*"],
+                 "methods": ["GET", "POST"]},
+                {"secret": "KEY_HEADER", "hosts": [f"api.test:{uport}"], "header": "X-Api-Key", "format": "{value}"},
+            ],
+        },
+    }
+
+
+@contextlib.asynccontextmanager
+async def broker_env(tmp_path: Any) -> AsyncIterator[Env]:
+    ca = CA(tmp_path, ["api.test", "plain.test", "other-api.test"])
+    async with anyio.create_task_group() as tg:
+        upstream, uport = await start_upstream(tg, HOST, 0, ca.server_context())
+        settings = build_settings(egress_config(tmp_path, ca, uport), None, {"DATA_DIR": str(tmp_path)})
+        kernel = Kernel(settings)
+        kernel.secret_store = Store({"API_TOKEN": REAL, "KEY_HEADER": "key-" + "k" * 20})
+        proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel))
+        broker = make_broker(kernel)
+        assert broker is not None
+        proxy.broker = broker
+        states = {}
+        for name, source in SOURCES.items():
+            proxy.register(Client(username=name, secret=SECRETS[name].encode(), sandbox=name,
+                                  addresses=frozenset({source}),
+                                  allowlist=Allowlist(settings.codex.sandbox.egress_allowlist)))
+            states[name] = broker.prepare(name, {"API_TOKEN", "KEY_HEADER"}, 600)
+            broker.register(states[name])
+        _, port = await tg.start(proxy.serve, "127.0.0.1")
+        yield Env(proxy, port, kernel, broker, upstream, uport, states, ca)
+        tg.cancel_scope.cancel()
+
+
+class Session:
+    """One CONNECT tunnel from a sandbox, TLS trusting ``cadata`` only, HTTP/1.1 keep-alive."""
+
+    def __init__(self, stream: Any, tls: Any):
+        self.stream, self.tls = stream, tls
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def request(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
+                      body: bytes = b"", host: str = "api.test") -> tuple[int, dict[str, str], bytes, list[float]]:
+        """(status, headers, body, arrival time of each body piece)."""
+        hdrs = [("Host", host)] + (headers or [])
+        if body:
+            hdrs.append(("Content-Length", str(len(body))))
+        await self.tls.send(self.conn.send(h11.Request(method=method, target=target, headers=hdrs)))
+        if body:
+            await self.tls.send(self.conn.send(h11.Data(data=body)))
+        await self.tls.send(self.conn.send(h11.EndOfMessage()))
+        status, got, out, times = 0, {}, b"", []
+        with anyio.fail_after(10):
+            while True:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        self.conn.receive_data(await self.tls.receive())
+                    except (anyio.EndOfStream, ssl.SSLError):
+                        self.conn.receive_data(b"")
+                    continue
+                if isinstance(event, h11.Response):
+                    status = event.status_code
+                    got = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    out += event.data
+                    times.append(time.monotonic())
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        return status, got, out, times
+
+
+@contextlib.asynccontextmanager
+async def session(env: Env, sandbox: str = "sbx-a", host: str = "api.test",
+                  cadata: str | None = None) -> AsyncIterator[Session]:
+    stream = await anyio.connect_tcp("127.0.0.1", env.port, local_host=SOURCES[sandbox])
+    async with stream:
+        cred = base64.b64encode(f"{sandbox}:{SECRETS[sandbox]}".encode()).decode()
+        await stream.send(f"CONNECT {host}:{env.uport} HTTP/1.1\r\nHost: {host}\r\n"
+                          f"Proxy-Authorization: Basic {cred}\r\n\r\n".encode())
+        head = b""
+        with anyio.fail_after(10):
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive()
+        assert head.startswith(b"HTTP/1.1 200"), head
+        ctx = ssl.create_default_context(cadata=cadata or env.states[sandbox].ca.pem.decode())
+        with anyio.fail_after(10):
+            tls = await TLSStream.wrap(stream, server_side=False, hostname=host, ssl_context=ctx,
+                                       standard_compatible=False)
+        yield Session(stream, tls)
+
+
+def placeholder(env: Env, sandbox: str = "sbx-a", name: str = "API_TOKEN") -> str:
+    return env.states[sandbox].placeholders[name]
+
+
+async def test_injection_keep_alive_and_chunked(tmp_path):
+    async with broker_env(tmp_path) as env:
+        ph = placeholder(env)
+        assert ph.startswith("risoluto-placeholder-API_TOKEN-") and len(ph.rsplit("-", 1)[1]) == 32
+        async with session(env) as s:
+            status, _, body, _ = await s.request("GET", "/v1/models", [("Authorization", f"Bearer {ph}")])
+            assert status == 200
+            seen = json.loads(body)
+            assert seen["headers"]["authorization"] == f"Bearer {REAL}"
+            # the same connection again (keep-alive), a POST with a body, and a chunked answer
+            status, _, body, _ = await s.request("POST", "/v1/chat", [("Authorization", f"Bearer {ph}")], b"hello")
+            assert status == 200 and json.loads(body)["body"] == "hello"
+            status, _, body, times = await s.request("GET", "/chunked", [("X-Other", "1")])
+            assert status == 200 and json.loads(body)["headers"]["x-other"] == "1" and len(times) >= 1
+            # a request without a placeholder passes untouched
+            assert "authorization" not in json.loads(body)["headers"]
+            # another entry: its own header and format
+            status, _, body, _ = await s.request("GET", "/anything", [("X-Api-Key", placeholder(env, name="KEY_HEADER"))])
+            assert status == 200 and json.loads(body)["headers"]["x-api-key"] == "key-" + "k" * 20
+        assert env.upstream.connections == 1  # one upstream connection carried every request
+        assert env.metric("risoluto_egress_brokered_requests_total", outcome="injected") == 3
+        assert env.metric("risoluto_egress_decisions_total", verdict="allow", reason="credential_host") == 1
+
+
+@pytest.mark.parametrize("method, target, headers, why", [
+    ("GET", "/admin", "Authorization: Bearer {ph}", "path"),
+    ("DELETE", "/v1/models", "Authorization: Bearer {ph}", "method"),
+    ("GET", "/v1/models?key={ph}", "", "query"),
+    ("GET", "/v1/{ph}", "", "url"),
+    ("GET", "/v1/models", "X-Forward: Bearer {ph}", "other header"),
+    ("GET", "/v1/models", "Authorization: Bearer {other}", "other sandbox"),
+    ("GET", "/v1/models", "Authorization: Bearer risoluto-placeholder-API_TOKEN-" + "0" * 32, "invented"),
+    ("GET", "/v1/../admin", "Authorization: Bearer {ph}", "dot segment"),
+    ("GET", "/v1/%2e%2e/admin", "Authorization: Bearer {ph}", "encoded dot segment"),
+    ("GET", "/v1/models", "Authorization: Bearer {ph}\r\nHost2: x", "host header"),
+])
+async def test_misuse_is_refused_and_nothing_goes_upstream(tmp_path, caplog, method, target, headers, why):
+    caplog.set_level(logging.INFO, logger="risoluto.egress")
+    async with broker_env(tmp_path) as env:
+        ph, other = placeholder(env), placeholder(env, "sbx-b")
+        target = target.format(ph=ph)
+        extra = []
+        host = "api.test"
+        for line in headers.format(ph=ph, other=other).split("\r\n"):
+            if line.startswith("Host2"):
+                host = "plain.test"  # the Host header names another vhost than the CONNECT
+            elif line:
+                extra.append(tuple(line.split(": ", 1)))
+        async with session(env) as s:
+            status, got, _, _ = await s.request(method, target, extra, host=host)
+        assert (status, got.get("x-risoluto-egress")) == (403, "credential_not_allowed"), why
+        assert env.upstream.requests == []
+        assert env.metric("risoluto_egress_brokered_requests_total", outcome="credential_not_allowed") == 1
+        lines = [r.getMessage() for r in caplog.records if "credential_not_allowed" in r.getMessage()]
+        assert len(lines) == 1 and ph not in lines[0] and REAL not in lines[0]
+
+
+async def test_ended_sandbox_placeholder_and_wrong_host(tmp_path):
+    async with broker_env(tmp_path) as env:
+        ph_b = placeholder(env, "sbx-b")
+        env.broker.unregister("sbx-b")  # sandbox B ended
+        async with session(env) as s:
+            status, got, _, _ = await s.request("GET", "/v1/models", [("Authorization", f"Bearer {ph_b}")])
+        assert (status, got.get("x-risoluto-egress")) == (403, "credential_not_allowed")
+        # a credentialed connection to a host the credential is not bound to: other-api.test is not in the
+        # entry, so it is an end-to-end tunnel and the worker sees the origin's real certificate
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with session(env, host="other-api.test"):
+                pass
+        async with session(env, host="other-api.test", cadata=env.ca.ca_path.read_text()) as s:
+            status, _, body, _ = await s.request("GET", "/", [], host="other-api.test")
+            assert status == 200 and json.loads(body)["headers"].get("authorization") is None
+        assert [r["target"] for r in env.upstream.requests] == ["/"]
+
+
+async def test_placeholder_over_plain_http_is_refused(tmp_path):
+    async with broker_env(tmp_path) as env:
+        cred = base64.b64encode(f"sbx-a:{SECRETS['sbx-a']}".encode()).decode()
+        stream = await anyio.connect_tcp("127.0.0.1", env.port)
+        async with stream:
+            await stream.send(f"GET http://plain.test:{env.uport}/ HTTP/1.1\r\nHost: plain.test\r\n"
+                              f"Authorization: Bearer {placeholder(env)}\r\n"
+                              f"Proxy-Authorization: Basic {cred}\r\n\r\n".encode())
+            out = b""
+            with contextlib.suppress(anyio.EndOfStream):
+                with anyio.fail_after(5):
+                    while True:
+                        out += await stream.receive()
+        assert out.startswith(b"HTTP/1.1 403") and b"X-Risoluto-Egress: credential_not_allowed" in out
+        assert env.upstream.requests == []
+
+
+async def test_rotation_locked_store_and_sse(tmp_path):
+    async with broker_env(tmp_path) as env:
+        ph = placeholder(env)
+        auth = [("Authorization", f"Bearer {ph}")]
+        async with session(env) as s:
+            assert (await s.request("GET", "/v1/a", auth))[0] == 200
+            env.kernel.secret_store.values["API_TOKEN"] = ROTATED  # rotated: the next request uses it
+            status, _, body, _ = await s.request("GET", "/v1/b", auth)
+            assert status == 200 and json.loads(body)["headers"]["authorization"] == f"Bearer {ROTATED}"
+            # server-sent events arrive one by one, not at the end
+            status, got, body, times = await s.request("GET", "/sse", auth)
+            assert status == 200 and body.count(b"data: event") == 3
+            assert len(times) >= 3 and times[-1] - times[0] >= 0.6, times
+        locked_store, env.kernel.secret_store = env.kernel.secret_store, None
+        async with session(env) as s:
+            status, got, _, _ = await s.request("GET", "/v1/c", auth)
+        assert (status, got.get("x-risoluto-egress")) == (503, "secrets_locked")
+        assert [r["target"] for r in env.upstream.requests] == ["/v1/a", "/v1/b", "/sse"]
+        assert locked_store is not None
+
+
+async def test_upstream_certificate_is_verified(tmp_path):
+    """Without egress.upstreamCaFile the origin's private CA is not trusted: nothing is sent."""
+    async with broker_env(tmp_path) as env:
+        env.broker.upstream = ssl.create_default_context()
+        async with session(env) as s:
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError, h11.ProtocolError)):
+                status, *_ = await s.request("GET", "/v1/models", [("Authorization", f"Bearer {placeholder(env)}")])
+                if status == 0:
+                    raise anyio.EndOfStream
+        assert env.upstream.requests == []
+
+
+def test_config_errors_name_the_key(tmp_path):
+    base = {"codex": {"sandbox": {"egressAllowlist": ["api.test"]}}}
+
+    def settings(creds: list[Any], allow: list[str] | None = None) -> Any:
+        cfg = {"codex": {"sandbox": {"egressAllowlist": base["codex"]["sandbox"]["egressAllowlist"]
+                                     if allow is None else allow}},
+               "egress": {"credentials": creds}}
+        return build_settings(cfg, None, {"DATA_DIR": str(tmp_path)})
+
+    cases = [
+        ([{"secret": "A", "hosts": ["other.test"]}], None, "egress.credentials[0].hosts[0]"),
+        ([{"secret": "A", "hosts": ["api.test:8443"]}], None, "egress.credentials[0].hosts[0]"),
+        ([{"secret": "A", "hosts": ["api.test"], "header": "Host"}], None, "egress.credentials[0].header"),
+        ([{"secret": "A", "hosts": ["api.test"], "format": "Bearer"}], None, "egress.credentials[0].format"),
+        ([{"secret": "A", "hosts": ["api.test"], "paths": ["v1"]}], None, "egress.credentials[0].paths[0]"),
+        ([{"secret": "A", "hosts": ["api.test"], "methods": ["CONNECT"]}], None, "egress.credentials[0].methods[0]"),
+        ([{"secret": "A b", "hosts": ["api.test"]}], None, "egress.credentials[0].secret"),
+        ([{"secret": "A", "hosts": ["api.test"]}], [], "non-empty codex.sandbox.egressAllowlist"),
+    ]
+    for creds, allow, expected in cases:
+        with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+            _credentials.validate(settings(creds, allow))
+    with pytest.raises(ConfigError, match=r"egress.credentials\[0\].secret"):
+        settings([{"hosts": ["api.test"]}])
+    with pytest.raises(ConfigError, match=r"egress.credentials\[0\].hosts"):
+        settings([{"secret": "A"}])
+    ok = _credentials.validate(settings([{"secret": "A", "hosts": ["api.test"]}]))
+    assert ok[0].header == "authorization" and ok[0].paths == ("/*",) and ok[0].methods == frozenset()
+    # file only: the overlay (writable through the API) may not name them
+    with pytest.raises(ConfigError, match="egress.credentials: set only in the config file"):
+        build_settings({}, {"egress": {"credentials": []}}, {"DATA_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match="egress.upstreamCaFile: set only in the config file"):
+        build_settings({}, {"egress": {"upstreamCaFile": "/x"}}, {"DATA_DIR": str(tmp_path)})
+    assert os.path.exists(tmp_path)
