@@ -7,6 +7,7 @@ the request (method, target, headers, body). It listens only where the test tell
 
 from __future__ import annotations
 
+import hashlib
 import json
 import ssl
 from typing import Any
@@ -18,7 +19,8 @@ from anyio.streams.tls import TLSListener
 
 
 class Upstream:
-    def __init__(self) -> None:
+    def __init__(self, redact: bool = False) -> None:
+        self.redact = redact
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
 
@@ -65,6 +67,10 @@ class Upstream:
         record = {"method": request.method.decode(), "target": target, "body": body.decode("latin-1"),
                   "headers": {k.decode(): v.decode("latin-1") for k, v in request.headers}}
         self.requests.append(record)
+        if self.redact:  # a worker must never read a real credential, not even echoed back
+            auth = record["headers"].get("authorization")
+            record = {**record, "authorization_sha256": hashlib.sha256(auth.encode()).hexdigest() if auth else None,
+                      "headers": {k: v for k, v in record["headers"].items() if k != "authorization"}}
         if target == "/sse":
             await stream.send(conn.send(h11.Response(status_code=200, headers=[
                 (b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")])))
@@ -106,3 +112,18 @@ async def start_upstream(tg: TaskGroup, host: str, port: int, tls: ssl.SSLContex
 
     tg.start_soon(serve)
     return upstream, bound
+
+
+async def serve_upstream(tg: TaskGroup, sock: Any, tls: ssl.SSLContext, redact: bool = True) -> Upstream:
+    """An :class:`Upstream` on an already bound, listening socket (e.g. inside a network namespace)."""
+    from anyio.abc import SocketListener
+
+    upstream = Upstream(redact)
+    listener: Any = TLSListener(await SocketListener.from_socket(sock), tls, standard_compatible=False)
+
+    async def serve() -> None:
+        async with listener:
+            await listener.serve(upstream.handle)
+
+    tg.start_soon(serve)
+    return upstream
