@@ -14,6 +14,7 @@ request goes upstream. A plain-HTTP request carrying a placeholder is refused th
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -226,6 +227,8 @@ class Broker:
         proxy._log(ctx, "allow", "credential_host")
         proxy.metrics.tunnels.inc()
         activity = Activity(policy.cfg.idle_timeout_s)
+        for sock in (conn.sock, upstream.sock):  # writes are whole flights: never wait for an ACK (Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         down = TLSConn(conn, state.ca.context(str(host)), activity, server_side=True, first=first)
         up = TLSConn(upstream, self.upstream, activity, server_side=False, hostname=str(host))
         try:
@@ -266,8 +269,8 @@ class Broker:
                 return
             if server.they_are_waiting_for_100_continue:
                 await down.send(server.send(h11.InformationalResponse(status_code=100, headers=[])))
-            await up.send(client.send(h11.Request(method=request.method, target=request.target, headers=headers)))
-            if not await _relay_body(server, down, client, up, proxy.metrics.upload):
+            head = client.send(h11.Request(method=request.method, target=request.target, headers=headers))
+            if not await _relay_body(server, down, client, up, head, proxy.metrics.upload):
                 return
             if not await self._relay_response(client, up, server, down, proxy.metrics.download):
                 return
@@ -340,28 +343,38 @@ class Broker:
 
     async def _relay_response(self, client: h11.Connection, up: TLSConn, server: h11.Connection, down: TLSConn,
                               counter: Any) -> bool:
+        """Everything the origin sent so far goes on in one write (a head and a short body in one
+        TLS flight); then wait for more. Nothing waits for a whole body: an event stream flows."""
+        out: list[bytes] = []
         while True:
             try:
-                event = await _next(client, up)
+                event = client.next_event()
             except h11.RemoteProtocolError:
                 self.metrics.requests.labels(outcome="bad_gateway").inc()
+                await down.send(b"".join(out))
                 if server.our_state is h11.SEND_RESPONSE:
                     await _answer(server, down, 502, "upstream_protocol_error", "The origin broke HTTP/1.1.")
                 return False
-            if isinstance(event, h11.InformationalResponse):
+            if event is h11.NEED_DATA:
+                await down.send(b"".join(out))
+                out.clear()
+                client.receive_data(await up.recv())
+            elif isinstance(event, h11.InformationalResponse):
                 if event.status_code != 101:
-                    await down.send(server.send(h11.InformationalResponse(
+                    out.append(server.send(h11.InformationalResponse(
                         status_code=event.status_code, headers=_strip(event.headers), reason=event.reason)))
             elif isinstance(event, h11.Response):
-                await down.send(server.send(h11.Response(status_code=event.status_code,
-                                                         headers=_strip(event.headers), reason=event.reason)))
+                out.append(server.send(h11.Response(status_code=event.status_code, headers=_strip(event.headers),
+                                                    reason=event.reason)))
             elif isinstance(event, h11.Data):
                 counter.inc(len(event.data))
-                await down.send(server.send(h11.Data(data=event.data)))
+                out.append(server.send(h11.Data(data=event.data)))
             elif isinstance(event, h11.EndOfMessage):
-                await down.send(server.send(h11.EndOfMessage(headers=_strip(event.headers))))
+                out.append(server.send(h11.EndOfMessage(headers=_strip(event.headers))))
+                await down.send(b"".join(out))
                 return True
             else:
+                await down.send(b"".join(out))
                 return False
 
     def _refused(self, ctx: dict[str, Any], refusal: Refused, method: str) -> None:
@@ -390,19 +403,26 @@ async def _next(conn: h11.Connection, tls: TLSConn) -> Any:
         return event
 
 
-async def _relay_body(server: h11.Connection, down: TLSConn, client: h11.Connection, up: TLSConn,
+async def _relay_body(server: h11.Connection, down: TLSConn, client: h11.Connection, up: TLSConn, head: bytes,
                       counter: Any) -> bool:
-    """The request body, piece by piece; request trailers are dropped (they could carry a placeholder)."""
+    """The request head, then its body as it arrives, each flight in one write; request trailers are
+    dropped (they could carry a placeholder)."""
+    out = [head]
     while True:
         try:
-            event = await _next(server, down)
+            event = server.next_event()
         except h11.RemoteProtocolError:
             return False
-        if isinstance(event, h11.Data):
+        if event is h11.NEED_DATA:
+            await up.send(b"".join(out))
+            out.clear()
+            server.receive_data(await down.recv())
+        elif isinstance(event, h11.Data):
             counter.inc(len(event.data))
-            await up.send(client.send(h11.Data(data=event.data)))
+            out.append(client.send(h11.Data(data=event.data)))
         elif isinstance(event, h11.EndOfMessage):
-            await up.send(client.send(h11.EndOfMessage()))
+            out.append(client.send(h11.EndOfMessage()))
+            await up.send(b"".join(out))
             return True
         else:
             return False
