@@ -274,16 +274,15 @@ def first_request_latency(make: callable, n: int) -> list[float]:
     return times
 
 
-def throughput(make: callable, mib: int) -> float:
-    s = make()
-    try:
-        start = time.perf_counter()
-        got = s.get(f"/big/{mib * 1024 * 1024}")
-        elapsed = time.perf_counter() - start
-    finally:
-        s.close()
-    assert got == mib * 1024 * 1024, got
-    return got / elapsed / 1e6
+def throughput(curl: list[str], mib: int) -> float:
+    """MB/s of one download by curl (C, so the client is not what limits the paths compared)."""
+    url = curl[-1] + f"/big/{mib * 1024 * 1024}"
+    out = subprocess.run([*curl[:-1], "-sS", "-o", "/dev/null", "-w", "%{size_download} %{speed_download}", url],
+                         capture_output=True, text=True, timeout=600)
+    size, speed = out.stdout.split()
+    if out.returncode != 0 or int(size) != mib * 1024 * 1024:
+        raise RuntimeError(f"curl failed: {out.stderr.strip()} ({size} bytes)")
+    return float(speed) / 1e6
 
 
 def main() -> int:
@@ -305,8 +304,7 @@ def main() -> int:
         proxy.start()
         wait_port(proxy_port, proxy, "risoluto proxy")
         placeholder = (tmp / "placeholder").read_text()
-        (tmp / "placeholder").write_text(placeholder)
-        mitm = None
+        mitm, mitm_port = None, 0
         paths = {
             "tunnel": lambda: Session(proxy_port, TUNNEL_HOST, origin_port, f"{tmp}/origin-ca.pem", placeholder),
             "broker": lambda: Session(proxy_port, CRED_HOST, origin_port, f"{tmp}/sandbox-ca.pem", placeholder),
@@ -315,11 +313,22 @@ def main() -> int:
             mitm, mitm_port = start_mitmproxy(args.mitmdump, tmp)
             paths["mitmproxy"] = lambda: Session(mitm_port, CRED_HOST, origin_port,
                                                  f"{tmp}/mitm/mitmproxy-ca-cert.pem", placeholder, proxy_auth="")
+        auth = ["-H", f"Authorization: Bearer {placeholder}"]
+        proxy_url = f"http://sbx-bench:{SECRET}@127.0.0.1:{proxy_port}"
+        curls = {
+            "tunnel": ["curl", "--proxy", proxy_url, "--cacert", f"{tmp}/origin-ca.pem", *auth,
+                       f"https://{TUNNEL_HOST}:{origin_port}"],
+            "broker": ["curl", "--proxy", proxy_url, "--cacert", f"{tmp}/sandbox-ca.pem", *auth,
+                       f"https://{CRED_HOST}:{origin_port}"],
+        }
+        if mitm is not None:
+            curls["mitmproxy"] = ["curl", "--proxy", f"http://127.0.0.1:{mitm_port}", "--cacert",
+                                  f"{tmp}/mitm/mitmproxy-ca-cert.pem", *auth, f"https://{CRED_HOST}:{origin_port}"]
         try:
             tput = {name: 0.0 for name in paths}
             for _ in range(args.rounds):  # interleaved, best of each: background load hits every path alike
-                for name, make in paths.items():
-                    tput[name] = max(tput[name], throughput(make, args.mib))
+                for name, curl in curls.items():
+                    tput[name] = max(tput[name], throughput(curl, args.mib))
             keep = {name: keepalive_latency(make, args.requests) for name, make in paths.items()}
             first = {name: first_request_latency(make, max(50, args.requests // 3)) for name, make in paths.items()}
         finally:

@@ -25,7 +25,7 @@ from prometheus_client import Counter
 
 from ._credentials import PLACEHOLDER, Credential, host_of, mentions_placeholder, new_placeholder
 from ._http import MAX_HEAD
-from ._relay import BUF, Activity, Conn, IdleTimeout, Reader
+from ._relay import Activity, Conn, IdleTimeout, Reader
 from ._sandbox_ca import SandboxCA
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ log = logging.getLogger("risoluto.egress")
 # Never relayed in either direction: they describe one hop, or would switch protocols.
 _HOP = {b"connection", b"keep-alive", b"proxy-authorization", b"proxy-authenticate", b"proxy-connection",
         b"te", b"trailer", b"upgrade", b"expect"}
+
+
+TLS_READ = 1024 * 1024  # ciphertext read per call: fewer trips through the event loop on big bodies
 
 
 class SecretsLocked(Exception):
@@ -89,19 +92,20 @@ class TLSConn:
     """TLS over a proxy :class:`Conn` through memory BIOs (bytes already read can be fed in)."""
 
     def __init__(self, conn: Conn, ctx: ssl.SSLContext, activity: Activity, *, server_side: bool,
-                 hostname: str | None = None, first: bytes = b""):
+                 hostname: str | None = None, first: bytes = b"", session: ssl.SSLSession | None = None):
         self.conn, self.activity = conn, activity
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         if first:
             self.incoming.write(first)
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=hostname)
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=hostname,
+                                session=session)
 
     async def _flush(self) -> None:
         if self.outgoing.pending:
             await self.conn.send(self.outgoing.read(), self.activity)
 
     async def _feed(self) -> None:
-        data = await self.conn.recv(BUF, self.activity)
+        data = await self.conn.recv(TLS_READ, self.activity)
         self.activity.touch()
         if data:
             self.incoming.write(data)
@@ -109,27 +113,27 @@ class TLSConn:
             self.incoming.write_eof()
 
     async def handshake(self) -> None:
+        """The handshake; its last flight (the client's Finished, the server's session tickets) stays
+        buffered and leaves with the first request or response: one write fewer per connection."""
         while True:
             try:
                 self.obj.do_handshake()
-                break
+                return
             except ssl.SSLWantReadError:
                 await self._flush()
                 await self._feed()
-        await self._flush()
 
     async def recv(self) -> bytes:
-        """Plaintext as soon as some is there (up to BUF); b"" at the end of the stream."""
+        """Plaintext as soon as some is there (up to TLS_READ); b"" at the end of the stream."""
         parts: list[bytes] = []
         size = 0
-        while size < BUF:
+        while size < TLS_READ:
             try:
-                chunk = self.obj.read(BUF)
+                chunk = self.obj.read(TLS_READ)
             except ssl.SSLWantReadError:
                 if parts:
                     break
-                await self._flush()
-                await self._feed()
+                await self._feed()  # what TLS itself has to say (tickets, key updates) leaves with our next send
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 break
@@ -137,14 +141,13 @@ class TLSConn:
                 break
             parts.append(chunk)
             size += len(chunk)
-        await self._flush()
         return b"".join(parts)
 
     async def send(self, data: bytes) -> None:
         if data:
             self.obj.write(data)
             self.activity.touch()
-            await self._flush()
+        await self._flush()
 
     async def close(self) -> None:
         """Best effort close_notify; the socket itself is closed by the proxy."""
@@ -168,6 +171,7 @@ class Broker:
         self.metrics = metrics
         self._sandboxes: dict[str, SandboxState] = {}
         self._owners: dict[str, tuple[str, str]] = {}  # placeholder -> (sandbox, secret name)
+        self._sessions: dict[tuple[str, int, str], ssl.SSLSession] = {}  # (host, port, address) -> origin session
 
     # -- sandboxes ------------------------------------------------------------------------
     def prepare(self, sandbox: str, names: set[str], life_s: float) -> SandboxState:
@@ -230,14 +234,11 @@ class Broker:
         for sock in (conn.sock, upstream.sock):  # writes are whole flights: never wait for an ACK (Nagle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         down = TLSConn(conn, state.ca.context(str(host)), activity, server_side=True, first=first)
-        up = TLSConn(upstream, self.upstream, activity, server_side=False, hostname=str(host))
+        key = (str(host), port, upstream.sock.getpeername()[0])
+        up = TLSConn(upstream, self.upstream, activity, server_side=False, hostname=str(host),
+                     session=self._sessions.get(key))
         try:
-            try:
-                await down.handshake()
-                await up.handshake()
-            except ssl.SSLError as exc:
-                log.info("egress broker: TLS handshake failed sandbox=%s host=%s: %s", state.sandbox, host,
-                         getattr(exc, "reason", None) or type(exc).__name__)
+            if not await _handshakes(down, up, state.sandbox, str(host)):
                 return
             if up.obj.selected_alpn_protocol() not in (None, "http/1.1"):
                 log.info("egress broker: %s chose ALPN %s, not http/1.1", host, up.obj.selected_alpn_protocol())
@@ -248,6 +249,19 @@ class Broker:
             pass  # one side broke the protocol or went away: the connection ends
         finally:
             proxy.metrics.tunnels.dec()
+            self._keep_session(key, up)
+
+    def _keep_session(self, key: tuple[str, int, str], up: TLSConn) -> None:
+        """Resume TLS with the origin next time (its ticket arrives after the handshake): a new
+        terminated connection then costs one full handshake (the worker's), not two."""
+        try:
+            session = up.obj.session
+        except (ValueError, ssl.SSLError):
+            return
+        if session is not None and session.has_ticket:
+            if len(self._sessions) >= 1024 and key not in self._sessions:
+                self._sessions.pop(next(iter(self._sessions)))
+            self._sessions[key] = session
 
     async def _exchanges(self, proxy: Any, down: TLSConn, up: TLSConn, host: str | IPAddress, port: int,
                          state: SandboxState, ctx: dict[str, Any]) -> None:
@@ -382,6 +396,25 @@ class Broker:
         log.info("egress broker deny reason=%s why=%s sandbox=%s method=%s host=%s port=%s secret=%s",
                  refusal.reason, refusal.why or "-", ctx.get("sandbox", "-"), method, ctx.get("host", "-"),
                  ctx.get("port", "-"), refusal.secret or "-")
+
+
+async def _handshakes(down: TLSConn, up: TLSConn, sandbox: str, host: str) -> bool:
+    """Both TLS handshakes at once (the origin's is under way while the worker's completes)."""
+    failed: list[str] = []
+
+    async def shake(tls: TLSConn, side: str, scope: anyio.CancelScope) -> None:
+        try:
+            await tls.handshake()
+        except (ssl.SSLError, IdleTimeout, anyio.EndOfStream, OSError) as exc:
+            failed.append(f"{side}: {getattr(exc, 'reason', None) or type(exc).__name__}")
+            scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shake, up, "origin", tg.cancel_scope)
+        await shake(down, "worker", tg.cancel_scope)
+    if failed:
+        log.info("egress broker: TLS handshake failed sandbox=%s host=%s %s", sandbox, host, failed[0])
+    return not failed
 
 
 def _proxy_refusal(refusal: Refused) -> Any:
