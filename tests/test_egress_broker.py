@@ -338,3 +338,66 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="egress.upstreamCaFile: set only in the config file"):
         build_settings({}, {"egress": {"upstreamCaFile": "/x"}}, {"DATA_DIR": str(tmp_path)})
     assert os.path.exists(tmp_path)
+
+
+CLIENTS = {
+    "requests": "import os, requests; r = requests.get(os.environ['URL'], headers={'Authorization': 'Bearer ' + "
+                "os.environ['TOKEN']}, timeout=10); print(r.status_code, r.json()['headers']['authorization'])",
+    "httpx": "import os, httpx; r = httpx.get(os.environ['URL'], headers={'Authorization': 'Bearer ' + "
+             "os.environ['TOKEN']}, timeout=10); print(r.status_code, r.json()['headers']['authorization'])",
+    "urllib": "import json, os, urllib.request as u; r = u.urlopen(u.Request(os.environ['URL'], headers={"
+              "'Authorization': 'Bearer ' + os.environ['TOKEN']}), timeout=10); "
+              "print(r.status, json.load(r)['headers']['authorization'])",
+}
+NODE = r"""
+const http = require('http'), tls = require('tls');
+const proxy = new URL(process.env.HTTPS_PROXY), url = new URL(process.env.URL);
+const auth = Buffer.from(decodeURIComponent(proxy.username) + ':' + decodeURIComponent(proxy.password)).toString('base64');
+http.request({host: proxy.hostname, port: proxy.port, method: 'CONNECT', path: url.host,
+              headers: {'Proxy-Authorization': 'Basic ' + auth}}).on('connect', (res, socket) => {
+  const t = tls.connect({socket, servername: url.hostname}, () => {
+    t.write(`GET ${url.pathname} HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${process.env.TOKEN}\r\nConnection: close\r\n\r\n`);
+  });
+  let out = '';
+  t.on('data', d => out += d);
+  t.on('end', () => { const body = JSON.parse(out.split('\r\n\r\n')[1]); console.log(out.split(' ')[1], body.headers.authorization); });
+  t.on('error', e => { console.log('error', e.code); });
+}).end();
+"""
+
+
+async def test_common_clients_trust_the_sandbox_ca_through_the_environment(tmp_path):
+    """The variables a launch sets (a bundle = system roots + sandbox CA) are what requests, httpx,
+    urllib, curl and Node read: each verifies the broker's leaf and the origin gets the real value."""
+    import shutil
+    import sys
+
+    async with broker_env(tmp_path) as env:
+        system = next(p for p in ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
+                      if os.path.exists(p))
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(open(system, "rb").read() + env.states["sbx-a"].ca.pem)
+        ca_only = tmp_path / "sandbox-ca.pem"
+        ca_only.write_bytes(env.states["sbx-a"].ca.pem)
+        proxy = f"http://sbx-a:{SECRETS['sbx-a']}@127.0.0.1:{env.port}"
+        base = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and "CA_" not in k
+                and not k.startswith("SSL_")}
+        run_env = {**base, "HTTPS_PROXY": proxy, "https_proxy": proxy, "URL": f"https://api.test:{env.uport}/v1/x",
+                   "TOKEN": placeholder(env), "SSL_CERT_FILE": str(bundle), "CURL_CA_BUNDLE": str(bundle),
+                   "REQUESTS_CA_BUNDLE": str(bundle), "NODE_EXTRA_CA_CERTS": str(ca_only)}
+        outputs = {}
+        for name, code in CLIENTS.items():
+            done = await anyio.run_process([sys.executable, "-c", code], env=run_env, check=False)
+            outputs[name] = (done.stdout + done.stderr).decode().strip()
+        curl = await anyio.run_process(["curl", "-sS", "-H", f"Authorization: Bearer {placeholder(env)}",
+                                        run_env["URL"]], env=run_env, check=False)
+        outputs["curl"] = (curl.stdout + curl.stderr).decode().strip()
+        if shutil.which("node"):
+            node = await anyio.run_process(["node", "-e", NODE], env=run_env, check=False)
+            outputs["node"] = (node.stdout + node.stderr).decode().strip()
+    for name in CLIENTS:
+        assert outputs[name] == f"200 Bearer {REAL}", (name, outputs[name])
+    assert json.loads(outputs["curl"])["headers"]["authorization"] == f"Bearer {REAL}", outputs["curl"]
+
+    if "node" in outputs:
+        assert outputs["node"] == f"200 Bearer {REAL}", outputs["node"]
