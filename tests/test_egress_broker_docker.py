@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 KEY = "broker docker test master key"
 REAL = "sk-real-" + hashlib.sha256(b"broker-docker").hexdigest()[:32]
 ROTATED = "sk-rotated-" + hashlib.sha256(b"rotated").hexdigest()[:32]
+OPENAI = "sk-openai-" + hashlib.sha256(b"openai").hexdigest()[:32]
 
 
 def digest(value: str) -> str:
@@ -52,13 +53,16 @@ async def broker_world(world: Any, runtime: str) -> AsyncIterator[tuple[Any, Any
                         {"secret": "API_TOKEN", "hosts": ["api.test"], "paths": ["/v1/*", "/sse"],
                          "methods": ["GET", "POST"]},
                         {"secret": "OTHER_TOKEN", "hosts": ["other-api.test"]},
+                        {"secret": "OPENAI_API_KEY", "hosts": ["api.test"], "paths": ["/openai/*"]},
                     ],
                 },
             }
+            # Codex's auth.json carries an API key: the worker's copy must hold a placeholder
+            (world.auth / "auth.json").write_text(json.dumps({"OPENAI_API_KEY": OPENAI, "tokens": None}))
             config_file = world.tmp / "config.yaml"
             config_file.write_text(json.dumps(world.config(overrides)))
             client, kernel = await world.app(overrides, env={"RISOLUTO_CONFIG": str(config_file), "MASTER_KEY": KEY})
-            for name, value in (("API_TOKEN", REAL), ("OTHER_TOKEN", "sk-other-" + "o" * 24)):
+            for name, value in (("API_TOKEN", REAL), ("OTHER_TOKEN", "sk-other-" + "o" * 24), ("OPENAI_API_KEY", OPENAI)):
                 response = await client.put(f"/api/v1/secrets/{name}", json={"value": value})
                 assert response.status_code == 204, await response.get_json()
             yield client, kernel, upstream, ca
@@ -114,6 +118,9 @@ def worker_script(ca_pem: str) -> str:
         "echo bundle_certs=$(grep -c 'BEGIN CERTIFICATE' /etc/risoluto-ca/bundle.pem)",
         f"echo curl=$({CURL} {auth} https://api.test/v1/models)",
         "python3 /tmp/get.py",
+        "key=$(python3 -c \"import json,os; print(json.load(open(os.environ['CODEX_HOME']+'/auth.json'))['OPENAI_API_KEY'])\")",
+        "echo auth_key=$key",
+        f'echo openai=$({CURL} -H "Authorization: Bearer $key" https://api.test/openai/models)',
         f"c wrong_path {auth} https://api.test/admin",
         f"c wrong_method -X DELETE {auth} https://api.test/v1/models",
         'c in_query "https://api.test/v1/models?key=$API_TOKEN"',
@@ -171,12 +178,15 @@ async def test_brokered_secret_never_reaches_the_worker(sandbox_world: Any, runt
     assert ph.startswith("risoluto-placeholder-API_TOKEN-") and ph not in (other_ph, ended_ph)
     # the real value is nowhere the worker can look: environment, /proc, CODEX_HOME, CA files, logs
     for where in (text, json.dumps(inspect), json.dumps(box), json.dumps(other)):
-        assert REAL not in where and ROTATED not in where
+        assert REAL not in where and ROTATED not in where and OPENAI not in where
     assert f"API_TOKEN={ph}" in json.dumps(inspect["Config"]["Env"])
     assert int(out["bundle_certs"]) > 10  # the image's roots plus the sandbox CA
     # curl and python, verification on, through the sandbox's own CA: the origin got the real value
     assert out["curl"].startswith("{") and json.loads(out["curl"])["authorization_sha256"] == digest(REAL)
     assert out["python"] == f"200:{digest(REAL)}"
+    # CODEX_HOME/auth.json holds this sandbox's placeholder for the brokered OPENAI_API_KEY, which works
+    assert out["auth_key"].startswith("risoluto-placeholder-OPENAI_API_KEY-")
+    assert json.loads(out["openai"])["authorization_sha256"] == digest(OPENAI)
     for name in ("wrong_path", "wrong_method", "in_query", "other_header", "wrong_host", "other_sandbox",
                  "ended_sandbox"):
         assert out[name] == "403", (name, out[name])
@@ -190,6 +200,6 @@ async def test_brokered_secret_never_reaches_the_worker(sandbox_world: Any, runt
     assert out["locked"] == "503"
     # nothing refused ever reached the origin
     targets = [r["target"] for r in seen]
-    assert targets == ["/v1/models", "/v1/py", "/", "/sse", "/v1/rotated"], targets
+    assert targets == ["/v1/models", "/v1/py", "/openai/models", "/", "/sse", "/v1/rotated"], targets
     assert registry.get_sample_value("risoluto_egress_brokered_requests_total",
                                      {"outcome": "credential_not_allowed"}) == 7
