@@ -401,3 +401,24 @@ async def test_common_clients_trust_the_sandbox_ca_through_the_environment(tmp_p
 
     if "node" in outputs:
         assert outputs["node"] == f"200 Bearer {REAL}", outputs["node"]
+
+
+async def test_doctor_lists_brokered_and_names_raw_secrets(tmp_path):
+    from risoluto.plugins.egress import credentials
+
+    auth_dir = tmp_path / "codex-auth"
+    auth_dir.mkdir()
+    (auth_dir / "auth.json").write_text(json.dumps({"OPENAI_API_KEY": "sk-raw-" + "q" * 20}))
+    ca = CA(tmp_path, ["api.test"])
+    config = egress_config(tmp_path, ca, 8443)
+    config["codex"]["authDir"] = str(auth_dir)
+    kernel = Kernel(build_settings(config, None, {"DATA_DIR": str(tmp_path)}))
+    kernel.secret_store = Store({"API_TOKEN": REAL, "KEY_HEADER": "k" * 20, "DEPLOY_KEY": "d" * 20})
+    rows = await anyio.to_thread.run_sync(credentials.risoluto_doctor_checks, kernel)
+    by_item = {r.item: r for r in rows}
+    listed = by_item["egress credentials"]
+    assert listed.status == "PASS" and "API_TOKEN -> api.test:8443" in listed.reason and "KEY_HEADER" in listed.reason
+    assert by_item["raw secret DEPLOY_KEY"].status == "WARN"
+    assert by_item["raw secret OPENAI_API_KEY"].status == "WARN" and "auth.json" in by_item["raw secret OPENAI_API_KEY"].reason
+    assert "raw secret API_TOKEN" not in by_item and "raw secret KEY_HEADER" not in by_item
+    assert not any(REAL in r.reason for r in rows)
