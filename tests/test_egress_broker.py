@@ -422,3 +422,19 @@ async def test_doctor_lists_brokered_and_names_raw_secrets(tmp_path):
     assert by_item["raw secret OPENAI_API_KEY"].status == "WARN" and "auth.json" in by_item["raw secret OPENAI_API_KEY"].reason
     assert "raw secret API_TOKEN" not in by_item and "raw secret KEY_HEADER" not in by_item
     assert not any(REAL in r.reason for r in rows)
+
+
+def test_probe_judge_fails_on_a_raw_value_or_an_answered_placeholder():
+    from risoluto.plugins.egress.broker_probes import judge_for
+
+    judge = judge_for(["API_TOKEN"], {"API_TOKEN": "api.test:443"}, {"API_TOKEN": REAL})
+    good = "env:API_TOKEN=placeholder\nrefuse:API_TOKEN=403 credential_not_allowed\n"
+    assert judge(good, 0).status == "PASS"
+    leaked = judge(good + f"SOMEVAR={REAL}\n", 0)
+    assert leaked.status == "FAIL" and "readable inside the worker" in leaked.reason and REAL not in leaked.reason
+    raw = judge("env:API_TOKEN=other\nrefuse:API_TOKEN=403 credential_not_allowed\n", 0)
+    assert raw.status == "FAIL" and "not a placeholder" in raw.reason
+    answered = judge("env:API_TOKEN=placeholder\nrefuse:API_TOKEN=200 none\n", 0)
+    assert answered.status == "FAIL" and "200 none" in answered.reason
+    locked = judge_for(["API_TOKEN"], {"API_TOKEN": "api.test:443"}, {"API_TOKEN": None})(good, 0)
+    assert locked.status == "WARN"

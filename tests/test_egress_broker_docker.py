@@ -203,3 +203,16 @@ async def test_brokered_secret_never_reaches_the_worker(sandbox_world: Any, runt
     assert targets == ["/v1/models", "/v1/py", "/openai/models", "/", "/sse", "/v1/rotated"], targets
     assert registry.get_sample_value("risoluto_egress_brokered_requests_total",
                                      {"outcome": "credential_not_allowed"}) == 7
+
+
+async def test_doctor_probe_proves_brokering_from_inside(sandbox_world: Any) -> None:  # noqa: F811
+    from risoluto.doctor import run_probes
+    from risoluto.plugins.egress.broker_probes import ITEM
+
+    async with broker_world(sandbox_world, "runc") as (client, kernel, upstream, ca):
+        found = {r.item: r for r in await run_probes(kernel)}
+        seen = list(upstream.requests)
+    row = found[ITEM]
+    assert row.status == "PASS", row.reason
+    assert "API_TOKEN" in row.reason and "OPENAI_API_KEY" in row.reason and REAL not in row.reason
+    assert seen == []  # the refused probe requests never reached the origin

@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 
+from risoluto.doctor import PROBE_ISSUE
 from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest, Mount
 from risoluto.plugins.sandbox._naming import CODEX_HOME, LABEL_SCOPE, SCOPE_ATTEMPT
 from risoluto.settings import Settings
@@ -47,13 +48,15 @@ TRUST_ENV = ("SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "GIT_SSL_C
 def attach_broker(broker: Broker, spec: ContainerSpec, request: LaunchRequest, settings: Settings,
                   sandbox: str, docker: Any) -> None:
     brokered = broker.brokered()
-    names = set(request.secrets) & brokered
+    # the doctor's canary gets every placeholder, so that its probe can prove them from inside
+    named = brokered if request.issue == PROBE_ISSUE else set(request.secrets) & brokered
+    names = set(named)
     auth = _auth_key_brokered(spec, brokered)
     if auth:
         names.add(AUTH_KEY)
     life = (request.timeout_s or settings.codex.sandbox.timeout_s) + settings.codex.sandbox.stop_grace_s + 60
     state = broker.prepare(sandbox, names, life)
-    for name in set(request.secrets) & brokered:
+    for name in named:
         spec.env[name] = state.placeholders[name]
     if auth:
         data = json.loads(spec.files[AUTH_JSON])
