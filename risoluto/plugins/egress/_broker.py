@@ -40,7 +40,8 @@ _HOP = {b"connection", b"keep-alive", b"proxy-authorization", b"proxy-authentica
         b"te", b"trailer", b"upgrade", b"expect"}
 
 
-TLS_READ = 1024 * 1024  # ciphertext read per call: fewer trips through the event loop on big bodies
+TLS_READ = 256 * 1024  # ciphertext read per call: fewer trips through the event loop on big bodies
+RECORD = 17 * 1024  # more than one TLS record's plaintext (16 KiB)
 
 
 class SecretsLocked(Exception):
@@ -99,16 +100,24 @@ class TLSConn:
             self.incoming.write(first)
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=hostname,
                                 session=session)
+        self._buf = bytearray(TLS_READ)  # ciphertext lands here: no new buffer per read
+        self._view = memoryview(self._buf)
 
     async def _flush(self) -> None:
         if self.outgoing.pending:
             await self.conn.send(self.outgoing.read(), self.activity)
 
     async def _feed(self) -> None:
-        data = await self.conn.recv(TLS_READ, self.activity)
+        sock = self.conn.sock
+        while True:
+            try:
+                n = sock.recv_into(self._buf)
+                break
+            except BlockingIOError:
+                await self.conn.wait(True, self.activity)
         self.activity.touch()
-        if data:
-            self.incoming.write(data)
+        if n:
+            self.incoming.write(self._view[:n])
         else:
             self.incoming.write_eof()
 
@@ -123,13 +132,14 @@ class TLSConn:
                 await self._flush()
                 await self._feed()
 
-    async def recv(self) -> bytes:
-        """Plaintext as soon as some is there (up to TLS_READ); b"" at the end of the stream."""
+    async def recv(self) -> list[bytes]:
+        """Plaintext as soon as some is there (records, up to TLS_READ); [] at the end of the stream.
+        Handed on as the records came (h11 copies them into its buffer anyway: no join here)."""
         parts: list[bytes] = []
         size = 0
         while size < TLS_READ:
             try:
-                chunk = self.obj.read(TLS_READ)
+                chunk = self.obj.read(RECORD)  # one TLS record at most; a larger size only costs allocation
             except ssl.SSLWantReadError:
                 if parts:
                     break
@@ -141,7 +151,7 @@ class TLSConn:
                 break
             parts.append(chunk)
             size += len(chunk)
-        return b"".join(parts)
+        return parts
 
     async def send(self, data: bytes) -> None:
         if data:
@@ -372,7 +382,7 @@ class Broker:
             if event is h11.NEED_DATA:
                 await down.send(b"".join(out))
                 out.clear()
-                client.receive_data(await up.recv())
+                await _pull(client, up)
             elif isinstance(event, h11.InformationalResponse):
                 if event.status_code != 101:
                     out.append(server.send(h11.InformationalResponse(
@@ -427,11 +437,20 @@ def _strip(headers: Any) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in headers if k not in _HOP]
 
 
+async def _pull(conn: h11.Connection, tls: TLSConn) -> None:
+    """What ``tls`` has now into ``conn``; the end of the stream when it ended."""
+    parts = await tls.recv()
+    for part in parts:
+        conn.receive_data(part)
+    if not parts:
+        conn.receive_data(b"")
+
+
 async def _next(conn: h11.Connection, tls: TLSConn) -> Any:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await tls.recv())
+            await _pull(conn, tls)
             continue
         return event
 
@@ -449,7 +468,7 @@ async def _relay_body(server: h11.Connection, down: TLSConn, client: h11.Connect
         if event is h11.NEED_DATA:
             await up.send(b"".join(out))
             out.clear()
-            server.receive_data(await down.recv())
+            await _pull(server, down)
         elif isinstance(event, h11.Data):
             counter.inc(len(event.data))
             out.append(client.send(h11.Data(data=event.data)))
