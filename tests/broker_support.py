@@ -1,8 +1,9 @@
 """An HTTPS origin for the credential-broker tests: HTTP/1.1 keep-alive (h11), records what it got.
 
 Routes: ``/sse`` streams three server-sent events 0.4 s apart (chunked); ``/big/<n>`` sends n bytes
-(Content-Length); ``/chunked`` answers with a chunked body; anything else answers JSON describing
-the request (method, target, headers, body). It listens only where the test tells it to.
+(Content-Length); ``/chunked`` answers with a chunked body; ``/close`` answers with ``Connection:
+close``; ``/idle-close`` answers, then drops the connection 0.2 s later; anything else answers JSON
+describing the request (method, target, headers, body). It listens only where the test tells it to.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Upstream:
                         return
                     await self._answer(conn, stream, request, body)
                     if conn.our_state is not h11.DONE:
+                        return
+                    if request.target == b"/idle-close":  # an origin that drops idle keep-alive connections
+                        await anyio.sleep(0.2)
                         return
                     conn.start_next_cycle()
             except (anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError, h11.ProtocolError, OSError):
@@ -94,8 +98,9 @@ class Upstream:
             for i in range(0, len(payload), 7):
                 await stream.send(conn.send(h11.Data(data=payload[i:i + 7])))
         else:
+            close = [(b"connection", b"close")] if target == "/close" else []
             await stream.send(conn.send(h11.Response(status_code=200, headers=[
-                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())])))
+                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + close)))
             await stream.send(conn.send(h11.Data(data=payload)))
         await stream.send(conn.send(h11.EndOfMessage()))
 

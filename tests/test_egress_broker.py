@@ -438,3 +438,21 @@ def test_probe_judge_fails_on_a_raw_value_or_an_answered_placeholder():
     assert answered.status == "FAIL" and "200 none" in answered.reason
     locked = judge_for(["API_TOKEN"], {"API_TOKEN": "api.test:443"}, {"API_TOKEN": None})(good, 0)
     assert locked.status == "WARN"
+
+
+async def test_origin_closing_keep_alive_is_reopened_to_the_same_address(tmp_path):
+    """The worker keeps its connection when the origin says close or drops an idle connection: the
+    next request goes over a new connection to the address the proxy checked."""
+    async with broker_env(tmp_path) as env:
+        auth = [("Authorization", f"Bearer {placeholder(env)}")]
+        async with session(env) as s:
+            assert (await s.request("GET", "/close"))[0] == 200
+            status, _, body, _ = await s.request("GET", "/v1/after-close", auth)
+            assert status == 200 and json.loads(body)["headers"]["authorization"] == f"Bearer {REAL}"
+            assert (await s.request("GET", "/idle-close"))[0] == 200
+            await anyio.sleep(0.6)  # the origin has dropped it meanwhile
+            status, _, body, _ = await s.request("GET", "/v1/after-idle", auth)
+            assert status == 200 and json.loads(body)["headers"]["authorization"] == f"Bearer {REAL}"
+        assert env.upstream.connections == 3
+        assert [r["target"] for r in env.upstream.requests] == ["/close", "/v1/after-close", "/idle-close",
+                                                                 "/v1/after-idle"]

@@ -25,7 +25,7 @@ from prometheus_client import Counter
 
 from ._credentials import PLACEHOLDER, Credential, host_of, mentions_placeholder, new_placeholder
 from ._http import MAX_HEAD
-from ._relay import Activity, Conn, IdleTimeout, Reader
+from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection
 from ._sandbox_ca import SandboxCA
 
 if TYPE_CHECKING:
@@ -247,19 +247,37 @@ class Broker:
         key = (str(host), port, upstream.sock.getpeername()[0])
         up = TLSConn(upstream, self.upstream, activity, server_side=False, hostname=str(host),
                      session=self._sessions.get(key))
+        origin = _Origin(tls=up, http=h11.Connection(h11.CLIENT), key=key)
         try:
             if not await _handshakes(down, up, state.sandbox, str(host)):
                 return
-            if up.obj.selected_alpn_protocol() not in (None, "http/1.1"):
-                log.info("egress broker: %s chose ALPN %s, not http/1.1", host, up.obj.selected_alpn_protocol())
+            if not _http11(up, host):
                 return
-            await self._exchanges(proxy, down, up, host, port, state, ctx)
+            await self._exchanges(proxy, down, origin, host, port, state, ctx)
             await down.close()
         except (h11.ProtocolError, ssl.SSLError, IdleTimeout, anyio.EndOfStream, OSError):
             pass  # one side broke the protocol or went away: the connection ends
         finally:
             proxy.metrics.tunnels.dec()
-            self._keep_session(key, up)
+            self._keep_session(key, origin.tls)
+            for extra in origin.opened:
+                extra.close()
+
+    async def _reopen(self, origin: _Origin, host: str | IPAddress, port: int, timeout: float) -> None:
+        """A new connection to the origin when the previous one cannot carry another request (it
+        said close, closed while idle, or sent something unasked): to the same checked address,
+        no new lookup; TLS resumed when the origin allows it."""
+        self._keep_session(origin.key, origin.tls)
+        with anyio.fail_after(timeout):
+            conn = await open_connection(origin.key[2], port)
+        origin.opened.append(conn)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = TLSConn(conn, self.upstream, origin.tls.activity, server_side=False, hostname=str(host),
+                      session=self._sessions.get(origin.key))
+        await tls.handshake()
+        if not _http11(tls, host):
+            raise ssl.SSLError("the origin does not speak http/1.1")
+        origin.tls, origin.http, origin.stale = tls, h11.Connection(h11.CLIENT), False
 
     def _keep_session(self, key: tuple[str, int, str], up: TLSConn) -> None:
         """Resume TLS with the origin next time (its ticket arrives after the handshake): a new
@@ -273,10 +291,9 @@ class Broker:
                 self._sessions.pop(next(iter(self._sessions)))
             self._sessions[key] = session
 
-    async def _exchanges(self, proxy: Any, down: TLSConn, up: TLSConn, host: str | IPAddress, port: int,
+    async def _exchanges(self, proxy: Any, down: TLSConn, origin: _Origin, host: str | IPAddress, port: int,
                          state: SandboxState, ctx: dict[str, Any]) -> None:
         server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        client = h11.Connection(h11.CLIENT)
         while True:
             try:
                 request = await _next(server, down)
@@ -291,18 +308,27 @@ class Broker:
                 self._refused(ctx, refusal, request.method.decode("ascii", "replace"))
                 await _answer(server, down, refusal.status, refusal.reason, refusal.message)
                 return
+            if not _reusable(origin):
+                try:
+                    await self._reopen(origin, host, port, proxy.policy().cfg.connect_timeout_s)
+                except (ssl.SSLError, IdleTimeout, anyio.EndOfStream, OSError):
+                    await _answer(server, down, 502, "upstream_unavailable", "The origin could not be reached again.")
+                    return
             if server.they_are_waiting_for_100_continue:
                 await down.send(server.send(h11.InformationalResponse(status_code=100, headers=[])))
+            client, up = origin.http, origin.tls
             head = client.send(h11.Request(method=request.method, target=request.target, headers=headers))
             if not await _relay_body(server, down, client, up, head, proxy.metrics.upload):
                 return
             if not await self._relay_response(client, up, server, down, proxy.metrics.download):
                 return
-            if server.our_state is not h11.DONE or client.our_state is not h11.DONE \
-                    or client.their_state is not h11.DONE:
-                return  # one side asked to close (Connection: close, HTTP/1.0, close-delimited body)
+            if server.our_state is not h11.DONE:
+                return  # the worker asked to close (Connection: close, HTTP/1.0)
             server.start_next_cycle()
-            client.start_next_cycle()
+            if client.our_state is h11.DONE and client.their_state is h11.DONE:
+                client.start_next_cycle()
+            else:
+                origin.stale = True  # the origin closes this one: the next request opens another
 
     async def _outgoing(self, request: h11.Request, host: str | IPAddress, port: int,
                         state: SandboxState) -> list[tuple[bytes, bytes]]:
@@ -406,6 +432,52 @@ class Broker:
         log.info("egress broker deny reason=%s why=%s sandbox=%s method=%s host=%s port=%s secret=%s",
                  refusal.reason, refusal.why or "-", ctx.get("sandbox", "-"), method, ctx.get("host", "-"),
                  ctx.get("port", "-"), refusal.secret or "-")
+
+
+@attrs.define
+class _Origin:
+    """The origin side of one terminated connection (replaced when the origin closes it)."""
+
+    tls: TLSConn
+    http: h11.Connection
+    key: tuple[str, int, str]  # (host, port, the address the proxy checked)
+    stale: bool = False
+    opened: list[Conn] = attrs.field(factory=list)  # connections made here, closed here
+
+
+def _http11(tls: TLSConn, host: Any) -> bool:
+    alpn = tls.obj.selected_alpn_protocol()
+    if alpn not in (None, "http/1.1"):
+        log.info("egress broker: %s chose ALPN %s, not http/1.1", host, alpn)
+        return False
+    return True
+
+
+def _reusable(origin: _Origin) -> bool:
+    """Whether the origin connection can take another request: it did not say close, and nothing
+    arrived while it was idle except TLS housekeeping (a session ticket); a close_notify, stray data
+    or the end of the stream mean it is going away."""
+    if origin.stale:
+        return False
+    tls = origin.tls
+    while True:
+        try:
+            data = tls.conn.sock.recv(TLS_READ, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        except OSError:
+            return False
+        if not data:
+            return False
+        tls.incoming.write(data)
+    if not tls.incoming.pending:
+        return True
+    try:
+        return not tls.obj.read(RECORD)  # plaintext nobody asked for: not reusable
+    except ssl.SSLWantReadError:
+        return True  # only housekeeping records
+    except ssl.SSLError:
+        return False
 
 
 async def _handshakes(down: TLSConn, up: TLSConn, sandbox: str, host: str) -> bool:
