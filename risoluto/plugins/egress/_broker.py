@@ -386,6 +386,10 @@ class Broker:
         except SecretsLocked:
             raise Refused(503, "secrets_locked", "The secret store is locked; brokered credentials are "
                           "unavailable.", "locked", name) from None
+        except Exception as exc:  # noqa: BLE001 - a store failure (integrity, I/O): fail closed, say which
+            log.error("egress broker: reading secret %s failed: %s", name, type(exc).__name__)
+            raise Refused(503, "credential_unavailable", f"The secret {name} could not be read.", "store_error",
+                          name) from None
         if value is None or any(c in value for c in "\r\n\x00"):
             raise Refused(503, "credential_unavailable", f"The secret {name} is missing or not a header value.",
                           "missing", name)

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 MAX_LIFE_S = 24 * 3600
+MAX_LEAVES = 256  # cached leaf contexts per sandbox (names under a wildcard entry are many)
 SKEW = datetime.timedelta(minutes=5)  # a worker clock slightly behind still accepts the leaves
 
 
@@ -54,6 +55,8 @@ class SandboxCA:
         """A server-side TLS context presenting a leaf for ``name`` (a DNS name or an IP address)."""
         ctx = self._contexts.get(name)
         if ctx is None:
+            if len(self._contexts) >= MAX_LEAVES:  # a wildcard entry could otherwise grow it without end
+                self._contexts.pop(next(iter(self._contexts)))
             ctx = self._contexts[name] = self._make_context(name)
         return ctx
 
