@@ -313,7 +313,8 @@ def _failing_field(cls: type, kwargs: dict[str, Any]) -> str | None:
         if f.name in kwargs:
             value = kwargs[f.name]
         else:  # a required key left out fails on its default
-            value = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[union-attr]
+            default: Any = f.default
+            value = default.factory() if hasattr(default, "factory") else default
         try:
             f.validator(None, f, value)
         except ValueError:

@@ -352,15 +352,20 @@ CLIENTS = {
 NODE = r"""
 const http = require('http'), tls = require('tls');
 const proxy = new URL(process.env.HTTPS_PROXY), url = new URL(process.env.URL);
-const auth = Buffer.from(decodeURIComponent(proxy.username) + ':' + decodeURIComponent(proxy.password)).toString('base64');
+const auth = Buffer.from(decodeURIComponent(proxy.username) + ':' + decodeURIComponent(proxy.password))
+  .toString('base64');
 http.request({host: proxy.hostname, port: proxy.port, method: 'CONNECT', path: url.host,
               headers: {'Proxy-Authorization': 'Basic ' + auth}}).on('connect', (res, socket) => {
   const t = tls.connect({socket, servername: url.hostname}, () => {
-    t.write(`GET ${url.pathname} HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${process.env.TOKEN}\r\nConnection: close\r\n\r\n`);
+    t.write(`GET ${url.pathname} HTTP/1.1\r\nHost: ${url.host}\r\n` +
+            `Authorization: Bearer ${process.env.TOKEN}\r\nConnection: close\r\n\r\n`);
   });
   let out = '';
   t.on('data', d => out += d);
-  t.on('end', () => { const body = JSON.parse(out.split('\r\n\r\n')[1]); console.log(out.split(' ')[1], body.headers.authorization); });
+  t.on('end', () => {
+    const body = JSON.parse(out.split('\r\n\r\n')[1]);
+    console.log(out.split(' ')[1], body.headers.authorization);
+  });
   t.on('error', e => { console.log('error', e.code); });
 }).end();
 """

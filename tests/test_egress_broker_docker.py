@@ -124,7 +124,7 @@ def worker_script(ca_pem: str) -> str:
         f"c wrong_path {auth} https://api.test/admin",
         f"c wrong_method -X DELETE {auth} https://api.test/v1/models",
         'c in_query "https://api.test/v1/models?key=$API_TOKEN"',
-        f"c other_header -H \"X-Token: $API_TOKEN\" https://api.test/v1/models",
+        "c other_header -H \"X-Token: $API_TOKEN\" https://api.test/v1/models",
         f"c wrong_host {auth} https://other-api.test/v1/models",
         'c other_sandbox -H "Authorization: Bearer $OTHER_PH" https://api.test/v1/models',
         'c ended_sandbox -H "Authorization: Bearer $ENDED_PH" https://api.test/v1/models',

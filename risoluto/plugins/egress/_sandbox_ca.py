@@ -91,7 +91,7 @@ def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
     """``load_cert_chain`` from memory: anonymous memfds, never a path on disk."""
     fds = [os.memfd_create("risoluto-leaf", os.MFD_CLOEXEC) for _ in range(2)]
     try:
-        for fd, data in zip(fds, (chain_pem, key_pem)):
+        for fd, data in zip(fds, (chain_pem, key_pem), strict=True):
             os.write(fd, data)
         ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
     finally:
