@@ -215,8 +215,8 @@ class Broker:
                 refusal = Refused(403, "credential_not_allowed",
                                   "A credential placeholder may be used only over HTTPS to the host it is bound to.",
                                   "plain_http")
-                self._refused(ctx, refusal, head.method)
-                await proxy._refuse(conn, ctx, _proxy_refusal(refusal))
+                self.metrics.requests.labels(outcome=refusal.reason).inc()
+                await proxy._refuse(conn, ctx, _proxy_refusal(refusal))  # its decision line is the one log line
                 return True
             return False
         if not self.credentialed(host, port):
