@@ -246,31 +246,35 @@ def wait_port(port: int, proc: mp.Process | subprocess.Popen, what: str) -> None
     raise SystemExit(f"{what} did not listen on {port}")
 
 
-def keepalive_latency(make: callable, n: int) -> list[float]:
-    s = make()
+def keepalive_latency(makers: dict[str, callable], n: int) -> dict[str, list[float]]:
+    """One connection per path, requests round-robin across the paths (load hits each alike)."""
+    sessions = {name: make() for name, make in makers.items()}
+    times: dict[str, list[float]] = {name: [] for name in makers}
     try:
-        for _ in range(30):
-            s.get("/small")
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            s.get("/small")
-            times.append((time.perf_counter() - start) * 1000)
+        for i in range(n + 30):
+            for name, s in sessions.items():
+                start = time.perf_counter()
+                s.get("/small")
+                if i >= 30:  # warm-up
+                    times[name].append((time.perf_counter() - start) * 1000)
         return times
     finally:
-        s.close()
+        for s in sessions.values():
+            s.close()
 
 
-def first_request_latency(make: callable, n: int) -> list[float]:
-    times = []
+def first_request_latency(makers: dict[str, callable], n: int) -> dict[str, list[float]]:
+    """A new connection + one request, round-robin across the paths."""
+    times: dict[str, list[float]] = {name: [] for name in makers}
     for i in range(n + 10):
-        start = time.perf_counter()
-        s = make()
-        s.get("/small")
-        elapsed = (time.perf_counter() - start) * 1000
-        s.close()
-        if i >= 10:  # warm-up: the leaf certificate is made once, then cached
-            times.append(elapsed)
+        for name, make in makers.items():
+            start = time.perf_counter()
+            s = make()
+            s.get("/small")
+            elapsed = (time.perf_counter() - start) * 1000
+            s.close()
+            if i >= 10:  # warm-up: the leaf certificate is made once, then cached
+                times[name].append(elapsed)
     return times
 
 
@@ -341,8 +345,8 @@ def main() -> int:
                 for name, curl in curls.items():
                     speed, cost = throughput(curl, args.mib, pids[name])
                     tput[name], cpu[name] = max(tput[name], speed), min(cpu[name], cost)
-            keep = {name: keepalive_latency(make, args.requests) for name, make in paths.items()}
-            first = {name: first_request_latency(make, max(50, args.requests // 3)) for name, make in paths.items()}
+            keep = keepalive_latency(paths, args.requests)
+            first = first_request_latency(paths, max(50, args.requests // 3))
         finally:
             if mitm is not None:
                 mitm.terminate()

@@ -123,14 +123,20 @@ class Session:
         self.conn = h11.Connection(h11.CLIENT)
 
     async def request(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
-                      body: bytes = b"", host: str = "api.test") -> tuple[int, dict[str, str], bytes, list[float]]:
+                      body: bytes = b"", host: str = "api.test", chunks: tuple[bytes, ...] = ()
+                      ) -> tuple[int, dict[str, str], bytes, list[float]]:
         """(status, headers, body, arrival time of each body piece)."""
         hdrs = [("Host", host)] + (headers or [])
-        if body:
+        if body and not chunks:
             hdrs.append(("Content-Length", str(len(body))))
+        if chunks:
+            hdrs.append(("Transfer-Encoding", "chunked"))
         await self.tls.send(self.conn.send(h11.Request(method=method, target=target, headers=hdrs)))
-        if body:
+        if body and not chunks:
             await self.tls.send(self.conn.send(h11.Data(data=body)))
+        for piece in chunks:
+            await self.tls.send(self.conn.send(h11.Data(data=piece)))
+            await anyio.sleep(0.05)
         await self.tls.send(self.conn.send(h11.EndOfMessage()))
         status, got, out, times = 0, {}, b"", []
         with anyio.fail_after(10):
@@ -191,6 +197,11 @@ async def test_injection_keep_alive_and_chunked(tmp_path):
             # the same connection again (keep-alive), a POST with a body, and a chunked answer
             status, _, body, _ = await s.request("POST", "/v1/chat", [("Authorization", f"Bearer {ph}")], b"hello")
             assert status == 200 and json.loads(body)["body"] == "hello"
+            # a chunked request body, sent in pieces, arrives whole
+            status, _, body, _ = await s.request("POST", "/v1/up", [("Authorization", f"Bearer {ph}")],
+                                                 chunks=(b"one,", b"two,", b"three"))
+            assert status == 200 and json.loads(body)["body"] == "one,two,three"
+            assert json.loads(body)["headers"]["transfer-encoding"] == "chunked"
             status, _, body, times = await s.request("GET", "/chunked", [("X-Other", "1")])
             assert status == 200 and json.loads(body)["headers"]["x-other"] == "1" and len(times) >= 1
             # a request without a placeholder passes untouched
@@ -199,7 +210,7 @@ async def test_injection_keep_alive_and_chunked(tmp_path):
             status, _, body, _ = await s.request("GET", "/anything", [("X-Api-Key", placeholder(env, name="KEY_HEADER"))])
             assert status == 200 and json.loads(body)["headers"]["x-api-key"] == "key-" + "k" * 20
         assert env.upstream.connections == 1  # one upstream connection carried every request
-        assert env.metric("risoluto_egress_brokered_requests_total", outcome="injected") == 3
+        assert env.metric("risoluto_egress_brokered_requests_total", outcome="injected") == 4
         assert env.metric("risoluto_egress_decisions_total", verdict="allow", reason="credential_host") == 1
 
 
