@@ -472,3 +472,19 @@ async def test_origin_closing_keep_alive_is_reopened_to_the_same_address(tmp_pat
         assert env.upstream.connections == 3
         assert [r["target"] for r in env.upstream.requests] == ["/close", "/v1/after-close", "/idle-close",
                                                                  "/v1/after-idle"]
+
+
+async def test_large_body_passes_whole_and_the_connections_stay_usable(tmp_path):
+    """A large Content-Length body takes the pass-through path: every byte arrives, then both
+    connections carry the next request (the origin connection is reused, not reopened)."""
+    async with broker_env(tmp_path) as env:
+        auth = [("Authorization", f"Bearer {placeholder(env)}")]
+        async with session(env) as s:
+            for size in (8 * 1024 * 1024 + 7, 3 * 1024 * 1024):
+                status, got, body, _ = await s.request("GET", f"/big/{size}", auth)
+                assert status == 200 and len(body) == size and body == b"x" * size
+                assert got["content-length"] == str(size)
+            status, _, body, _ = await s.request("GET", "/v1/after", auth)
+            assert status == 200 and json.loads(body)["headers"]["authorization"] == f"Bearer {REAL}"
+        assert env.upstream.connections == 1
+        assert [r["target"] for r in env.upstream.requests][-1] == "/v1/after"

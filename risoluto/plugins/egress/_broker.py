@@ -42,6 +42,7 @@ _HOP = {b"connection", b"keep-alive", b"proxy-authorization", b"proxy-authentica
 
 TLS_READ = 256 * 1024  # ciphertext read per call: fewer trips through the event loop on big bodies
 RECORD = 17 * 1024  # more than one TLS record's plaintext (16 KiB)
+PASS_MIN = 1024 * 1024  # response bodies of known length from this size on bypass h11 (see _pass_body)
 
 
 class SecretsLocked(Exception):
@@ -320,8 +321,15 @@ class Broker:
             head = client.send(h11.Request(method=request.method, target=request.target, headers=headers))
             if not await _relay_body(server, down, client, up, head, proxy.metrics.upload):
                 return
-            if not await self._relay_response(client, up, server, down, proxy.metrics.download):
+            outcome = await self._relay_response(client, up, server, down, request.method, proxy.metrics.download)
+            if outcome == "closed":
                 return
+            if outcome == "passed":  # h11 did not see the body: carry on with fresh parsers, same rules
+                if _closes(request.http_version, request.headers):
+                    return
+                server = _fresh_server(server)
+                origin.http = h11.Connection(h11.CLIENT)
+                continue
             if server.our_state is not h11.DONE:
                 return  # the worker asked to close (Connection: close, HTTP/1.0)
             server.start_next_cycle()
@@ -396,9 +404,13 @@ class Broker:
         return entry.render(value).encode("latin-1", "replace")
 
     async def _relay_response(self, client: h11.Connection, up: TLSConn, server: h11.Connection, down: TLSConn,
-                              counter: Any) -> bool:
+                              method: bytes, counter: Any) -> str:
         """Everything the origin sent so far goes on in one write (a head and a short body in one
-        TLS flight); then wait for more. Nothing waits for a whole body: an event stream flows."""
+        TLS flight); then wait for more. Nothing waits for a whole body: an event stream flows.
+
+        Returns "done", "closed" (the exchange broke off) or "passed": a large body of known length
+        was moved without h11 (see :meth:`_pass_body`); both h11 objects are then out of step.
+        """
         out: list[bytes] = []
         while True:
             try:
@@ -408,7 +420,7 @@ class Broker:
                 await down.send(b"".join(out))
                 if server.our_state is h11.SEND_RESPONSE:
                     await _answer(server, down, 502, "upstream_protocol_error", "The origin broke HTTP/1.1.")
-                return False
+                return "closed"
             if event is h11.NEED_DATA:
                 await down.send(b"".join(out))
                 out.clear()
@@ -420,22 +432,79 @@ class Broker:
             elif isinstance(event, h11.Response):
                 out.append(server.send(h11.Response(status_code=event.status_code, headers=_strip(event.headers),
                                                     reason=event.reason)))
+                length = _fixed_length(event, method)
+                if length is not None and length >= PASS_MIN:
+                    return await self._pass_body(client, up, server, down, length, out, counter)
             elif isinstance(event, h11.Data):
                 counter.inc(len(event.data))
                 out.append(server.send(h11.Data(data=event.data)))
             elif isinstance(event, h11.EndOfMessage):
                 out.append(server.send(h11.EndOfMessage(headers=_strip(event.headers))))
                 await down.send(b"".join(out))
-                return True
+                return "done"
             else:
                 await down.send(b"".join(out))
-                return False
+                return "closed"
 
+    async def _pass_body(self, client: h11.Connection, up: TLSConn, server: h11.Connection, down: TLSConn,
+                         length: int, out: list[bytes], counter: Any) -> str:
+        """A body of ``length`` bytes (Content-Length, identity) goes on as it arrives, without h11:
+        re-parsing megabytes only to count them costs more than the two TLS layers. What h11 holds
+        already goes first; then exactly ``length`` bytes. Anything after them is a broken origin."""
+        left = length
+        while left:
+            event = client.next_event()
+            if not isinstance(event, h11.Data):
+                break  # NEED_DATA: h11 holds nothing more of the body
+            counter.inc(len(event.data))
+            out.append(server.send(h11.Data(data=event.data)))
+            left -= len(event.data)
+        await down.send(b"".join(out))
+        if not left and (not isinstance(client.next_event(), h11.EndOfMessage) or client.trailing_data[0]):
+            return "closed"  # bytes after the announced body: a broken origin
+        while left:
+            parts = await up.recv()
+            if not parts:
+                return "closed"  # the origin ended mid-body: the worker sees the connection end
+            chunk = b"".join(parts) if len(parts) > 1 else parts[0]
+            if len(chunk) > left:
+                return "closed"  # more than announced: never relay it, and never reuse this connection
+            counter.inc(len(chunk))
+            await down.send(chunk)
+            left -= len(chunk)
+        return "passed"
     def _refused(self, ctx: dict[str, Any], refusal: Refused, method: str) -> None:
         self.metrics.requests.labels(outcome=refusal.reason).inc()
         log.info("egress broker deny reason=%s why=%s sandbox=%s method=%s host=%s port=%s secret=%s",
                  refusal.reason, refusal.why or "-", ctx.get("sandbox", "-"), method, ctx.get("host", "-"),
                  ctx.get("port", "-"), refusal.secret or "-")
+
+
+def _closes(version: bytes, headers: Any) -> bool:
+    """Whether a message ends its connection (HTTP/1.0, or ``Connection: close``)."""
+    tokens = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
+    return version == b"1.0" or b"close" in tokens
+
+
+def _fixed_length(response: h11.Response, method: bytes) -> int | None:
+    """The body length of a keep-alive response framed by Content-Length alone, else None."""
+    if method == b"HEAD" or response.status_code in (204, 304) or _closes(response.http_version, response.headers):
+        return None
+    if any(k == b"transfer-encoding" for k, _ in response.headers):
+        return None
+    lengths = [v for k, v in response.headers if k == b"content-length"]
+    return int(lengths[0]) if len(lengths) == 1 else None  # h11 has checked it is a number
+
+
+def _fresh_server(old: h11.Connection) -> h11.Connection:
+    """A new parser for the worker's side, fed what the old one had received but not parsed."""
+    data, closed = old.trailing_data
+    new = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    if data:
+        new.receive_data(data)
+    if closed:
+        new.receive_data(b"")
+    return new
 
 
 @attrs.define
