@@ -160,6 +160,13 @@ class TLSConn:
             self.activity.touch()
         await self._flush()
 
+    async def send_parts(self, parts: list[bytes]) -> None:
+        """Several pieces in one flight, without joining them first."""
+        for part in parts:
+            self.obj.write(part)
+        self.activity.touch()
+        await self._flush()
+
     async def close(self) -> None:
         """Best effort close_notify; the socket itself is closed by the proxy."""
         with anyio.move_on_after(0.5):
@@ -466,12 +473,12 @@ class Broker:
             parts = await up.recv()
             if not parts:
                 return "closed"  # the origin ended mid-body: the worker sees the connection end
-            chunk = b"".join(parts) if len(parts) > 1 else parts[0]
-            if len(chunk) > left:
+            size = sum(len(p) for p in parts)
+            if size > left:
                 return "closed"  # more than announced: never relay it, and never reuse this connection
-            counter.inc(len(chunk))
-            await down.send(chunk)
-            left -= len(chunk)
+            counter.inc(size)
+            await down.send_parts(parts)
+            left -= size
         return "passed"
     def _refused(self, ctx: dict[str, Any], refusal: Refused, method: str) -> None:
         self.metrics.requests.labels(outcome=refusal.reason).inc()
