@@ -488,3 +488,17 @@ async def test_large_body_passes_whole_and_the_connections_stay_usable(tmp_path)
             assert status == 200 and json.loads(body)["headers"]["authorization"] == f"Bearer {REAL}"
         assert env.upstream.connections == 1
         assert [r["target"] for r in env.upstream.requests][-1] == "/v1/after"
+
+
+def test_a_spec_carrying_a_brokered_value_is_refused():
+    from risoluto.errors import ApiError
+    from risoluto.hookspecs.sandbox import ContainerSpec
+    from risoluto.plugins.sandbox._launcher import _no_brokered_value
+
+    clean = ContainerSpec(name="n", image="i", env={"API_TOKEN": "risoluto-placeholder-API_TOKEN-" + "0" * 32})
+    _no_brokered_value(clean, {"API_TOKEN": REAL})
+    for spec in (ContainerSpec(name="n", image="i", env={"OTHER": f"x{REAL}x"}),
+                 ContainerSpec(name="n", image="i", files={"/home/agent/.codex-runtime/auth.json": REAL.encode()})):
+        with pytest.raises(ApiError) as err:
+            _no_brokered_value(spec, {"API_TOKEN": REAL})
+        assert err.value.status == 400 and err.value.code == "secret_exposed" and REAL not in str(err.value.message)
