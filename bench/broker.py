@@ -69,32 +69,75 @@ def make_origin_ca(tmp: Path) -> None:
 
 
 # -- origin: HTTPS, HTTP/1.1 keep-alive ---------------------------------------------------------
+class BioTLS:
+    """Blocking server-side TLS through memory BIOs, so that a large body leaves in a few big
+    writes (an SSLSocket writes every 16 KiB record on its own: the origin would be the bottleneck)."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext):
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+
+    def _feed(self) -> None:
+        data = self.sock.recv(262144)
+        if not data:
+            raise EOFError
+        self.incoming.write(data)
+
+    def recv(self) -> bytes:
+        while True:
+            try:
+                return self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        self.obj.write(data)
+        self._flush()
+
+
 def run_origin(port: int, tmp: str) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(f"{tmp}/origin.pem", f"{tmp}/origin.key")
     ctx.set_alpn_protocols(["http/1.1"])
-    blob = memoryview(os.urandom(1024 * 1024))
+    blob = memoryview(os.urandom(4 * 1024 * 1024))
 
     def serve(conn: socket.socket) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = ctx.wrap_socket(conn, server_side=True)
+            tls = BioTLS(conn, ctx)
             data = b""
             while True:
                 while b"\r\n\r\n" not in data:
-                    chunk = tls.recv(65536)
+                    chunk = tls.recv()
                     if not chunk:
                         return
                     data += chunk
                 head, _, data = data.partition(b"\r\n\r\n")
                 path = head.split(b" ", 2)[1].decode()
                 size = int(path.rsplit("/", 1)[1]) if path.startswith("/big/") else 2
-                tls.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode() + (b"ok" if size == 2 else b""))
-                while size > 2 or (size > 0 and path.startswith("/big/")):
+                tls.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode()
+                            + (b"ok" if size == 2 and not path.startswith("/big/") else b""))
+                while path.startswith("/big/") and size > 0:
                     n = min(size, len(blob))
                     tls.sendall(blob[:n])
                     size -= n
-        except (OSError, ssl.SSLError):
+        except (OSError, ssl.SSLError, EOFError):
             pass
         finally:
             conn.close()
