@@ -12,7 +12,12 @@ a new connection (two handshakes), added p50 <= 5 ms; large download through the
 connection >= 0.4x the tunnel's throughput; against mitmproxy: throughput >= 2x, added latency
 <= 0.5x.
 
-    .venv/bin/python bench/broker.py [--mib 256] [--requests 300] [--mitmdump /path/to/mitmdump]
+Downloads are made by curl (C) from an origin that writes large TLS flights, so that neither end
+limits the paths compared; the paths are interleaved, best of ``--rounds``. Besides MB/s the bench
+prints each proxy's own CPU time per GB (from /proc): on a shared machine the wall-clock ratio
+moves with other jobs' load, the CPU cost per byte much less.
+
+    .venv/bin/python bench/broker.py [--mib 256] [--rounds 5] [--requests 300] [--mitmdump PATH]
 """
 
 from __future__ import annotations
@@ -344,7 +349,7 @@ def throughput(curl: list[str], mib: int, pid: int) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=256, help="size of the large download (MiB)")
-    parser.add_argument("--rounds", type=int, default=3, help="large downloads per path (best is kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="large downloads per path (best is kept)")
     parser.add_argument("--requests", type=int, default=300, help="requests timed per path and kind")
     parser.add_argument("--mitmdump", default=shutil.which("mitmdump") or "", help="path of mitmdump (mitmproxy)")
     args = parser.parse_args()
