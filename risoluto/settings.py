@@ -195,6 +195,26 @@ class EgressRuleConfig:
     verdict: Literal["allow", "deny"] = "deny"
 
 
+def _nonempty(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not value:
+        raise ValueError("must not be empty")
+
+
+_nonempty.allowed = "required"  # type: ignore[attr-defined]  # for the docs
+
+
+@attrs.frozen(kw_only=True)
+class CredentialConfig:
+    """One brokered credential (``egress.credentials[]``, config file only; docs/egress.md)."""
+
+    secret: str = attrs.field(default="", validator=_nonempty)
+    hosts: list[str] = attrs.field(factory=list, validator=_nonempty)
+    header: str = "Authorization"
+    format: str = "Bearer {value}"
+    paths: list[str] = attrs.field(factory=lambda: ["/*"], validator=_nonempty)
+    methods: list[str] = attrs.field(factory=list)  # empty: every method
+
+
 @attrs.frozen(kw_only=True)
 class EgressConfig:
     resolver: str = ""
@@ -208,6 +228,9 @@ class EgressConfig:
     on_unlisted: Literal["deny", "ask"] = "deny"
     ask_timeout_seconds: float = attrs.field(default=30.0, validator=_positive(3600))
     audit: EgressAuditConfig = attrs.field(factory=EgressAuditConfig)
+    # Credential brokering (docs/egress.md): config file only, never the overlay.
+    credentials: list[CredentialConfig] = attrs.field(factory=list)
+    upstream_ca_file: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -269,14 +292,14 @@ def camel(name: str) -> str:
 
 
 def _to_camel(value: Any, redact: bool, field: str = "") -> Any:
+    if isinstance(value, list):
+        return [_to_camel(v, redact, field) for v in value]
     if isinstance(value, dict):
         # user-supplied maps (egress.hosts) and plugin names (plugins.settings) keep their own keys
         convert = field not in ("hosts", "settings")
         return {
             (camel(k) if convert else k): _to_camel(v, redact, k) for k, v in value.items()
         }
-    if isinstance(value, list):
-        return [_to_camel(v, redact, field) for v in value]
     if redact and value and (field in _SECRET_FIELDS or _SECRET_WORDS.search(field)):
         return "***"
     if redact and isinstance(value, str):
@@ -318,11 +341,17 @@ def _convert(cls: type, data: Any, path: str) -> Any:
 
 def _failing_field(cls: type, kwargs: dict[str, Any]) -> str | None:
     for f in attrs.fields(cls):
-        if f.name in kwargs and f.validator is not None:
-            try:
-                f.validator(None, f, kwargs[f.name])
-            except ValueError:
-                return f.name
+        if f.validator is None:
+            continue
+        if f.name in kwargs:
+            value = kwargs[f.name]
+        else:  # a required key left out fails on its default
+            default: Any = f.default
+            value = default.factory() if hasattr(default, "factory") else default
+        try:
+            f.validator(None, f, value)
+        except ValueError:
+            return f.name
     return None
 
 

@@ -31,6 +31,7 @@ from risoluto.settings import EgressConfig
 from . import _tls
 from ._approvals import Approvals, IssueHosts, issue_entry
 from ._audit import Decision, EgressAudit
+from ._broker import Broker
 from ._dns import Resolver, ResolveError
 from ._http import MAX_HEAD, BadRequest, RequestHead, Target, answer, body_framing, parse_head, parse_target
 from ._http import upstream_head
@@ -150,6 +151,7 @@ class EgressProxy:
         self._open = 0
         self._per_peer: dict[str, int] = {}
         self.address: tuple[str, int] | None = None
+        self.broker: Broker | None = None  # credential brokering (set by the enforcer when configured)
 
     # -- credentials --------------------------------------------------------------------
     def register(self, client: Client) -> None:
@@ -249,6 +251,10 @@ class EgressProxy:
             await self._refuse(conn, ctx, refusal)
             return
         try:
+            # credentialed hosts (and any plain request carrying a placeholder) go to the broker
+            if self.broker is not None and await self.broker.takes(
+                    self, conn, reader, upstream, head, host, target.port, client, ctx):
+                return
             if head.method == "CONNECT":
                 await self._tunnel(conn, reader, upstream, policy, host, match, ctx)
             else:

@@ -30,6 +30,7 @@ from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 
 from ._approvals import approvals_for, issue_hosts_for
 from ._audit import audit_for
+from ._broker_launch import attach_broker, make_broker
 from ._metrics import metrics_for
 from .allowlist import Allowlist
 from .host_firewall import HostFirewall, can_manage
@@ -121,6 +122,7 @@ class DockerEgressEnforcer:
         self.proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
                                  audit=audit_for(kernel), approvals=approvals_for(kernel),
                                  issue_hosts=self.issue_hosts, approve=kernel.hooks.egress_decide)
+        self.proxy.broker = make_broker(kernel)  # None unless egress.credentials is set
         await self._serve(self.proxy)
         why = can_manage()
         if why:
@@ -208,6 +210,8 @@ class DockerEgressEnforcer:
 
         spec.on_created.append(created)
         spec.on_removed.append(removed)
+        if proxy.broker is not None and not request.dry_run:
+            attach_broker(proxy.broker, spec, request, settings, username, self._docker)
 
     def _addresses(self, container_id: str) -> set[str]:
         """The container's addresses on the egress network: its credential is valid only from there."""

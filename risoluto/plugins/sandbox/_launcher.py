@@ -99,7 +99,9 @@ def build_spec(kernel: Any, request: LaunchRequest, secret_values: dict[str, str
     spec = ContainerSpec(name=container_name(key), image=request.image or settings.codex.sandbox.image,
                          command=list(request.command))
     spec.env.update(request.env)
-    spec.env.update(secret_values)
+    # a brokered secret never enters the worker: the egress broker gives it a placeholder instead
+    brokered = {c.secret for c in settings.egress.credentials}
+    spec.env.update({name: value for name, value in secret_values.items() if name not in brokered})
     spec.labels[LABEL_ISSUE] = request.issue
     kernel.hooks.sandbox_spec(spec, request, settings)
     attach_egress(kernel, spec, request)
@@ -110,6 +112,7 @@ def build_spec(kernel: Any, request: LaunchRequest, secret_values: dict[str, str
         key=lambda m: m["target"],
     )
     _no_secret_outside_env(spec, secret_values)
+    _no_brokered_value(spec, {name: secret_values[name] for name in brokered & set(secret_values)})
     spec.labels[LABEL_POLICY] = policy_digest(spec.policy)
     return spec
 
@@ -131,6 +134,17 @@ def _no_secret_outside_env(spec: ContainerSpec, secret_values: dict[str, str]) -
         if len(value) >= MIN_MATCHED_VALUE and any(value in text for text in visible):
             raise ApiError(400, "secret_exposed", f"the value of secret {name!r} appears in the command line "
                            "or a label; secrets are passed only as environment entries.")
+
+
+def _no_brokered_value(spec: ContainerSpec, values: dict[str, str]) -> None:
+    """Fail closed: a brokered secret's value is nowhere in the spec (environment, files, argv, labels)."""
+    texts = [*spec.env.values(), *spec.command, *spec.labels.values()]
+    blobs = list(spec.files.values())
+    for name, value in values.items():
+        if len(value) >= MIN_MATCHED_VALUE and (any(value in t for t in texts)
+                                                or any(value.encode() in b for b in blobs)):
+            raise ApiError(400, "secret_exposed", f"the value of brokered secret {name!r} would reach the worker; "
+                           "the launch is refused.")
 
 
 def effective_policy(kernel: Any) -> dict[str, Any]:
