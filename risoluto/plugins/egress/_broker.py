@@ -242,7 +242,7 @@ class Broker:
                          port: int, state: SandboxState, ctx: dict[str, Any]) -> None:
         policy = proxy.policy()
         await conn.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        first, why = await proxy._client_hello(reader, policy, host, False)
+        first, why = await proxy._client_hello(reader, policy, host, False, ctx)
         if why:
             proxy._log(ctx, "deny", why)
             return
