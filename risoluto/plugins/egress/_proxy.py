@@ -512,7 +512,8 @@ class EgressProxy:
             verdict=verdict, reason=reason, sandbox=ctx.get("sandbox", ""), issue=ctx.get("issue", ""),
             host=ctx.get("host", ""), port=ctx.get("port", 0), sni=ctx.get("sni", ""),
             method=ctx.get("method", "") if plain else "", path=ctx.get("path", "") if plain else "",
-            rule=ctx.get("rule", ""), bytes_up=up, bytes_down=down, approval=ctx.get("approval", ""),
+            rule=ctx.get("rule", ""), credential=ctx.get("credential", ""), bytes_up=up, bytes_down=down,
+            approval=ctx.get("approval", ""),
             principal=ctx.get("principal", ""),
             duration_ms=int((anyio.current_time() - ctx["started"]) * 1000) if "started" in ctx else 0,
         ))

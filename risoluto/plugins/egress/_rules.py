@@ -99,5 +99,9 @@ class EgressRules:
         """The first HTTP rule matching the request, or None (then the allowlist decides)."""
         return next((r for r in self.http if r.matches(host, port, method, path)), None)
 
+    def covers(self, host: str | IPAddress, port: int) -> bool:
+        """Whether some HTTP rule names ``host:port`` (then its requests' paths must be comparable)."""
+        return any(_host_match(r.hosts, host, port) is not None for r in self.http)
+
 
 __all__ = ["EgressRules", "HttpRule", "parse_rule"]
