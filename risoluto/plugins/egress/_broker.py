@@ -424,7 +424,8 @@ class Broker:
             # the name must be the CONNECT host (no other virtual host); a port, when written, its port
             if len(hosts) != 1 or hosts[0] is None or hosts[0][0] != host or hosts[0][1] not in (None, port):
                 raise Refused(403, "credential_not_allowed", "The Host header does not name the host the "
-                              "credential is bound to.", "host_header")
+                              "credential is bound to.", "host_header",
+                              self._names([v.decode("latin-1") for _, v in request.headers]))
         out: list[tuple[bytes, bytes]] = []
         injected: list[str] = []
         for name, value in request.headers:
