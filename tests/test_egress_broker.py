@@ -346,6 +346,24 @@ async def test_upstream_certificate_is_verified(tmp_path):
                 if status == 0:
                     raise anyio.EndOfStream
         assert env.upstream.requests == []
+        # one line for the connection: refused by the origin's handshake, never admitted
+        assert [(r["verdict"], r["reason"], r["sni"]) for r in env.lines()] == [
+            ("deny", "origin_tls_failed", "api.test")]
+
+
+
+async def test_a_worker_refusing_the_sandbox_ca_is_one_deny_line(tmp_path):
+    """A client that does not trust its sandbox's CA (here: it trusts only the origin's) ends the
+    handshake; the connection is audited as refused by the worker's side, nothing goes upstream."""
+    async with broker_env(tmp_path) as env:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with session(env, cadata=env.ca.ca_path.read_text()):
+                pass
+        with anyio.fail_after(5):
+            while not env.proxy.audit.recent(lambda d: True, 1):  # the proxy notices the close
+                await anyio.sleep(0.02)
+        assert [(r["verdict"], r["reason"]) for r in env.lines()] == [("deny", "worker_tls_failed")]
+        assert env.upstream.requests == []
 
 
 def test_config_errors_name_the_key(tmp_path):
