@@ -34,10 +34,11 @@ import h11
 from prometheus_client import Counter
 
 from ._audit import Decision
-from ._credentials import PLACEHOLDER, Credential, host_of, mentions_placeholder, new_placeholder, path_is_plain
+from ._credentials import PLACEHOLDER, Credential, host_of, mentions_placeholder, new_placeholder
 from ._http import MAX_HEAD
 from ._refusals import refusal_text
 from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection
+from ._rules import rule_path
 from ._sandbox_ca import SandboxCA
 
 if TYPE_CHECKING:
@@ -556,8 +557,8 @@ class Broker:
             return ""
         method = request.method.decode("ascii", "replace")
         raw = request.target.decode("latin-1").split("?", 1)[0].split("#", 1)[0]
-        path = unquote(raw)
-        if not path_is_plain(path) or "\x00" in path or mentions_placeholder(raw):
+        path = rule_path(raw)
+        if path is None:
             shown = raw if raw.startswith("/") and not mentions_placeholder(raw) else "this path"
             raise Refused(403, "path_not_plain", refusal_text("path_not_plain", str(host), port, method, shown[:200]))
         rule = rules.http_rule(host, port, method, path)

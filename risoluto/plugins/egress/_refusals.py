@@ -14,8 +14,8 @@ WHY = {
     "ip_literal_not_allowed": "connections to bare IP addresses are allowed only when the address itself is listed",
     "deny_listed": "the operator has put it on the deny list",
     "rule_deny": "an HTTP rule of the operator forbids this method and path there",
-    "path_not_plain": ("its path has dot segments, backslashes or encoded control characters, so the operator's "
-                       "HTTP rules for that host cannot be checked against it"),
+    "path_not_plain": ("its path has dot segments, a backslash or a NUL, so the operator's HTTP rules for that "
+                       "host cannot be checked against it"),
     "private_address": "it points to an address the sandbox may not reach",
     "decision_error": "the policy check failed, and a failed check refuses",
     "approval_denied": "the operator declined it",
