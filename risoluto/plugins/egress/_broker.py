@@ -25,7 +25,6 @@ import logging
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
-
 from urllib.parse import unquote
 
 import anyio
@@ -546,6 +545,7 @@ class Broker:
             await down.send_parts(parts)
             left -= size
         return "passed"
+
     # -- rules and the decision audit -----------------------------------------------------
     def _rule(self, rules: Any, request: h11.Request, host: str | IPAddress, port: int) -> str:
         """``egress.rules`` for one request: the name of the allow rule that matched (it grants nothing
@@ -558,15 +558,14 @@ class Broker:
         method = request.method.decode("ascii", "replace")
         raw = request.target.decode("latin-1").split("?", 1)[0].split("#", 1)[0]
         path = rule_path(raw)
+        shown = raw[:200] if raw.startswith("/") and not mentions_placeholder(raw) else "this path"
         if path is None:
-            shown = raw if raw.startswith("/") and not mentions_placeholder(raw) else "this path"
-            raise Refused(403, "path_not_plain", refusal_text("path_not_plain", str(host), port, method, shown[:200]))
+            raise Refused(403, "path_not_plain", refusal_text("path_not_plain", str(host), port, method, shown))
         rule = rules.http_rule(host, port, method, path)
         if rule is None:
             return ""
         if rule.verdict == "deny":
-            raise Refused(403, "rule_deny", refusal_text("rule_deny", str(host), port, method, raw[:200]),
-                          rule=rule.name)
+            raise Refused(403, "rule_deny", refusal_text("rule_deny", str(host), port, method, shown), rule=rule.name)
         return rule.name
 
     def _names(self, texts: list[str]) -> str:
