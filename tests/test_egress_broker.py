@@ -28,6 +28,7 @@ from egress_support import CA
 from risoluto.errors import ConfigError
 from risoluto.kernel import Kernel
 from risoluto.plugins.egress import _credentials
+from risoluto.plugins.egress._audit import EgressAudit, audit_for
 from risoluto.plugins.egress._broker import Broker, SandboxState
 from risoluto.plugins.egress._broker_launch import make_broker
 from risoluto.plugins.egress._metrics import metrics_for
@@ -69,13 +70,29 @@ class Env:
     def metric(self, name: str, **labels: str) -> float:
         return self.kernel.metrics_registry.get_sample_value(name, labels) or 0.0
 
+    def audit_bytes(self) -> bytes:
+        """The decision audit file as written (the writer flushed first)."""
+        self.proxy.audit.close()
+        path = self.proxy.audit.path
+        return path.read_bytes() if path is not None and path.exists() else b""
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit_bytes().splitlines()]
+
+    def leaks(self) -> list[str]:
+        """Secret values, placeholders or proxy credentials found in the audit file's bytes."""
+        raw = self.audit_bytes()
+        texts = [REAL, ROTATED, "risoluto-placeholder", "key-" + "k" * 20, *SECRETS.values()]
+        texts += [p for state in self.states.values() for p in state.placeholders.values()]
+        return [t for t in texts if t.encode() in raw]
+
 
 SECRETS = {"sbx-a": "secret-a-" + "a" * 20, "sbx-b": "secret-b-" + "b" * 20}
 SOURCES = {"sbx-a": "127.0.0.1", "sbx-b": "127.0.0.2"}
 
 
-def egress_config(tmp_path: Any, ca: CA, uport: int) -> dict[str, Any]:
-    return {
+def egress_config(tmp_path: Any, ca: CA, uport: int, **egress: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "codex": {"sandbox": {"egressAllowlist": [f"api.test:{uport}", f"plain.test:{uport}",
                                                   f"other-api.test:{uport}"]}},
         "egress": {
@@ -89,17 +106,23 @@ def egress_config(tmp_path: Any, ca: CA, uport: int) -> dict[str, Any]:
             ],
         },
     }
+    config["egress"].update(egress)
+    return config
 
 
 @contextlib.asynccontextmanager
-async def broker_env(tmp_path: Any) -> AsyncIterator[Env]:
+async def broker_env(tmp_path: Any, egress: Any = None, audit: EgressAudit | None = None) -> AsyncIterator[Env]:
+    """``egress`` (a function of the origin's port) adds egress settings; ``audit``: the decision
+    audit the proxy writes to (default: the kernel's, ``<tmp_path>/egress-audit.log``)."""
     ca = CA(tmp_path, ["api.test", "plain.test", "other-api.test"])
     async with anyio.create_task_group() as tg:
         upstream, uport = await start_upstream(tg, HOST, 0, ca.server_context())
-        settings = build_settings(egress_config(tmp_path, ca, uport), None, {"DATA_DIR": str(tmp_path)})
+        extra = egress(uport) if egress else {}
+        settings = build_settings(egress_config(tmp_path, ca, uport, **extra), None, {"DATA_DIR": str(tmp_path)})
         kernel = Kernel(settings)
         kernel.secret_store = Store({"API_TOKEN": REAL, "KEY_HEADER": "key-" + "k" * 20})
-        proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel))
+        proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
+                            audit=audit or audit_for(kernel))
         broker = make_broker(kernel)
         assert broker is not None
         proxy.broker = broker
@@ -245,6 +268,16 @@ async def test_misuse_is_refused_and_nothing_goes_upstream(tmp_path, caplog, met
         assert env.metric("risoluto_egress_brokered_requests_total", outcome="credential_not_allowed") == 1
         lines = [r.getMessage() for r in caplog.records if "credential_not_allowed" in r.getMessage()]
         assert len(lines) == 1 and ph not in lines[0] and REAL not in lines[0]
+        # the audit: the connection admitted, then exactly one refusal, names only
+        records = env.lines()
+        assert [(r["verdict"], r["reason"]) for r in records] == [("allow", "credential_host"),
+                                                                  ("deny", "credential_not_allowed")], why
+        refused = records[1]
+        assert (refused["sandbox"], refused["host"], refused["port"]) == ("sbx-a", "api.test", env.uport)
+        assert refused["bytes_up"] == refused["bytes_down"] == 0 and refused["rule"] is None
+        assert refused["credential"] == "API_TOKEN", why  # the name the placeholder carries
+        assert refused["path"] in (None, target.split("?")[0]) and "?" not in (refused["path"] or "")
+        assert env.leaks() == [], why
 
 
 async def test_ended_sandbox_placeholder_and_wrong_host(tmp_path):
@@ -312,6 +345,24 @@ async def test_upstream_certificate_is_verified(tmp_path):
                 status, *_ = await s.request("GET", "/v1/models", [("Authorization", f"Bearer {placeholder(env)}")])
                 if status == 0:
                     raise anyio.EndOfStream
+        assert env.upstream.requests == []
+        # one line for the connection: refused by the origin's handshake, never admitted
+        assert [(r["verdict"], r["reason"], r["sni"]) for r in env.lines()] == [
+            ("deny", "origin_tls_failed", "api.test")]
+
+
+
+async def test_a_worker_refusing_the_sandbox_ca_is_one_deny_line(tmp_path):
+    """A client that does not trust its sandbox's CA (here: it trusts only the origin's) ends the
+    handshake; the connection is audited as refused by the worker's side, nothing goes upstream."""
+    async with broker_env(tmp_path) as env:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with session(env, cadata=env.ca.ca_path.read_text()):
+                pass
+        with anyio.fail_after(5):
+            while not env.proxy.audit.recent(lambda d: True, 1):  # the proxy notices the close
+                await anyio.sleep(0.02)
+        assert [(r["verdict"], r["reason"]) for r in env.lines()] == [("deny", "worker_tls_failed")]
         assert env.upstream.requests == []
 
 
@@ -502,3 +553,124 @@ def test_a_spec_carrying_a_brokered_value_is_refused():
         with pytest.raises(ApiError) as err:
             _no_brokered_value(spec, {"API_TOKEN": REAL})
         assert err.value.status == 400 and err.value.code == "secret_exposed" and REAL not in str(err.value.message)
+
+
+# -- the decision audit and egress.rules inside terminated connections ---------------------------
+
+
+async def test_each_terminated_request_is_one_audit_line_with_names_bytes_and_no_values(tmp_path):
+    async with broker_env(tmp_path) as env:
+        ph = placeholder(env)
+        async with session(env) as s:
+            status, _, body, _ = await s.request("GET", "/v1/models?page=2&q=x", [("Authorization", f"Bearer {ph}")])
+            assert status == 200 and json.loads(body)["headers"]["authorization"] == f"Bearer {REAL}"
+            down_first = len(body)
+            assert (await s.request("POST", "/v1/chat", [("Authorization", f"Bearer {ph}")], b"hello"))[0] == 200
+            assert (await s.request("GET", "/chunked", [("X-Other", "1")]))[0] == 200
+            status, _, body, _ = await s.request("GET", "/anything", [
+                ("Authorization", f"Bearer {ph}"), ("X-Api-Key", placeholder(env, name="KEY_HEADER"))])
+            assert status == 403  # /anything is not a path of API_TOKEN's entry: refused whole
+        async with session(env, "sbx-b") as s:  # sandbox A's placeholder from sandbox B
+            assert (await s.request("GET", "/v1/models", [("Authorization", f"Bearer {ph}")]))[0] == 403
+        # a placeholder over plain HTTP, in the query string: the proxy's own line, no query, no placeholder
+        cred = base64.b64encode(f"sbx-a:{SECRETS['sbx-a']}".encode()).decode()
+        with anyio.fail_after(5):
+            stream = await anyio.connect_tcp("127.0.0.1", env.port)
+            async with stream:
+                await stream.send(f"GET http://plain.test:{env.uport}/q?token={ph} HTTP/1.1\r\nHost: plain.test\r\n"
+                                  f"Proxy-Authorization: Basic {cred}\r\n\r\n".encode())
+                assert (await stream.receive()).startswith(b"HTTP/1.1 403")
+        records = env.lines()
+        assert env.leaks() == []
+        assert [(r["sandbox"], r["verdict"], r["reason"], r["method"], r["path"], r["credential"]) for r in records] == [
+            ("sbx-a", "allow", "credential_host", None, None, None),
+            ("sbx-a", "allow", "credential_injected", "GET", "/v1/models", "API_TOKEN"),
+            ("sbx-a", "allow", "credential_injected", "POST", "/v1/chat", "API_TOKEN"),
+            ("sbx-a", "allow", "forwarded", "GET", "/chunked", None),
+            ("sbx-a", "deny", "credential_not_allowed", "GET", "/anything", "API_TOKEN"),
+            ("sbx-b", "allow", "credential_host", None, None, None),
+            ("sbx-b", "deny", "credential_not_allowed", "GET", "/v1/models", "API_TOKEN"),
+            ("sbx-a", "deny", "credential_not_allowed", "GET", "/q", "API_TOKEN"),
+        ]
+        first, post, chunked = records[1], records[2], records[3]
+        assert (first["host"], first["port"], first["sni"]) == ("api.test", env.uport, "api.test")
+        assert first["bytes_up"] == 0 and first["bytes_down"] == down_first and first["duration_ms"] >= 0
+        assert post["bytes_up"] == len(b"hello") and post["bytes_down"] > 0 and chunked["bytes_down"] > 0
+        assert first["rule"] == f"api.test:{env.uport}"  # what admitted the connection
+        assert all(r["bytes_up"] == r["bytes_down"] == 0 for r in records if r["verdict"] == "deny")
+        assert [r["target"] for r in env.upstream.requests] == ["/v1/models?page=2&q=x", "/v1/chat", "/chunked"]
+        # the decisions counter agrees with the lines
+        assert env.metric("risoluto_egress_decisions_total", verdict="allow", reason="credential_injected") == 2
+        assert env.metric("risoluto_egress_decisions_total", verdict="deny", reason="credential_not_allowed") == 3
+
+
+def deny_admin(uport: int) -> dict[str, Any]:
+    return {"rules": [
+        {"hosts": [f"api.test:{uport}"], "methods": ["GET", "POST"], "paths": ["/v1/admin", "/v1/admin/*"],
+         "verdict": "deny"},
+        {"hosts": [f"api.test:{uport}"], "paths": ["/admin"], "verdict": "allow"},
+    ]}
+
+
+async def test_a_deny_rule_refuses_that_path_inside_a_terminated_connection_and_not_another(tmp_path):
+    async with broker_env(tmp_path, deny_admin) as env:
+        auth = [("Authorization", f"Bearer {placeholder(env)}")]
+        refused = {}
+        for target in ("/v1/admin", "/v1/admin/users?x=1", "/v1/%61dmin"):  # percent-encoding does not slip by
+            async with session(env) as s:
+                status, got, body, _ = await s.request("GET", target, auth)
+            refused[target] = (status, got.get("x-risoluto-egress"), got.get("content-type"), body.decode())
+        for target, (status, reason, ctype, text) in refused.items():
+            assert (status, reason, ctype) == (403, "rule_deny", "text/plain; charset=utf-8"), target
+            assert text.startswith(f"Network access to GET {target.split('?')[0]} on api.test") and "rules[" not in text
+            assert REAL not in text and "operator" in text
+        async with session(env) as s:  # a dot segment cannot walk around the rule either
+            status, got, body, _ = await s.request("GET", "/v1/x/%2e%2e/admin", auth)
+        assert (status, got.get("x-risoluto-egress")) == (403, "path_not_plain")
+        async with session(env) as s:  # another path on the same host and connection kind: served
+            status, _, body, _ = await s.request("GET", "/v1/models", auth)
+            assert status == 200 and json.loads(body)["headers"]["authorization"] == f"Bearer {REAL}"
+            # an allow rule grants nothing beyond the credential's entry (/admin is not one of its paths)
+            status, got, _, _ = await s.request("GET", "/admin", auth)
+            assert (status, got.get("x-risoluto-egress")) == (403, "credential_not_allowed")
+        assert [r["target"] for r in env.upstream.requests] == ["/v1/models"]  # nothing else went upstream
+        records = [r for r in env.lines() if r["reason"] != "credential_host"]
+        assert [(r["verdict"], r["reason"], r["path"], r["rule"]) for r in records] == [
+            ("deny", "rule_deny", "/v1/admin", "rules[0]"),
+            ("deny", "rule_deny", "/v1/admin/users", "rules[0]"),
+            ("deny", "rule_deny", "/v1/%61dmin", "rules[0]"),
+            ("deny", "path_not_plain", "/v1/x/%2e%2e/admin", None),
+            ("allow", "credential_injected", "/v1/models", f"api.test:{env.uport}"),
+            ("deny", "credential_not_allowed", "/admin", None),
+        ]
+        assert env.leaks() == []
+        assert env.metric("risoluto_egress_brokered_requests_total", outcome="rule_deny") == 3
+
+
+async def test_the_decisions_api_shows_the_brokers_records(tmp_path):
+    """The broker writes through the proxy's audit, which in a server is the kernel's: the API
+    lists its per-request lines (a refusal by a rule and an injection) like any other."""
+    from risoluto.app import kernel_of
+    from risoluto.testing import running_app
+
+    app_dir = tmp_path / "app"
+    settings = build_settings({}, None, {"DATA_DIR": str(app_dir)})
+    async with running_app(settings, environ={"DATA_DIR": str(app_dir)}) as app:
+        audit = audit_for(kernel_of(app.app))
+        async with broker_env(tmp_path, deny_admin, audit=audit) as env:
+            auth = [("Authorization", f"Bearer {placeholder(env)}")]
+            async with session(env) as s:
+                assert (await s.request("GET", "/v1/models", auth))[0] == 200
+                assert (await s.request("POST", "/v1/admin", auth, b"x"))[0] == 403
+        client = app.test_client()
+        response = await client.get("/api/v1/egress/decisions?sandbox=sbx-a&verdict=deny")
+        assert response.status_code == 200
+        body = await response.get_data()
+        denied = json.loads(body)["decisions"]
+        assert [(d["reason"], d["method"], d["path"], d["rule"]) for d in denied] == [
+            ("rule_deny", "POST", "/v1/admin", "rules[0]")]
+        response = await client.get("/api/v1/egress/decisions?sandbox=sbx-a&verdict=allow")
+        allowed = json.loads(await response.get_data())["decisions"]
+        assert [(d["reason"], d["credential"]) for d in allowed] == [("credential_injected", "API_TOKEN"),
+                                                                     ("credential_host", None)]
+        assert REAL.encode() not in body and placeholder(env).encode() not in body

@@ -23,6 +23,7 @@ import pytest
 from broker_support import serve_upstream
 from docker_util import docker_engine, logs, run, sandbox_world, wait_for_log  # noqa: F401
 from egress_support import CA, TargetNamespace
+from risoluto.plugins.egress._audit import audit_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
@@ -172,6 +173,9 @@ async def test_brokered_secret_never_reaches_the_worker(sandbox_world: Any, runt
         await client.delete(f"/api/v1/sandboxes/{other['id']}")
         registry = kernel.metrics_registry
         seen = list(upstream.requests)
+        audit = audit_for(kernel)
+    audit.close()
+    audit_raw = audit.path.read_bytes()
     out = results(text)
     assert box["runtime"] == runtime
     ph = out["env_value"]
@@ -203,6 +207,15 @@ async def test_brokered_secret_never_reaches_the_worker(sandbox_world: Any, runt
     assert targets == ["/v1/models", "/v1/py", "/openai/models", "/", "/sse", "/v1/rotated"], targets
     assert registry.get_sample_value("risoluto_egress_brokered_requests_total",
                                      {"outcome": "credential_not_allowed"}) == 7
+    # the decision audit: one line per terminated request, names only, never a value or placeholder
+    for text_ in (REAL, ROTATED, OPENAI, ph, other_ph, ended_ph, "risoluto-placeholder"):
+        assert text_.encode() not in audit_raw, text_
+    mine = [r for r in map(json.loads, audit_raw.splitlines()) if r["issue"] == "BRK-A"]
+    assert [(r["path"], r["credential"]) for r in mine if r["reason"] == "credential_injected"] == [
+        ("/v1/models", "API_TOKEN"), ("/v1/py", "API_TOKEN"), ("/openai/models", "OPENAI_API_KEY"),
+        ("/sse", "API_TOKEN"), ("/v1/rotated", "API_TOKEN")]
+    assert sum(r["reason"] == "credential_not_allowed" for r in mine) == 7
+    assert [r["reason"] for r in mine if r["reason"] == "secrets_locked"] == ["secrets_locked"]
 
 
 async def test_doctor_probe_proves_brokering_from_inside(sandbox_world: Any) -> None:  # noqa: F811

@@ -361,6 +361,24 @@ async def test_http_rules_first_match_wins_and_no_match_falls_back_to_the_allowl
     assert [x["rule"] for x in lines] == ["rules[0]", "rules[1]", "rules[1]", "rules[2]", None, "allowed.test"]
 
 
+
+async def test_rules_compare_the_decoded_path_and_refuse_one_that_could_walk_around_them(tmp_path):
+    egress = {"rules": [{"hosts": ["api.test"], "paths": ["/admin", "/admin/*"], "verdict": "deny"}]}
+    async with env_for(tmp_path, egress) as env:
+        assert status_of(await get(env, "http://api.test/%61dmin/x")) == (403, "rule_deny")
+        for path in ("/public/../admin", "/public/%2e%2e/admin", "/public/..%5cadmin"):
+            response = await get(env, f"http://api.test{path}")
+            assert status_of(response) == (403, "path_not_plain"), path
+            assert "rules for that host cannot be checked" in body_of(response) and "rules[" not in body_of(response)
+        assert status_of(await get(env, "http://api.test/public/x"))[0] == 200
+        # a host no rule names: its paths are not inspected (the allowlist decides, as before)
+        assert status_of(await get(env, "http://allowed.test/a/../b"))[0] == 200
+        lines = env.lines()
+    assert [(x["reason"], x["rule"]) for x in lines] == [
+        ("rule_deny", "rules[0]"), ("path_not_plain", None), ("path_not_plain", None), ("path_not_plain", None),
+        ("allowlist", "api.test"), ("allowlist", "allowed.test")]
+
+
 async def test_refusal_bodies_are_one_plain_paragraph_for_a_person(tmp_path):
     async with env_for(tmp_path, {"deny": ["denied.test"],
                                   "rules": [{"hosts": ["api.test"], "paths": ["/admin"], "verdict": "deny"}]}) as env:

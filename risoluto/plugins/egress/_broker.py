@@ -9,6 +9,14 @@ placeholder is replaced by the formatted real secret, read from the secret store
 request, only when sandbox, host, port, method, path and header all match an entry; any
 other placeholder use is refused with 403 ``credential_not_allowed`` and nothing of that
 request goes upstream. A plain-HTTP request carrying a placeholder is refused the same way.
+
+``egress.rules`` apply to each request here (method and path are visible): a matching ``deny``
+rule refuses it (403 ``rule_deny``); an ``allow`` rule grants nothing beyond what admitted the
+connection and what the credential entries allow. Every decision is one line of the proxy's
+decision audit (``_audit``): the connection once its handshakes are done, then each request
+(forwarded: when its response has ended, with body bytes and duration; refused: at once).
+Records carry the credential's name, never a value or a placeholder, and the path without its
+query string.
 """
 
 from __future__ import annotations
@@ -17,15 +25,19 @@ import logging
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from urllib.parse import unquote
 
 import anyio
 import attrs
 import h11
 from prometheus_client import Counter
 
+from ._audit import Decision
 from ._credentials import PLACEHOLDER, Credential, host_of, mentions_placeholder, new_placeholder
 from ._http import MAX_HEAD
+from ._refusals import refusal_text
 from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection
+from ._rules import rule_path
 from ._sandbox_ca import SandboxCA
 
 if TYPE_CHECKING:
@@ -53,9 +65,29 @@ ReadSecret = Callable[[str], Awaitable["str | None"]]
 
 
 class Refused(Exception):
-    def __init__(self, status: int, reason: str, message: str, why: str = "", secret: str = ""):
+    def __init__(self, status: int, reason: str, message: str, why: str = "", secret: str = "", rule: str = ""):
         super().__init__(reason)
         self.status, self.reason, self.message, self.why, self.secret = status, reason, message, why, secret
+        self.rule = rule  # the egress.rules entry that refused (rules[<n>])
+
+
+@attrs.define
+class _Exchange:
+    """One request inside a terminated connection, as its audit record will tell it."""
+
+    method: str  # "" when it mentions a placeholder
+    path: str  # no query string or fragment; "" when not origin-form or when it mentions a placeholder
+    started: float
+    rule: str = ""
+    credential: str = ""  # names injected (comma-separated when several)
+    up: Any = None  # Tally of request body bytes
+    down: Any = None  # Tally of response body bytes
+
+    @classmethod
+    def of(cls, method: str, target: str, started: float) -> _Exchange:
+        path = target.split("?", 1)[0].split("#", 1)[0]
+        return cls(method="" if mentions_placeholder(method) else method[:32],
+                   path=path if path.startswith("/") and not mentions_placeholder(path) else "", started=started)
 
 
 @attrs.define
@@ -224,6 +256,10 @@ class Broker:
                                   "A credential placeholder may be used only over HTTPS to the host it is bound to.",
                                   "plain_http")
                 self.metrics.requests.labels(outcome=refusal.reason).inc()
+                # the proxy's audit line: no query string, no placeholder, the names it carried
+                path = str(ctx.get("path", "")).split("?", 1)[0]
+                ctx["path"] = "" if mentions_placeholder(path) else path
+                ctx["credential"] = self._names([v for _, v in head.headers] + [head.target])
                 await proxy._refuse(conn, ctx, _proxy_refusal(refusal))  # its decision line is the one log line
                 return True
             return False
@@ -246,7 +282,6 @@ class Broker:
         if why:
             proxy._log(ctx, "deny", why)
             return
-        proxy._log(ctx, "allow", "credential_host")
         proxy.metrics.tunnels.inc()
         activity = Activity(policy.cfg.idle_timeout_s)
         for sock in (conn.sock, upstream.sock):  # writes are whole flights: never wait for an ACK (Nagle)
@@ -257,10 +292,13 @@ class Broker:
                      session=self._sessions.get(key))
         origin = _Origin(tls=up, http=h11.Connection(h11.CLIENT), key=key)
         try:
-            if not await _handshakes(down, up, state.sandbox, str(host)):
+            failed = await _handshakes(down, up, state.sandbox, str(host))
+            if not failed and not _http11(up, host):
+                failed = "origin"
+            if failed:  # the connection's own line: refused by a handshake (the log line says why)
+                proxy._log(ctx, "deny", f"{failed}_tls_failed")
                 return
-            if not _http11(up, host):
-                return
+            proxy._log(ctx, "allow", "credential_host")  # admitted; each request gets its own line
             await self._exchanges(proxy, down, origin, host, port, state, ctx)
             await down.close()
         except (h11.ProtocolError, ssl.SSLError, IdleTimeout, anyio.EndOfStream, OSError):
@@ -301,59 +339,82 @@ class Broker:
 
     async def _exchanges(self, proxy: Any, down: TLSConn, origin: _Origin, host: str | IPAddress, port: int,
                          state: SandboxState, ctx: dict[str, Any]) -> None:
+        from ._proxy import Tally
+
         server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         while True:
             try:
                 request = await _next(server, down)
             except h11.RemoteProtocolError:
+                self._record(proxy, ctx, _Exchange("", "", anyio.current_time()), "deny", "malformed_request", rule="")
                 await _answer(server, down, 400, "malformed_request", "Malformed HTTP/1.1 request.")
                 return
             if not isinstance(request, h11.Request):
                 return  # the worker closed the connection
+            ex = _Exchange.of(request.method.decode("ascii", "replace"), request.target.decode("latin-1"),
+                              anyio.current_time())
             try:
-                headers = await self._outgoing(request, host, port, state)
+                ex.rule = self._rule(proxy.policy().rules, request, host, port)
+                headers, ex.credential = await self._outgoing(request, host, port, state)
             except Refused as refusal:
-                self._refused(ctx, refusal, request.method.decode("ascii", "replace"))
+                self._refused(proxy, ctx, refusal, ex)
                 await _answer(server, down, refusal.status, refusal.reason, refusal.message)
                 return
             if not _reusable(origin):
                 try:
                     await self._reopen(origin, host, port, proxy.policy().cfg.connect_timeout_s)
                 except (ssl.SSLError, IdleTimeout, anyio.EndOfStream, OSError):
+                    self._record(proxy, ctx, ex, "deny", "upstream_unavailable", rule="")
                     await _answer(server, down, 502, "upstream_unavailable", "The origin could not be reached again.")
                     return
-            if server.they_are_waiting_for_100_continue:
-                await down.send(server.send(h11.InformationalResponse(status_code=100, headers=[])))
-            client, up = origin.http, origin.tls
-            head = client.send(h11.Request(method=request.method, target=request.target, headers=headers))
-            if not await _relay_body(server, down, client, up, head, proxy.metrics.upload):
+            ex.up, ex.down = Tally(proxy.metrics.upload), Tally(proxy.metrics.download)
+            try:
+                after = await self._exchange(server, down, origin, request, headers, ex)
+            finally:  # forwarded: one line when its response ended (or broke off), with its bytes
+                self._record(proxy, ctx, ex, "allow", "credential_injected" if ex.credential else "forwarded")
+            if after is None:
                 return
-            outcome = await self._relay_response(client, up, server, down, request.method, proxy.metrics.download)
-            if outcome == "closed":
-                return
-            if outcome == "passed":  # h11 did not see the body: carry on with fresh parsers, same rules
-                if _closes(request.http_version, request.headers):
-                    return
-                server = _fresh_server(server)
-                origin.http = h11.Connection(h11.CLIENT)
-                continue
-            if server.our_state is not h11.DONE:
-                return  # the worker asked to close (Connection: close, HTTP/1.0)
-            server.start_next_cycle()
-            if client.our_state is h11.DONE and client.their_state is h11.DONE:
-                client.start_next_cycle()
-            else:
-                origin.stale = True  # the origin closes this one: the next request opens another
+            server = after
+
+    async def _exchange(self, server: h11.Connection, down: TLSConn, origin: _Origin, request: h11.Request,
+                        headers: list[tuple[bytes, bytes]], ex: _Exchange) -> h11.Connection | None:
+        """Relay one admitted request and its response. Returns the parser for the worker's next
+        request, or None when the connection ends after this one."""
+        if server.they_are_waiting_for_100_continue:
+            await down.send(server.send(h11.InformationalResponse(status_code=100, headers=[])))
+        client, up = origin.http, origin.tls
+        head = client.send(h11.Request(method=request.method, target=request.target, headers=headers))
+        if not await _relay_body(server, down, client, up, head, ex.up):
+            return None
+        outcome = await self._relay_response(client, up, server, down, request.method, ex.down)
+        if outcome == "closed":
+            return None
+        if outcome == "passed":  # h11 did not see the body: carry on with fresh parsers, same rules
+            if _closes(request.http_version, request.headers):
+                return None
+            origin.http = h11.Connection(h11.CLIENT)
+            return _fresh_server(server)
+        if server.our_state is not h11.DONE:
+            return None  # the worker asked to close (Connection: close, HTTP/1.0)
+        server.start_next_cycle()
+        if client.our_state is h11.DONE and client.their_state is h11.DONE:
+            client.start_next_cycle()
+        else:
+            origin.stale = True  # the origin closes this one: the next request opens another
+        return server
 
     async def _outgoing(self, request: h11.Request, host: str | IPAddress, port: int,
-                        state: SandboxState) -> list[tuple[bytes, bytes]]:
-        """The request's headers as sent upstream: hop-by-hop ones gone, a matching placeholder
-        replaced by the real value. Refused: every other use of a placeholder."""
+                        state: SandboxState) -> tuple[list[tuple[bytes, bytes]], str]:
+        """The request's headers as sent upstream (hop-by-hop ones gone, a matching placeholder
+        replaced by the real value) and the names injected. Refused: every other use of a placeholder."""
         method = request.method.decode("ascii")
         target = request.target.decode("latin-1")
         if mentions_placeholder(target):
             raise Refused(403, "credential_not_allowed", "A credential placeholder may not be used in the URL.",
-                          "in_url")
+                          "in_url", self._names([target]))
+        if mentions_placeholder(method):
+            raise Refused(403, "credential_not_allowed", "A credential placeholder may not be used as the method.",
+                          "in_method", self._names([method]))
         if method == "CONNECT":
             raise Refused(405, "method_not_allowed", "CONNECT inside a terminated connection is not supported.")
         path = target.split("?", 1)[0] if target.startswith("/") else ""
@@ -363,19 +424,23 @@ class Broker:
             # the name must be the CONNECT host (no other virtual host); a port, when written, its port
             if len(hosts) != 1 or hosts[0] is None or hosts[0][0] != host or hosts[0][1] not in (None, port):
                 raise Refused(403, "credential_not_allowed", "The Host header does not name the host the "
-                              "credential is bound to.", "host_header")
+                              "credential is bound to.", "host_header",
+                              self._names([v.decode("latin-1") for _, v in request.headers]))
         out: list[tuple[bytes, bytes]] = []
+        injected: list[str] = []
         for name, value in request.headers:
             if marked and mentions_placeholder(value.decode("latin-1")):
-                value = await self._inject(name.decode("ascii"), value.decode("latin-1"), host, port, method, path,
-                                           state)
+                secret, value = await self._inject(name.decode("ascii"), value.decode("latin-1"), host, port, method,
+                                                   path, state)
+                injected.append(secret)
             if name not in _HOP:
                 out.append((name, value))
         self.metrics.requests.labels(outcome="injected" if marked else "passed").inc()
-        return out
+        return out, ",".join(dict.fromkeys(injected))
 
     async def _inject(self, header: str, text: str, host: str | IPAddress, port: int, method: str, path: str,
-                      state: SandboxState) -> bytes:
+                      state: SandboxState) -> tuple[str, bytes]:
+        """(the secret's name, the header value with the real secret); Refused otherwise."""
         found = list(PLACEHOLDER.finditer(text))
         if len(found) != 1:
             raise Refused(403, "credential_not_allowed", "Unknown credential placeholder.", "unknown")
@@ -408,7 +473,7 @@ class Broker:
         if value is None or any(c in value for c in "\r\n\x00"):
             raise Refused(503, "credential_unavailable", f"The secret {name} is missing or not a header value.",
                           "missing", name)
-        return entry.render(value).encode("latin-1", "replace")
+        return name, entry.render(value).encode("latin-1", "replace")
 
     async def _relay_response(self, client: h11.Connection, up: TLSConn, server: h11.Connection, down: TLSConn,
                               method: bytes, counter: Any) -> str:
@@ -480,11 +545,58 @@ class Broker:
             await down.send_parts(parts)
             left -= size
         return "passed"
-    def _refused(self, ctx: dict[str, Any], refusal: Refused, method: str) -> None:
+
+    # -- rules and the decision audit -----------------------------------------------------
+    def _rule(self, rules: Any, request: h11.Request, host: str | IPAddress, port: int) -> str:
+        """``egress.rules`` for one request: the name of the allow rule that matched (it grants nothing
+        more than the connection and the credential entries already allow), "" when none did;
+        Refused by a deny rule. When a rule names this host, the path must mean what it says: it is
+        compared percent-decoded, and one with dot segments or backslashes is refused (an origin
+        could resolve it to a path the rules did not see)."""
+        if not rules.covers(host, port):
+            return ""
+        method = request.method.decode("ascii", "replace")
+        raw = request.target.decode("latin-1").split("?", 1)[0].split("#", 1)[0]
+        path = rule_path(raw)
+        shown = raw[:200] if raw.startswith("/") and not mentions_placeholder(raw) else "this path"
+        if path is None:
+            raise Refused(403, "path_not_plain", refusal_text("path_not_plain", str(host), port, method, shown))
+        rule = rules.http_rule(host, port, method, path)
+        if rule is None:
+            return ""
+        if rule.verdict == "deny":
+            raise Refused(403, "rule_deny", refusal_text("rule_deny", str(host), port, method, shown), rule=rule.name)
+        return rule.name
+
+    def _names(self, texts: list[str]) -> str:
+        """The brokered secrets whose placeholders ``texts`` carry (names only; an invented name,
+        one no entry brokers, is left out)."""
+        brokered = self.brokered()
+        found = (m.group(1) for t in texts for m in PLACEHOLDER.finditer(unquote(t)))
+        return ",".join(dict.fromkeys(n for n in found if n in brokered))
+
+    def _record(self, proxy: Any, ctx: dict[str, Any], ex: _Exchange, verdict: str, reason: str,
+                credential: str = "", rule: str | None = None) -> None:
+        """One line of the proxy's decision audit for one request of a terminated connection.
+        ``rule`` None: what admitted it (an allow rule, else the connection's allowlist entry)."""
+        if rule is None:
+            rule = ex.rule or ctx.get("rule", "")
+        proxy.audit.record(Decision(
+            verdict=verdict, reason=reason, sandbox=ctx.get("sandbox", ""), issue=ctx.get("issue", ""),
+            host=ctx.get("host", ""), port=ctx.get("port", 0), sni=ctx.get("sni", ""), method=ex.method,
+            path=ex.path, rule=rule, credential=credential or ex.credential,
+            bytes_up=ex.up.n if ex.up else 0, bytes_down=ex.down.n if ex.down else 0,
+            duration_ms=int((anyio.current_time() - ex.started) * 1000)))
+
+    def _refused(self, proxy: Any, ctx: dict[str, Any], refusal: Refused, ex: _Exchange) -> None:
+        """A refused request: its audit line (the source of truth), a metric and a log line (with
+        ``why``, which the audit schema has no field for). Names only, never values or placeholders."""
+        secret = refusal.secret if refusal.secret in self.brokered() else ""
+        self._record(proxy, ctx, ex, "deny", refusal.reason, credential=secret, rule=refusal.rule)
         self.metrics.requests.labels(outcome=refusal.reason).inc()
         log.info("egress broker deny reason=%s why=%s sandbox=%s method=%s host=%s port=%s secret=%s",
-                 refusal.reason, refusal.why or "-", ctx.get("sandbox", "-"), method, ctx.get("host", "-"),
-                 ctx.get("port", "-"), refusal.secret or "-")
+                 refusal.reason, refusal.why or "-", ctx.get("sandbox", "-"), ex.method or "-", ctx.get("host", "-"),
+                 ctx.get("port", "-"), secret or "-")
 
 
 def _closes(version: bytes, headers: Any) -> bool:
@@ -560,8 +672,9 @@ def _reusable(origin: _Origin) -> bool:
         return False
 
 
-async def _handshakes(down: TLSConn, up: TLSConn, sandbox: str, host: str) -> bool:
-    """Both TLS handshakes at once (the origin's is under way while the worker's completes)."""
+async def _handshakes(down: TLSConn, up: TLSConn, sandbox: str, host: str) -> str:
+    """Both TLS handshakes at once (the origin's is under way while the worker's completes);
+    "" when both succeeded, else the side that failed first ("worker" or "origin")."""
     failed: list[str] = []
 
     async def shake(tls: TLSConn, side: str, scope: anyio.CancelScope) -> None:
@@ -576,7 +689,8 @@ async def _handshakes(down: TLSConn, up: TLSConn, sandbox: str, host: str) -> bo
         await shake(down, "worker", tg.cancel_scope)
     if failed:
         log.info("egress broker: TLS handshake failed sandbox=%s host=%s %s", sandbox, host, failed[0])
-    return not failed
+        return failed[0].split(":", 1)[0]
+    return ""
 
 
 def _proxy_refusal(refusal: Refused) -> Any:

@@ -38,7 +38,7 @@ from ._http import upstream_head
 from ._metrics import EgressMetrics
 from ._refusals import refusal_text
 from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection, pump, relay_body
-from ._rules import EgressRules
+from ._rules import EgressRules, rule_path
 from .allowlist import Allowlist, HostError, IPAddress, Match, normalise_host, parse_entry
 
 log = logging.getLogger("risoluto.egress")
@@ -308,8 +308,11 @@ class EgressProxy:
             if not verdict.allowed:
                 raise Refusal(403, "plugin", f"Refused by policy: {verdict.reason}", verdict.reason)
             return Match(True, "plugin")
-        if head.method != "CONNECT":  # method and path are visible: the HTTP rules apply
-            rule = policy.rules.http_rule(host, target.port, head.method, target.path)
+        if head.method != "CONNECT" and policy.rules.covers(host, target.port):  # method and path visible
+            path = rule_path(target.path)  # percent-decoded; None: it could reach a path the rules never saw
+            if path is None:
+                raise Refusal(403, "path_not_plain", f"{head.method} {target.path} on {host} cannot be checked.")
+            rule = policy.rules.http_rule(host, target.port, head.method, path)
             if rule is not None:
                 ctx["rule"] = rule.name
                 if rule.verdict == "deny":
@@ -512,7 +515,8 @@ class EgressProxy:
             verdict=verdict, reason=reason, sandbox=ctx.get("sandbox", ""), issue=ctx.get("issue", ""),
             host=ctx.get("host", ""), port=ctx.get("port", 0), sni=ctx.get("sni", ""),
             method=ctx.get("method", "") if plain else "", path=ctx.get("path", "") if plain else "",
-            rule=ctx.get("rule", ""), bytes_up=up, bytes_down=down, approval=ctx.get("approval", ""),
+            rule=ctx.get("rule", ""), credential=ctx.get("credential", ""), bytes_up=up, bytes_down=down,
+            approval=ctx.get("approval", ""),
             principal=ctx.get("principal", ""),
             duration_ms=int((anyio.current_time() - ctx["started"]) * 1000) if "started" in ctx else 0,
         ))

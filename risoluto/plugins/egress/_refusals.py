@@ -14,6 +14,8 @@ WHY = {
     "ip_literal_not_allowed": "connections to bare IP addresses are allowed only when the address itself is listed",
     "deny_listed": "the operator has put it on the deny list",
     "rule_deny": "an HTTP rule of the operator forbids this method and path there",
+    "path_not_plain": ("its path has dot segments, a backslash or a NUL, so the operator's HTTP rules for that "
+                       "host cannot be checked against it"),
     "private_address": "it points to an address the sandbox may not reach",
     "decision_error": "the policy check failed, and a failed check refuses",
     "approval_denied": "the operator declined it",
@@ -30,7 +32,7 @@ HOW = ("To get access, ask the operator (the person running this sandbox) to all
 def refusal_text(reason: str, host: str, port: int, method: str = "", path: str = "", detail: str = "") -> str:
     """The 403 body for ``reason`` (a known code; a plugin's refusal passes its own ``detail``)."""
     # a request-level refusal names the method and path; anything else refused the destination
-    by_request = reason in ("rule_deny", "plugin") and method and path
+    by_request = reason in ("rule_deny", "path_not_plain", "plugin") and method and path
     what = f"{method} {path} on {host}" if by_request else (host if port in (80, 443) else f"{host}:{port}")
     why = f"a policy rule refused it ({detail})" if reason == "plugin" else WHY.get(reason, "the policy refused it")
     return (f"Network access to {what} was refused: {why}. Retrying through another address, port, "

@@ -7,13 +7,16 @@ They need a method and a path, so they apply where the proxy sees them: plain-HT
 requests, and requests inside TLS the proxy terminates (the matcher takes plain values so
 any caller can use it). A rule without ``methods`` matches every method, one without
 ``paths`` every path; a path pattern ending in ``*`` is a prefix, anything else must equal
-the request's path (the query string is not part of the path compared). A deny entry
-without a port denies the host on every port.
+the request's path (the query string is not part of the path compared). The path is compared
+percent-decoded (``/%61dmin`` is ``/admin``), and when a rule names the host, a path an origin
+could resolve to another one (dot segments, backslashes, NUL) is refused instead of compared
+(``rule_path``). A deny entry without a port denies the host on every port.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
+from urllib.parse import unquote
 
 import attrs
 
@@ -41,6 +44,16 @@ def _patterns(entries: Iterable[str], where: str) -> tuple[Rule, ...]:
 
 def _host_match(rules: tuple[Rule, ...], host: str | IPAddress, port: int) -> Rule | None:
     return next((r for r in rules if r.matches_host(host) and r.matches_port(port)), None)
+
+
+def rule_path(target: str) -> str | None:
+    """The path HTTP rules compare: no query string or fragment, percent-decoded. None when it
+    could mean another path to the origin than the one compared: not starting with ``/``, a ``.``
+    or ``..`` segment (also encoded), a backslash or a NUL."""
+    path = unquote(target.split("?", 1)[0].split("#", 1)[0])
+    if not path.startswith("/") or "\\" in path or "\x00" in path:
+        return None
+    return None if any(seg in (".", "..") for seg in path.split("/")) else path
 
 
 @attrs.frozen
@@ -99,5 +112,9 @@ class EgressRules:
         """The first HTTP rule matching the request, or None (then the allowlist decides)."""
         return next((r for r in self.http if r.matches(host, port, method, path)), None)
 
+    def covers(self, host: str | IPAddress, port: int) -> bool:
+        """Whether some HTTP rule names ``host:port`` (then its requests' paths must be comparable)."""
+        return any(_host_match(r.hosts, host, port) is not None for r in self.http)
 
-__all__ = ["EgressRules", "HttpRule", "parse_rule"]
+
+__all__ = ["EgressRules", "HttpRule", "parse_rule", "rule_path"]
