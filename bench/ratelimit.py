@@ -1,9 +1,15 @@
-"""Rate limiter benchmark: decisions/s of the in-memory GCRA limiter vs the ``limits``
-library (MovingWindowRateLimiter and SlidingWindowCounterRateLimiter, MemoryStorage) on the
-same key pattern in the same run, and bytes per tracked client at 1 million clients.
+"""Rate limiter benchmark: decisions/s of the in-memory window-exact limiter (a sliding window
+of 10 sub-window counters per client) vs the ``limits`` library in memory storage on the same
+key pattern in the same run, and bytes per tracked client (tracemalloc, 100,000 clients).
 
-Targets (issue 3): >= 3x the decisions/s of limits' sliding-window limiters; <= 256 bytes
-per tracked client. Run: ``.venv/bin/python bench/ratelimit.py`` (about a minute).
+The fair peer is ``limits``' MovingWindowRateLimiter: like ours it never admits more than the
+limit in any window-long interval (a log of timestamps per client). Its SlidingWindowCounter
+is an approximation (it weighs the previous fixed window by the elapsed fraction, so it can
+admit more than the limit in some intervals); it is printed too, and the target is checked
+against the faster of the two.
+
+Targets: >= 3x the decisions/s of the faster ``limits`` strategy (goal 5x); <= 256 bytes per
+tracked client. Run: ``.venv/bin/python bench/ratelimit.py`` (well under a minute).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from risoluto.plugins.http.rate_limit import MemoryLimiter  # noqa: E402
 
 DECISIONS = 300_000
 CLIENTS = 10_000
-MEMORY_CLIENTS = 1_000_000
+MEMORY_CLIENTS = 100_000
 
 
 def key_pattern() -> list[str]:
@@ -66,16 +72,32 @@ def bench_limits(strategy: type, keys: list[str]) -> tuple[float, int]:
     return rate, allowed
 
 
-def bytes_per_client(n: int, v6: bool) -> float:
-    """Memory held by the limiter per tracked client, keys included (built inside the trace)."""
+def _client(i: int, v6: bool) -> str:
+    return f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::1" if v6 else f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+
+
+class _Clock:
+    t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def bytes_per_client(n: int, v6: bool, busy: bool = False) -> float:
+    """Memory held by the limiter per tracked client, keys included (built inside the trace).
+    ``busy``: every client has requests in 10 sub-windows (all but one counter in use), the most
+    a client's packed state grows; else one request each, the common case of a flood."""
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    limiter = MemoryLimiter(max_clients=n + 1)
+    clock = _Clock()
+    limiter = MemoryLimiter(max_clients=n + 1, clock=clock)
     decide = limiter.decide
-    for i in range(n):
-        client = f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::1" if v6 else f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
-        decide("api", client, 300, 60.0)
+    clients = [_client(i, v6) for i in range(n)]
+    for sub_window in range(10 if busy else 1):
+        clock.t = 1000.0 + sub_window * 6.0  # 300 per 60 s: sub-windows of 6 s
+        for client in clients:
+            decide("api", client, 300, 60.0)
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert limiter.tracked() == n
@@ -104,21 +126,23 @@ def main() -> None:
     counter, counter_allowed = bench_limits(SlidingWindowCounterRateLimiter, keys)
     ours2, _ = bench_ours(keys)  # second run: same process state for both sides
     ours = max(ours, ours2)
-    print(f"  risoluto MemoryLimiter (GCRA, awaited)   {ours:>12,.0f} decisions/s  allowed {ours_allowed}")
-    print(f"  limits MovingWindowRateLimiter            {moving:>12,.0f} decisions/s  allowed {moving_allowed}")
-    print(f"  limits SlidingWindowCounterRateLimiter    {counter:>12,.0f} decisions/s  allowed {counter_allowed}")
-    print(f"  ratio vs moving window:   {ours / moving:6.1f}x   (target >= 3x)")
-    print(f"  ratio vs sliding counter: {ours / counter:6.1f}x   (target >= 3x)")
+    print(f"  risoluto MemoryLimiter (sub-window counters, awaited) {ours:>12,.0f} decisions/s  allowed {ours_allowed}")
+    print(f"  limits MovingWindowRateLimiter (exact, the fair peer)   {moving:>12,.0f} decisions/s  allowed {moving_allowed}")
+    print(f"  limits SlidingWindowCounterRateLimiter (approximate)    {counter:>12,.0f} decisions/s  allowed {counter_allowed}")
+    print(f"  ratio vs moving window:   {ours / moving:6.1f}x   (target >= 3x, goal 5x)")
+    print(f"  ratio vs sliding counter: {ours / counter:6.1f}x   (target >= 3x, goal 5x)")
 
     v4 = bytes_per_client(MEMORY_CLIENTS, v6=False)
     v6 = bytes_per_client(MEMORY_CLIENTS, v6=True)
-    base = bytes_per_client_limits(100_000)
+    busy = bytes_per_client(MEMORY_CLIENTS, v6=True, busy=True)
+    base = bytes_per_client_limits(MEMORY_CLIENTS)
     print(f"memory at {MEMORY_CLIENTS:,} tracked clients (tracemalloc, keys included):")
-    print(f"  IPv4 clients:      {v4:6.0f} bytes/client   (target <= 256)")
-    print(f"  IPv6 /64 clients:  {v6:6.0f} bytes/client   (target <= 256)")
-    print(f"  limits sliding-window counter (100k IPv4 clients): {base:6.0f} bytes/client "
-          f"-> ratio {base / v4:.1f}x more than ours")
-    ok = ours / max(moving, counter) >= 3 and max(v4, v6) <= 256
+    print(f"  IPv4 clients, one request each:          {v4:6.0f} bytes/client   (target <= 256)")
+    print(f"  IPv6 /64 clients, one request each:      {v6:6.0f} bytes/client   (target <= 256)")
+    print(f"  IPv6 /64 clients, 10 sub-windows in use: {busy:6.0f} bytes/client   (target <= 256)")
+    print(f"  limits sliding-window counter (IPv4, one request each): {base:6.0f} bytes/client "
+          f"-> {base / v4:.1f}x more than ours")
+    ok = ours / max(moving, counter) >= 3 and max(v4, v6, busy) <= 256
     print("targets met" if ok else "TARGETS NOT MET")
 
 
