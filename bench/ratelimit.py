@@ -33,6 +33,7 @@ from risoluto.plugins.http.rate_limit import MemoryLimiter  # noqa: E402
 DECISIONS = 300_000
 CLIENTS = 10_000
 MEMORY_CLIENTS = 100_000
+ROUNDS = 3
 
 
 def key_pattern() -> list[str]:
@@ -84,7 +85,7 @@ class _Clock:
 
 
 def bytes_per_client(n: int, v6: bool, busy: bool = False) -> float:
-    """Memory held by the limiter per tracked client, keys included (built inside the trace).
+    """Memory held by the limiter per tracked client, keys included (made inside the trace).
     ``busy``: every client has requests in 10 sub-windows (all but one counter in use), the most
     a client's packed state grows; else one request each, the common case of a flood."""
     gc.collect()
@@ -93,11 +94,10 @@ def bytes_per_client(n: int, v6: bool, busy: bool = False) -> float:
     clock = _Clock()
     limiter = MemoryLimiter(max_clients=n + 1, clock=clock)
     decide = limiter.decide
-    clients = [_client(i, v6) for i in range(n)]
     for sub_window in range(10 if busy else 1):
         clock.t = 1000.0 + sub_window * 6.0  # 300 per 60 s: sub-windows of 6 s
-        for client in clients:
-            decide("api", client, 300, 60.0)
+        for i in range(n):  # each address made on the fly: what stays is what the limiter holds
+            decide("api", _client(i, v6), 300, 60.0)
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert limiter.tracked() == n
@@ -121,11 +121,18 @@ def bytes_per_client_limits(n: int) -> float:
 def main() -> None:
     keys = key_pattern()
     print(f"key pattern: {DECISIONS} decisions over {CLIENTS} clients (limit 300/60 s, bucket 'api')")
-    ours, ours_allowed = bench_ours(keys)
-    moving, moving_allowed = bench_limits(MovingWindowRateLimiter, keys)
-    counter, counter_allowed = bench_limits(SlidingWindowCounterRateLimiter, keys)
-    ours2, _ = bench_ours(keys)  # second run: same process state for both sides
-    ours = max(ours, ours2)
+    # Interleaved rounds, best of each: load from other processes on the machine hits all alike.
+    best: dict[str, tuple[float, int]] = {}
+    runs = {"ours": lambda: bench_ours(keys), "moving": lambda: bench_limits(MovingWindowRateLimiter, keys),
+            "counter": lambda: bench_limits(SlidingWindowCounterRateLimiter, keys)}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            rate, allowed = run()
+            if rate > best.get(name, (0.0, 0))[0]:
+                best[name] = (rate, allowed)
+    (ours, ours_allowed), (moving, moving_allowed), (counter, counter_allowed) = (
+        best["ours"], best["moving"], best["counter"])
+    print(f"best of {ROUNDS} interleaved rounds")
     print(f"  risoluto MemoryLimiter (sub-window counters, awaited) {ours:>12,.0f} decisions/s  allowed {ours_allowed}")
     print(f"  limits MovingWindowRateLimiter (exact, the fair peer)   {moving:>12,.0f} decisions/s  allowed {moving_allowed}")
     print(f"  limits SlidingWindowCounterRateLimiter (approximate)    {counter:>12,.0f} decisions/s  allowed {counter_allowed}")

@@ -50,13 +50,14 @@ SLOTS = SUBWINDOWS + 1  # counters kept per client: the current sub-window and t
 
 
 class _Bucket:
-    __slots__ = ("limit", "window", "granule", "origin", "bits", "mask", "index_shift", "counters_mask",
+    __slots__ = ("limit", "window", "granule", "per_second", "origin", "bits", "mask", "index_shift", "counters_mask",
                  "summer", "sum_shift", "cur", "prev", "rotate_at")
 
     def __init__(self, limit: int, window: float, now: float):
         self.limit = limit
         self.window = float(window)
         self.granule = self.window / SUBWINDOWS
+        self.per_second = SUBWINDOWS / self.window  # sub-windows per second: a multiplication per decision
         self.origin = now
         self.bits = limit.bit_length()  # a counter, and any sum of counters, is at most limit
         self.mask = (1 << self.bits) - 1
@@ -75,9 +76,6 @@ class _Bucket:
             self.prev = self.cur
         self.cur = {}
         self.rotate_at = index + SUBWINDOWS
-
-    def counter(self, counters: int, slot: int) -> int:
-        return (counters >> (slot * self.bits)) & self.mask
 
     def ends(self, index: int) -> float:
         """When sub-window ``index``'s requests leave the count (it is then 11 sub-windows old)."""
@@ -110,39 +108,49 @@ class MemoryLimiter:
         b = self._buckets.get(bucket)
         if b is None or b.limit != limit or b.window != window_seconds:
             b = self._buckets[bucket] = _Bucket(limit, window_seconds, now)  # new or reconfigured
-        index = int((now - b.origin) // b.granule)
+        index = int((now - b.origin) * b.per_second)  # the current sub-window's number
         if index >= b.rotate_at:
             b.rotate(index)
-        key = client_group(client)
-        state = b.cur.get(key)
+        # client_group's own fast path, inlined: most clients are IPv4 and not loopback
+        key = client if ":" not in client and not client.startswith("127.") else client_group(client)
+        cur = b.cur
+        state = cur.get(key)
         if state is None:
             state = b.prev.pop(key, None)
             if state is None:
                 if self.tracked() >= self.max_clients:
                     self._make_room()
+                    cur = b.cur
                 state = index << b.index_shift
         counters = state & b.counters_mask
         age = index - (state >> b.index_shift)
-        if age > 0:  # later sub-window: shift the old counters up; those 11 or more old fall out
-            counters = (counters << (age * b.bits)) & b.counters_mask if age < SLOTS else 0
-        elif age < 0:  # the clock went back (a test clock): stay in the newer sub-window
-            index -= age
+        if age:
+            if age > 0:  # later sub-window: shift the counters up; those 11 or more old fall out
+                counters = (counters << (age * b.bits)) & b.counters_mask if age < SLOTS else 0
+            else:  # the clock went back (a test clock): stay in the newer sub-window
+                index -= age
+            state = (index << b.index_shift) | counters
         used = ((counters * b.summer) >> b.sum_shift) & b.mask
         if used >= limit:
-            b.cur[key] = (index << b.index_shift) | counters
+            cur[key] = state
             return RateDecision(False, limit, 0, self._retry_after(b, index, counters, used) - now)
-        b.cur[key] = (index << b.index_shift) | (counters + 1)
-        return RateDecision(True, limit, limit - used - 1, b.ends(index) - now)
+        cur[key] = state + 1  # the current sub-window's counter is the low field: no carry, it is < limit
+        return RateDecision(True, limit, limit - used - 1, b.origin + (index + SLOTS) * b.granule - now)
 
     @staticmethod
     def _retry_after(b: _Bucket, index: int, counters: int, used: int) -> float:
-        """When enough of the oldest counted requests have left for one more to pass."""
-        freed = 0
-        for slot in range(SLOTS - 1, -1, -1):  # oldest sub-window first
-            freed += b.counter(counters, slot)
-            if used - freed < b.limit:
-                return b.ends(index - slot)
-        return b.ends(index)  # not reached: used <= limit
+        """When enough of the oldest counted requests have left for one more to pass.
+
+        Field j of ``counters * summer`` is the number of requests in slots 0..j (the newest
+        j + 1 sub-windows). Once slot s and every older one have left the count, field s - 1
+        is what remains: walk from the oldest slot in use towards the newest until that is
+        below the limit (usually the first step: a burst sits in one or two sub-windows)."""
+        prefix = counters * b.summer
+        bits, mask, limit = b.bits, b.mask, b.limit
+        slot = (counters.bit_length() - 1) // bits  # the oldest sub-window with a count in it
+        while slot > 0 and (prefix >> ((slot - 1) * bits)) & mask >= limit:
+            slot -= 1
+        return b.ends(index - slot)
 
     def _make_room(self) -> None:
         """Drop the oldest generation of the biggest bucket (see the module docstring)."""
