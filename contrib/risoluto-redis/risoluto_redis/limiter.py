@@ -19,7 +19,9 @@ Choices the in-memory backend does not have to make:
   the same thing, so idle clients cost no memory and expiry changes no decision. Refusals do
   not count.
 - A key left by the earlier GCRA version of this plugin (a string, not a hash) is read as an
-  empty hash and replaced, so an upgrade never answers with Redis' WRONGTYPE error.
+  empty hash and replaced, so an upgrade never answers with Redis' WRONGTYPE error. A count
+  whose sub-window lies in the future (the window was made longer, so sub-windows have other
+  numbers) is dropped like an expired one.
 - Failures (connection refused, timeout, script error) propagate from ``hit``: the kernel
   then answers 503 ``rate_limiter_unavailable`` (or lets reads through with
   ``rateLimit.failOpen``). A retried command after a lost reply may count one request
@@ -65,7 +67,7 @@ end
 local used, live, stale = 0, {}, {}
 for i = 1, #flat, 2 do
   local index = tonumber(flat[i])
-  if index < current - n then
+  if index < current - n or index > current then  -- left the window, or counted in another window size
     stale[#stale + 1] = flat[i]
   else
     local count = tonumber(flat[i + 1])
