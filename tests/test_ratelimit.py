@@ -170,6 +170,20 @@ def test_buckets_and_clients_are_separate_ipv6_grouped_by_64():
     assert client_group("::ffff:10.0.0.1") == "10.0.0.1"
 
 
+def test_a_change_of_limits_keeps_what_clients_used():
+    """Tightening the limit (e.g. through the overlay) must not hand every client a fresh budget."""
+    clock = Clock()
+    lim = MemoryLimiter(clock=clock)
+    assert sum(lim.decide("api", "c", 300, 60).allowed for _ in range(250)) == 250
+    clock.t += 10
+    assert sum(lim.decide("api", "c", 400, 120).allowed for _ in range(200)) == 150  # 250 of 400 used
+    assert sum(lim.decide("api", "d", 400, 120).allowed for _ in range(100)) == 100
+    clock.t += 10
+    assert sum(lim.decide("api", "c", 200, 60).allowed for _ in range(10)) == 0  # 400 used > 200
+    assert sum(lim.decide("api", "d", 200, 60).allowed for _ in range(200)) == 100
+    assert lim.decide("api", "other", 200, 60).allowed
+
+
 def test_every_loopback_address_is_one_client():
     lim = MemoryLimiter(clock=Clock())
     for client in ("127.0.0.1", "127.0.0.2", "::1"):

@@ -53,7 +53,7 @@ class _Bucket:
     __slots__ = ("limit", "window", "granule", "per_second", "origin", "bits", "mask", "index_shift", "counters_mask",
                  "summer", "sum_shift", "cur", "prev", "rotate_at")
 
-    def __init__(self, limit: int, window: float, now: float):
+    def __init__(self, limit: int, window: float, now: float, carried_from: _Bucket | None = None):
         self.limit = limit
         self.window = float(window)
         self.granule = self.window / SUBWINDOWS
@@ -68,6 +68,26 @@ class _Bucket:
         self.cur: dict[str, int] = {}
         self.prev: dict[str, int] = {}
         self.rotate_at = SUBWINDOWS
+        if carried_from is not None:
+            self._carry(carried_from, now)
+
+    def _carry(self, old: _Bucket, now: float) -> None:
+        """A reconfigured bucket (new limit or window) keeps what each client used: its count
+        in the old window becomes one count in the first new sub-window. That errs on the
+        strict side (the count leaves the window later than it would have), never lets a change
+        of limits hand every client a fresh budget."""
+        index = int((now - old.origin) * old.per_second)
+        for generation in (old.prev, old.cur):
+            for key, state in generation.items():
+                age = index - (state >> old.index_shift)
+                if age >= SLOTS:
+                    continue
+                counters = state & old.counters_mask
+                if age > 0:
+                    counters = (counters << (age * old.bits)) & old.counters_mask
+                used = ((counters * old.summer) >> old.sum_shift) & old.mask
+                if used:
+                    self.cur[key] = min(used, self.limit)  # sub-window 0, the low field
 
     def rotate(self, index: int) -> None:
         if index >= self.rotate_at + SUBWINDOWS:
@@ -107,7 +127,7 @@ class MemoryLimiter:
         now = self.clock()
         b = self._buckets.get(bucket)
         if b is None or b.limit != limit or b.window != window_seconds:
-            b = self._buckets[bucket] = _Bucket(limit, window_seconds, now)  # new or reconfigured
+            b = self._buckets[bucket] = _Bucket(limit, window_seconds, now, carried_from=b)  # new or reconfigured
         index = int((now - b.origin) * b.per_second)  # the current sub-window's number
         if index >= b.rotate_at:
             b.rotate(index)
