@@ -136,7 +136,8 @@ def _key_check(kernel: Kernel) -> CheckResult:
     try:
         mk = resolve_master_key(settings)
     except StartupError as exc:
-        return CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix the key file (mode 0600, non-empty)")
+        return CheckResult(item=item, status=FAIL, reason=str(exc),
+                           fix="fix the key: one line of printable text, in MASTER_KEY or a non-empty 0600 key file")
     if mk is None:
         return CheckResult(
             item=item, status=WARN, reason="no master key: secrets are locked and secret routes answer 503",
