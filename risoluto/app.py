@@ -92,7 +92,7 @@ def create_app(
         app.register_blueprint(blueprint)
     _install_lifecycle(app, kernel)
     # a body still arriving after server.bodyTimeoutSeconds: 408 and the connection closed
-    app.asgi_app = BodyDeadline(app.asgi_app, settings.server.body_timeout_seconds,  # type: ignore[method-assign]
+    app.asgi_app = BodyDeadline(app.asgi_app, settings.server.body_timeout_seconds,  # type: ignore[method-assign,assignment]
                                 _new_request_id)
     return app
 

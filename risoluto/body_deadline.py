@@ -9,8 +9,9 @@ Why not Quart's ``BODY_TIMEOUT``: it bounds one ``get_data()`` call from the mom
 starts reading. The deadline here is absolute, counted from the request's headers, so a client
 that trickles one byte (or one chunk of a chunked body) at a time cannot stretch it.
 
-A request that declares no body (no ``Content-Length`` above 0, no ``Transfer-Encoding``) is
-passed through untouched: the common GET pays nothing.
+An HTTP/1 request that declares no body (no ``Content-Length`` above 0, no ``Transfer-Encoding``)
+is passed through untouched: the common GET pays nothing. HTTP/2 requests are always watched
+(a body needs neither header there).
 
 After a 408 the app hears ``http.disconnect`` (as if the client had left): Quart cancels the
 handler, so a half-received body is never processed. hypercorn closes an HTTP/1.1 connection
@@ -38,6 +39,7 @@ INFO_KEY = "risoluto.info"
 TIMED_OUT_KEY = "risoluto.body_timed_out"
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
+_HTTP1 = ("1.1", "1.0")
 
 
 def declares_body(headers: Any) -> bool:
@@ -59,7 +61,9 @@ class BodyDeadline:
         self.new_request_id = new_request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not declares_body(scope.get("headers", ())):
+        # HTTP/2 may send a body with neither header (DATA frames until END_STREAM): always watched
+        if scope["type"] != "http" or (scope.get("http_version") in _HTTP1
+                                       and not declares_body(scope.get("headers", ()))):
             await self.app(scope, receive, send)
             return
         exchange = _Exchange(self, scope, receive, send)

@@ -189,3 +189,36 @@ def test_keep_alive_requests_without_a_body_are_untouched(server):
             time.sleep(TIMEOUT * 0.6)  # idle between requests, each well inside keep-alive
             status, headers, _ = parse(sock.recv(65536))
             assert status == 200 and headers.get("connection") != "close"
+
+
+def test_http2_body_without_length_is_cut_too(server):
+    """HTTP/2 (cleartext, prior knowledge) needs no Content-Length for a body: still cut."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    port, _ = server
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    status, body, ended = None, b"", None
+    with connect(port) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", "/webhooks/linear"), (":scheme", "http"),
+                              (":authority", "127.0.0.1"), ("linear-delivery", "h2-slow")])
+        conn.send_data(1, b'{"partial": ')  # and the stream is never ended
+        sock.sendall(conn.data_to_send())
+        start = time.monotonic()
+        while ended is None and time.monotonic() - start < TIMEOUT + SLACK:
+            sock.settimeout(TIMEOUT + SLACK)
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended = time.monotonic() - start
+            sock.sendall(conn.data_to_send())
+    assert status == b"408" and json.loads(body)["error"]["code"] == "request_timeout"
+    assert ended is not None and TIMEOUT * 0.8 <= ended < TIMEOUT + SLACK
