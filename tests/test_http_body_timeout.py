@@ -11,11 +11,23 @@ import time
 
 import pytest
 from http_support import free_port
+
+from risoluto.errors import ConfigError
+from risoluto.settings import build_settings
 from serve_util import RISOLUTO, operator_env, spawn, stop, wait_answering
 
 TIMEOUT = 1.0  # server.bodyTimeoutSeconds in these tests
 SLACK = 1.5  # scheduling on a loaded machine; far below the minutes a stalled body used to hold
 TOKEN = "body-timeout-test-token"
+
+
+def test_the_setting_defaults_to_10_and_is_validated(tmp_path):
+    env = {"DATA_DIR": str(tmp_path)}
+    assert build_settings({}, None, env).server.body_timeout_seconds == 10
+    assert build_settings({"server": {"body_timeout_seconds": 2.5}}, None, env).server.body_timeout_seconds == 2.5
+    for bad in (0, -1, 3601, float("inf"), float("nan"), "ten", True):
+        with pytest.raises(ConfigError, match="server.bodyTimeoutSeconds"):
+            build_settings({"server": {"bodyTimeoutSeconds": bad}}, None, env)
 
 
 @pytest.fixture(scope="module")
