@@ -89,7 +89,7 @@ async def bench_redis(ops: int, rounds: int, concurrency: int) -> None:
         await sliding.hit(item, "api", client)
         await sliding.get_window_stats(item, "api", client)
 
-    cases = {"risoluto-redis hit (GCRA, 1 script)": risoluto, "limits moving window hit": limits_moving,
+    cases = {"risoluto-redis hit (sub-window counters, 1 script)": risoluto, "limits moving window hit": limits_moving,
              "limits sliding window counter hit": limits_sliding,
              "limits sliding window hit + window stats": limits_sliding_stats}
     for fn in cases.values():  # warm-up: connections, script cache
@@ -99,7 +99,7 @@ async def bench_redis(ops: int, rounds: int, concurrency: int) -> None:
         for name, fn in cases.items():
             results[name].append(await rate(fn, ops, concurrency))
     single = {name: await rate(cases[name], ops // 4, 1) for name in
-              ("risoluto-redis hit (GCRA, 1 script)", "limits sliding window counter hit")}
+              ("risoluto-redis hit (sub-window counters, 1 script)", "limits sliding window counter hit")}
     await ours.close()
     raw = redis.Redis.from_url(REDIS_URL)
     for key in raw.scan_iter(f"{tag}*", count=1000):
@@ -111,7 +111,7 @@ async def bench_redis(ops: int, rounds: int, concurrency: int) -> None:
           f"{len(CLIENTS)} clients, limit {LIMIT}/{WINDOW}s (best round, decisions/s)")
     for name, value in best.items():
         print(f"  {name:<44} {value:>10,.0f}/s")
-    ours_best = best["risoluto-redis hit (GCRA, 1 script)"]
+    ours_best = best["risoluto-redis hit (sub-window counters, 1 script)"]
     baseline = max(best["limits moving window hit"], best["limits sliding window counter hit"])
     print(f"  ratio risoluto-redis / best limits hit         {ours_best / baseline:>10.2f}x  (target >= 1x)")
     print(f"  ratio risoluto-redis / limits hit + stats      "

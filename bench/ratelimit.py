@@ -1,9 +1,15 @@
-"""Rate limiter benchmark: decisions/s of the in-memory GCRA limiter vs the ``limits``
-library (MovingWindowRateLimiter and SlidingWindowCounterRateLimiter, MemoryStorage) on the
-same key pattern in the same run, and bytes per tracked client at 1 million clients.
+"""Rate limiter benchmark: decisions/s of the in-memory window-exact limiter (a sliding window
+of 10 sub-window counters per client) vs the ``limits`` library in memory storage on the same
+key pattern in the same run, and bytes per tracked client (tracemalloc, 100,000 clients).
 
-Targets (issue 3): >= 3x the decisions/s of limits' sliding-window limiters; <= 256 bytes
-per tracked client. Run: ``.venv/bin/python bench/ratelimit.py`` (about a minute).
+The fair peer is ``limits``' MovingWindowRateLimiter: like ours it never admits more than the
+limit in any window-long interval (a log of timestamps per client). Its SlidingWindowCounter
+is an approximation (it weighs the previous fixed window by the elapsed fraction, so it can
+admit more than the limit in some intervals); it is printed too, and the target is checked
+against the faster of the two.
+
+Targets: >= 3x the decisions/s of the faster ``limits`` strategy (goal 5x); <= 256 bytes per
+tracked client. Run: ``.venv/bin/python bench/ratelimit.py`` (well under a minute).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from risoluto.plugins.http.rate_limit import MemoryLimiter  # noqa: E402
 
 DECISIONS = 300_000
 CLIENTS = 10_000
-MEMORY_CLIENTS = 1_000_000
+MEMORY_CLIENTS = 100_000
+ROUNDS = 3
 
 
 def key_pattern() -> list[str]:
@@ -66,16 +73,31 @@ def bench_limits(strategy: type, keys: list[str]) -> tuple[float, int]:
     return rate, allowed
 
 
-def bytes_per_client(n: int, v6: bool) -> float:
-    """Memory held by the limiter per tracked client, keys included (built inside the trace)."""
+def _client(i: int, v6: bool) -> str:
+    return f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::1" if v6 else f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+
+
+class _Clock:
+    t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def bytes_per_client(n: int, v6: bool, busy: bool = False) -> float:
+    """Memory held by the limiter per tracked client, keys included (made inside the trace).
+    ``busy``: every client has requests in 10 sub-windows (all but one counter in use), the most
+    a client's packed state grows; else one request each, the common case of a flood."""
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    limiter = MemoryLimiter(max_clients=n + 1)
+    clock = _Clock()
+    limiter = MemoryLimiter(max_clients=n + 1, clock=clock)
     decide = limiter.decide
-    for i in range(n):
-        client = f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::1" if v6 else f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
-        decide("api", client, 300, 60.0)
+    for sub_window in range(10 if busy else 1):
+        clock.t = 1000.0 + sub_window * 6.0  # 300 per 60 s: sub-windows of 6 s
+        for i in range(n):  # each address made on the fly: what stays is what the limiter holds
+            decide("api", _client(i, v6), 300, 60.0)
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert limiter.tracked() == n
@@ -99,26 +121,35 @@ def bytes_per_client_limits(n: int) -> float:
 def main() -> None:
     keys = key_pattern()
     print(f"key pattern: {DECISIONS} decisions over {CLIENTS} clients (limit 300/60 s, bucket 'api')")
-    ours, ours_allowed = bench_ours(keys)
-    moving, moving_allowed = bench_limits(MovingWindowRateLimiter, keys)
-    counter, counter_allowed = bench_limits(SlidingWindowCounterRateLimiter, keys)
-    ours2, _ = bench_ours(keys)  # second run: same process state for both sides
-    ours = max(ours, ours2)
-    print(f"  risoluto MemoryLimiter (GCRA, awaited)   {ours:>12,.0f} decisions/s  allowed {ours_allowed}")
-    print(f"  limits MovingWindowRateLimiter            {moving:>12,.0f} decisions/s  allowed {moving_allowed}")
-    print(f"  limits SlidingWindowCounterRateLimiter    {counter:>12,.0f} decisions/s  allowed {counter_allowed}")
-    print(f"  ratio vs moving window:   {ours / moving:6.1f}x   (target >= 3x)")
-    print(f"  ratio vs sliding counter: {ours / counter:6.1f}x   (target >= 3x)")
+    # Interleaved rounds, best of each: load from other processes on the machine hits all alike.
+    best: dict[str, tuple[float, int]] = {}
+    runs = {"ours": lambda: bench_ours(keys), "moving": lambda: bench_limits(MovingWindowRateLimiter, keys),
+            "counter": lambda: bench_limits(SlidingWindowCounterRateLimiter, keys)}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            rate, allowed = run()
+            if rate > best.get(name, (0.0, 0))[0]:
+                best[name] = (rate, allowed)
+    (ours, ours_allowed), (moving, moving_allowed), (counter, counter_allowed) = (
+        best["ours"], best["moving"], best["counter"])
+    print(f"best of {ROUNDS} interleaved rounds")
+    print(f"  risoluto MemoryLimiter (sub-window counters, awaited) {ours:>12,.0f} decisions/s  allowed {ours_allowed}")
+    print(f"  limits MovingWindowRateLimiter (exact, the fair peer)   {moving:>12,.0f} decisions/s  allowed {moving_allowed}")
+    print(f"  limits SlidingWindowCounterRateLimiter (approximate)    {counter:>12,.0f} decisions/s  allowed {counter_allowed}")
+    print(f"  ratio vs moving window:   {ours / moving:6.1f}x   (target >= 3x, goal 5x)")
+    print(f"  ratio vs sliding counter: {ours / counter:6.1f}x   (target >= 3x, goal 5x)")
 
     v4 = bytes_per_client(MEMORY_CLIENTS, v6=False)
     v6 = bytes_per_client(MEMORY_CLIENTS, v6=True)
-    base = bytes_per_client_limits(100_000)
+    busy = bytes_per_client(MEMORY_CLIENTS, v6=True, busy=True)
+    base = bytes_per_client_limits(MEMORY_CLIENTS)
     print(f"memory at {MEMORY_CLIENTS:,} tracked clients (tracemalloc, keys included):")
-    print(f"  IPv4 clients:      {v4:6.0f} bytes/client   (target <= 256)")
-    print(f"  IPv6 /64 clients:  {v6:6.0f} bytes/client   (target <= 256)")
-    print(f"  limits sliding-window counter (100k IPv4 clients): {base:6.0f} bytes/client "
-          f"-> ratio {base / v4:.1f}x more than ours")
-    ok = ours / max(moving, counter) >= 3 and max(v4, v6) <= 256
+    print(f"  IPv4 clients, one request each:          {v4:6.0f} bytes/client   (target <= 256)")
+    print(f"  IPv6 /64 clients, one request each:      {v6:6.0f} bytes/client   (target <= 256)")
+    print(f"  IPv6 /64 clients, 10 sub-windows in use: {busy:6.0f} bytes/client   (target <= 256)")
+    print(f"  limits sliding-window counter (IPv4, one request each): {base:6.0f} bytes/client "
+          f"-> {base / v4:.1f}x more than ours")
+    ok = ours / max(moving, counter) >= 3 and max(v4, v6, busy) <= 256
     print("targets met" if ok else "TARGETS NOT MET")
 
 

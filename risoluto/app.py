@@ -20,6 +20,7 @@ from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .body_deadline import INFO_KEY, TIMED_OUT_KEY, BodyDeadline
 from .doctor import doctor_blueprint
 from .errors import ApiError, error_body
 from .hookspecs.auth import RequestInfo
@@ -75,6 +76,7 @@ def create_app(
     kernel = Kernel(settings, plugins, environ)
     app = Quart("risoluto")
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    app.config["BODY_TIMEOUT"] = settings.server.body_timeout_seconds  # BodyDeadline below comes first
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # Exact paths: no slash merging, no redirects a guard would have to second-guess.
@@ -89,6 +91,9 @@ def create_app(
     for blueprint in kernel.hooks.app_blueprints(kernel):
         app.register_blueprint(blueprint)
     _install_lifecycle(app, kernel)
+    # a body still arriving after server.bodyTimeoutSeconds: 408 and the connection closed
+    app.asgi_app = BodyDeadline(app.asgi_app, settings.server.body_timeout_seconds,  # type: ignore[method-assign,assignment]
+                                _new_request_id)
     return app
 
 
@@ -133,6 +138,7 @@ def _install_pipeline(app: Quart, kernel: Kernel) -> None:
             norm_path=rule if rule is not None else normalise_path(path), started=time.perf_counter(),
         )
         g.info = info
+        req.scope[INFO_KEY] = info  # for BodyDeadline's 408 (request id, rate-limit headers)
         length = req.content_length
         settings = kernel.settings
         if length is not None and length > settings.server.max_body_bytes:
@@ -164,8 +170,10 @@ def _install_pipeline(app: Quart, kernel: Kernel) -> None:
         info = g.get("info")
         if info is not None and not info.completed:
             # no response went out: the client left and Quart cancelled the handler. Observers
-            # (the write audit among them) still hear of the request, as nginx's 499.
-            _completed(kernel, info, CLIENT_CLOSED_REQUEST)
+            # (the write audit among them) still hear of the request, as nginx's 499 (or as
+            # the 408 BodyDeadline sent when the body was too slow).
+            timed_out = request.scope.get(TIMED_OUT_KEY)  # BodyDeadline answered 408 instead
+            _completed(kernel, info, 408 if timed_out else CLIENT_CLOSED_REQUEST)
 
 
 CLIENT_CLOSED_REQUEST = 499

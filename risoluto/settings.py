@@ -165,6 +165,8 @@ class ServerConfig:
     write_token: str = attrs.field(default="", repr=False)
     read_token: str = attrs.field(default="", repr=False)
     max_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive(2**30))
+    # a request body must have fully arrived this long after its headers (docs/http-security.md)
+    body_timeout_seconds: float = attrs.field(default=10.0, validator=_positive(3600))
 
 
 # ``plugins.settings``: plugin name -> that plugin's own section, plain YAML data with snake_case

@@ -21,7 +21,12 @@ def xff(*values):
     ("203.0.113.9", xff("127.0.0.1"), ("203.0.113.9", False)),
     ("203.0.113.9", xff("10.0.0.1, 1.2.3.4"), ("203.0.113.9", False)),
     ("::ffff:203.0.113.9", xff("192.0.2.111"), ("203.0.113.9", False)),
-    ("127.0.0.2", xff("198.51.100.1"), ("127.0.0.2", False)),
+    # every loopback address is one client, named 127.0.0.1
+    ("127.0.0.2", xff("198.51.100.1"), ("127.0.0.1", False)),
+    ("127.200.3.4", Headers(), ("127.0.0.1", False)),
+    ("::1", Headers(), ("127.0.0.1", False)),
+    ("::ffff:127.0.0.9", Headers(), ("127.0.0.1", False)),
+    ("10.0.0.5", xff("::1"), ("127.0.0.1", True)),  # relayed: one client, still never local
     # trusted proxy: right-most entry that is not a trusted proxy
     ("10.0.0.5", xff("198.51.100.1"), ("198.51.100.1", True)),
     ("10.0.0.5", xff("6.6.6.6, 198.51.100.1"), ("198.51.100.1", True)),

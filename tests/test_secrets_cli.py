@@ -172,3 +172,96 @@ async def test_the_cli_refuses_a_change_whose_audit_line_cannot_be_written(backe
         assert MARKER not in done.stderr and "Traceback" not in done.stderr
     settings = risoluto_settings({"secrets": {"backend": backend}})
     assert await stored_values(settings, backend, OLD) == {"KEEP": "kept"}
+
+
+# -- rotate-key input: one line of printable text; a second line confirms -------------------------
+
+
+def store_snapshot(data_dir: Path, backend: str) -> object:
+    """The encrypted data as a new process would find it (bytes of secrets.enc, rows of the table)."""
+    if backend == "file":
+        return (data_dir / "secrets.enc").read_bytes()
+    conn = sqlite3.connect(data_dir / "risoluto.db")
+    try:
+        return sorted(conn.execute("SELECT * FROM encrypted_secrets").fetchall())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key_in", ["env", "file"])
+async def test_rotate_key_reads_the_key_and_its_confirmation_from_two_lines(backend, key_in, risoluto_data_dir,
+                                                                           risoluto_settings):
+    """``new\\nnew\\n`` (the key and its confirmation, as the prompt asks) rotates to ``new``."""
+    key_file = risoluto_data_dir / "master.key"
+    if key_in == "file":
+        key_file.write_text(OLD + "\n")
+        key_file.chmod(0o600)
+    key = OLD if key_in == "env" else None
+    assert cli(risoluto_data_dir, "set", "A", stdin="a", backend=backend, key=key).returncode == 0
+    done = cli(risoluto_data_dir, "rotate-key", stdin="new\nnew\n", backend=backend, key=key)
+    assert done.returncode == 0, done.stderr
+    settings = risoluto_settings({"secrets": {"backend": backend}})
+    assert await stored_values(settings, backend, "new") == {"A": "a"}  # the operator's key opens it
+    if key_in == "file":
+        assert key_file.read_text() == "new\n"
+        assert cli(risoluto_data_dir, "list", backend=backend, key=None).stdout.split() == ["A"]
+    else:
+        assert cli(risoluto_data_dir, "list", backend=backend, key="new").stdout.split() == ["A"]
+
+
+@pytest.mark.parametrize("backend,stdin,says", [
+    ("file", "new\nother\n", "does not repeat"),
+    ("sqlite", "new\nother\n", "does not repeat"),
+    ("file", "new\n\n", "does not repeat"),
+    ("file", "new\nnew\nnew\n", "3 lines"),
+    ("sqlite", "one\ntwo\nthree", "3 lines"),
+    ("file", "ne\x01w\n", "control character (U+0001)"),
+    ("sqlite", "ne\x01w\nne\x01w\n", "control character (U+0001)"),
+    ("file", "new\tkey\n", "control character (U+0009)"),
+    ("file", "new\rnew\n", "line break (U+000D)"),
+    ("file", "new\u2028new\n", "line break (U+2028)"),
+    ("file", "new\x1b[2Jkey\n", "control character (U+001B)"),
+])
+async def test_rotate_key_refuses_unprintable_or_unconfirmed_keys(backend, stdin, says, risoluto_data_dir,
+                                                                  risoluto_settings):
+    key_file = risoluto_data_dir / "master.key"
+    key_file.write_text(OLD + "\n")
+    key_file.chmod(0o600)
+    assert cli(risoluto_data_dir, "set", "A", stdin="a", backend=backend, key=None).returncode == 0
+    before = store_snapshot(risoluto_data_dir, backend)
+    done = cli(risoluto_data_dir, "rotate-key", stdin=stdin, backend=backend, key=None)
+    assert done.returncode == 1 and says in done.stderr and "nothing was changed" in done.stderr.lower()
+    assert "new" not in done.stderr.replace("new master key", "")  # the key is never echoed
+    assert store_snapshot(risoluto_data_dir, backend) == before
+    assert key_file.read_text() == OLD + "\n" and not (risoluto_data_dir / "master.key.new").exists()
+    settings = risoluto_settings({"secrets": {"backend": backend}})
+    assert await stored_values(settings, backend, OLD) == {"A": "a"}
+    audit = (risoluto_data_dir / "secrets.audit.log").read_text()
+    assert '"rotate"' not in audit
+
+
+@pytest.mark.parametrize("source", ["MASTER_KEY", "master.key"])
+def test_a_master_key_with_a_control_character_is_refused(source, risoluto_data_dir):
+    bad = "line one\nline two"
+    if source == "master.key":
+        (risoluto_data_dir / "master.key").write_text(bad + "\n")
+        (risoluto_data_dir / "master.key").chmod(0o600)
+    done = cli(risoluto_data_dir, "set", "A", stdin="a", key=bad if source == "MASTER_KEY" else None)
+    assert done.returncode == 2 and "line break" in done.stderr and source in done.stderr
+    assert "line one" not in done.stderr and "line two" not in done.stderr
+    assert not (risoluto_data_dir / "secrets.enc").exists()
+
+
+async def test_data_under_an_old_unprintable_key_can_be_rotated_to_a_clean_one(risoluto_data_dir, risoluto_settings):
+    """Before this rule, rotate-key could leave data under ``new\\nnew``: that data can be moved."""
+    legacy = "new\nnew"
+    settings = risoluto_settings()
+    store = FileStore(settings, legacy)
+    await store.open()
+    await store.set("A", "a")
+    await store.close()
+    assert cli(risoluto_data_dir, "list", key=legacy).returncode == 2  # refused for normal use
+    done = cli(risoluto_data_dir, "rotate-key", stdin="clean key\nclean key\n", key=legacy)
+    assert done.returncode == 0, done.stderr
+    assert cli(risoluto_data_dir, "list", key="clean key").stdout.split() == ["A"]

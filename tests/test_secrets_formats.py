@@ -1,4 +1,4 @@
-"""secrets.enc (compat): the shared vector, Node interop both ways, tamper and truncation."""
+"""secrets.enc (compat): the interop vector, Node interop both ways, tamper and truncation."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from risoluto.plugins.secrets.file_store import FileStore
 
 pytestmark = pytest.mark.anyio
 
-# ../shared/vectors beside the checkout (CI lays a copy of shared/ there too)
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+# interop vectors made with Node.js the way the original Risoluto writes and signs them
+# (tests/vectors/README.md gives the key, plaintext and signature)
+VECTORS = Path(__file__).resolve().parent / "vectors"
 VECTOR_KEY = "vector-master-key-do-not-use"
 VECTOR_PLAINTEXT = {"OPENAI_API_KEY": "sk-vector-0000", "LINEAR_WEBHOOK_SECRET": "lin_wh_vector",
                     "unicode.key:1": "välue ✓"}

@@ -17,7 +17,7 @@ from risoluto.hookspecs.webhooks import hmac_sha256_matches, signing_secrets
 
 pytestmark = pytest.mark.anyio
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 LINEAR = "lin_wh_current"
 GITHUB = "gh_wh_current"
 REMOTE = {"client": ("198.51.100.60", 443)}

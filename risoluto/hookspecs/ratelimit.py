@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import socket
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import attrs
 
@@ -28,26 +29,47 @@ class RateRule:
         return path in self.paths or any(path.startswith(p) for p in self.prefixes)
 
 
-@attrs.frozen
-class RateDecision:
+class RateDecision(NamedTuple):
+    """One decision. Immutable; a NamedTuple rather than a frozen attrs class because one is
+    built for every limited request, and a frozen attrs class costs four times as much to build
+    (bench/ratelimit.py)."""
+
     allowed: bool
     limit: int
-    remaining: int
-    reset_seconds: float  # until the bucket has room again (Retry-After when refused)
+    remaining: int  # how many more would be admitted now (0 on the last admitted request)
+    reset_seconds: float  # allowed: until the full limit is back; refused: until the next is admitted
+
+
+LOOPBACK_GROUP = "127.0.0.1"
+_IPV6_LOOPBACK = bytes(15) + b"\x01"
 
 
 def client_group(client: str) -> str:
-    """The key a client is counted under (SPEC 2.4): an IPv4 address as is, an IPv6
-    address as its /64 (one host usually owns a whole /64), IPv4-mapped IPv6 as IPv4.
+    """The key a client is counted under: an IPv4 address as is, an IPv6 address as its /64
+    (one host usually owns a whole /64), IPv4-mapped IPv6 as IPv4, and every loopback address
+    (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104) as ``127.0.0.1``: all of them are this one machine.
     Anything that is not an IP address is its own key. Every backend should use this."""
     if ":" not in client:
+        if client.startswith("127."):
+            try:
+                socket.inet_pton(socket.AF_INET, client)
+            except OSError:
+                return client
+            return LOOPBACK_GROUP
         return client
+    return _ipv6_group(client)
+
+
+@functools.lru_cache(maxsize=4096)  # a client sends many requests: parse its address once
+def _ipv6_group(client: str) -> str:
     try:
         packed = socket.inet_pton(socket.AF_INET6, client.split("%", 1)[0])
     except (OSError, ValueError):
         return client
+    if packed == _IPV6_LOOPBACK:
+        return LOOPBACK_GROUP
     if packed[:12] == b"\0" * 10 + b"\xff\xff":
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
+        return client_group(socket.inet_ntop(socket.AF_INET, packed[12:]))  # an IPv4 client
     return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 

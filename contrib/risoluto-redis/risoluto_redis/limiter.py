@@ -1,21 +1,27 @@
-"""GCRA rate limiting in Redis: one Lua script per decision, so every decision is atomic
-across any number of kernel instances sharing the server.
+"""Rate limiting in Redis: one Lua script per decision, so every decision is atomic across any
+number of kernel instances sharing the server.
 
-Same algorithm and numbers as the kernel's in-memory backend
-(``risoluto/plugins/http/rate_limit.py``): one value per (bucket, client group), the
-"theoretical arrival time" (TAT). With limit L per window W a request costs T = W/L of TAT
-and is allowed while TAT - now stays within W: L requests at once pass, the (L+1)-th is
-refused, and no interval of length d ever lets more than L + d/T through (no 2L burst at
-a window edge, since there is no window edge).
+Same algorithm, numbers and guarantee as the kernel's in-memory backend
+(``risoluto/plugins/http/rate_limit.py``): a sliding window of sub-window counters. The window W
+is cut into 10 sub-windows of g = W/10; per (bucket, client group) a Redis hash holds how many
+requests were admitted in each sub-window (field = the sub-window's number, counted from the
+Unix epoch on the Redis server's clock). A request is admitted only while the counts of the
+current sub-window and the 10 before it add up to less than the limit L. So no interval of
+length W ever admits more than L requests from one client, across every instance; L at once
+pass and the next is refused; a request leaves the count between W and 1.1 W after it was
+admitted (a client waits at most 10% longer than the window).
 
 Choices the in-memory backend does not have to make:
 - The clock is the Redis server's (``TIME`` inside the script), never an instance's, so
-  instances whose clocks disagree still share one timeline.
-- Times are microseconds held as Lua doubles and stored with 17 significant digits, so a
-  value read back is the exact double written (``tostring`` would keep only 14).
-- The key expires (``SET ... PX``) when its TAT falls into the past: an expired key and an
-  absent one mean the same thing, so idle clients cost no memory and expiry changes no
-  decision. Refusals do not write.
+  instances whose clocks disagree still share one timeline and one set of sub-windows.
+- Counts that left the window are deleted by the script that meets them, and the hash expires
+  (``PEXPIRE``) when its newest count leaves the window: an expired key and an absent one mean
+  the same thing, so idle clients cost no memory and expiry changes no decision. Refusals do
+  not count.
+- A key left by the earlier GCRA version of this plugin (a string, not a hash) is read as an
+  empty hash and replaced, so an upgrade never answers with Redis' WRONGTYPE error. A count
+  whose sub-window lies in the future (the window was made longer, so sub-windows have other
+  numbers) is dropped like an expired one.
 - Failures (connection refused, timeout, script error) propagate from ``hit``: the kernel
   then answers 503 ``rate_limiter_unavailable`` (or lets reads through with
   ``rateLimit.failOpen``). A retried command after a lost reply may count one request
@@ -40,31 +46,51 @@ from risoluto.hookspecs.ratelimit import RateDecision, client_group
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "risoluto:ratelimit:"
-# a millionth of one request's cost absorbs float rounding (as the in-memory backend)
-EPS = 1e-6
+SUBWINDOWS = 10  # as the in-memory backend: a client waits at most 10% past the window
 
-# KEYS[1]: the TAT key. ARGV: limit, window (µs), eps.
-# Returns {allowed (0/1), remaining, reset (µs, as a string: Redis truncates Lua numbers)}.
-GCRA_LUA = """
+# KEYS[1]: the client's hash {sub-window number: admitted count}. ARGV: limit, window (µs),
+# sub-windows per window. Returns {allowed (0/1), remaining, reset (µs, as a string: Redis
+# truncates Lua numbers)}; reset is, when allowed, the time until the full limit is back and,
+# when refused, the time until the next request is admitted.
+WINDOW_LUA = """
 local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local eps = tonumber(ARGV[3])
-local interval = window / limit
+local n = tonumber(ARGV[3])
+local granule = tonumber(ARGV[2]) / n
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]))
-local start = now
-if tat and tat > now then start = tat end
-local new_tat = start + interval
-if new_tat - now > window + interval * eps then
-  return {0, 0, string.format('%.17g', start + interval - window - now)}
+local current = math.floor(now / granule)
+local flat = redis.pcall('HGETALL', KEYS[1])
+if flat.err then
+  redis.call('DEL', KEYS[1])
+  flat = {}
 end
-local ttl_ms = math.ceil((new_tat - now) / 1000)
-redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl_ms)
-local remaining = math.floor((window - (new_tat - now)) / interval + eps)
-if remaining < 0 then remaining = 0 end
-if remaining > limit then remaining = limit end
-return {1, remaining, string.format('%.17g', new_tat - now)}
+local used, live, stale = 0, {}, {}
+for i = 1, #flat, 2 do
+  local index = tonumber(flat[i])
+  if index < current - n or index > current then  -- left the window, or counted in another window size
+    stale[#stale + 1] = flat[i]
+  else
+    local count = tonumber(flat[i + 1])
+    used = used + count
+    live[#live + 1] = {index, count}
+  end
+end
+if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
+if used >= limit then
+  table.sort(live, function(a, b) return a[1] < b[1] end)
+  local freed = 0
+  for _, entry in ipairs(live) do
+    freed = freed + entry[2]
+    if used - freed < limit then
+      return {0, 0, string.format('%.17g', (entry[1] + n + 1) * granule - now)}
+    end
+  end
+  return {0, 0, string.format('%.17g', (current + n + 1) * granule - now)}
+end
+redis.call('HINCRBY', KEYS[1], string.format('%.0f', current), 1)
+local reset = (current + n + 1) * granule - now
+redis.call('PEXPIRE', KEYS[1], math.ceil(reset / 1000))
+return {1, limit - used - 1, string.format('%.17g', reset)}
 """
 
 
@@ -116,8 +142,7 @@ class RedisLimiter:
             socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 1),
         )
         self.redis = aioredis.Redis(connection_pool=pool)
-        self.sha = hashlib.sha1(GCRA_LUA.encode()).hexdigest()
-        self._eps = repr(EPS)
+        self.sha = hashlib.sha1(WINDOW_LUA.encode()).hexdigest()
         self._pending: list[tuple[str, int, str, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -146,7 +171,7 @@ class RedisLimiter:
             results = await self._evalsha_all(batch)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:  # script cache flushed (restart, failover, SCRIPT FLUSH): load it, run those again
-                await self.redis.script_load(GCRA_LUA)
+                await self.redis.script_load(WINDOW_LUA)
                 for i, r in zip(missing, await self._evalsha_all([batch[i] for i in missing]), strict=True):
                     results[i] = r
         except BaseException as exc:
@@ -168,12 +193,12 @@ class RedisLimiter:
         if len(batch) == 1:  # nothing to batch: a plain command is cheaper than a pipeline
             key, limit, window_us, _ = batch[0]
             try:
-                return [await self.redis.evalsha(self.sha, 1, key, limit, window_us, self._eps)]
+                return [await self.redis.evalsha(self.sha, 1, key, limit, window_us, SUBWINDOWS)]
             except NoScriptError as exc:
                 return [exc]
         pipe = self.redis.pipeline(transaction=False)  # not MULTI: each script is atomic by itself
         for key, limit, window_us, _ in batch:
-            pipe.evalsha(self.sha, 1, key, limit, window_us, self._eps)
+            pipe.evalsha(self.sha, 1, key, limit, window_us, SUBWINDOWS)
         return await pipe.execute(raise_on_error=False)
 
     async def close(self) -> None:

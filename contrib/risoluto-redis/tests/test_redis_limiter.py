@@ -23,7 +23,7 @@ from risoluto.app import kernel_of
 from risoluto.hookspecs.ratelimit import client_group
 from risoluto.settings import build_settings
 from risoluto.testing import running_app
-from risoluto_redis.limiter import GCRA_LUA, RedisLimiter
+from risoluto_redis.limiter import WINDOW_LUA, RedisLimiter
 
 pytestmark = pytest.mark.anyio
 
@@ -87,7 +87,8 @@ async def test_two_instances_share_one_limit(tmp_path, redis_env):
         refused = await get(cb)  # the 11th request, 5th to B
         assert refused.status_code == 429
         assert (await refused.get_json())["error"]["code"] == "rate_limited"
-        assert refused.headers["Retry-After"] == "6"  # one request's cost: 60 s / 10
+        # when the burst's sub-window (6 s long) leaves the count: between 1 and 1.1 windows later
+        assert 60 < int(refused.headers["Retry-After"]) <= 66
         assert refused.headers["RateLimit-Limit"] == "10" and refused.headers["RateLimit-Remaining"] == "0"
         assert (await get(ca)).status_code == 429  # and A agrees
         assert (await get(ca, ip="198.51.100.8")).status_code == 200  # another client has its own budget
@@ -172,14 +173,45 @@ async def test_decisions_are_atomic_across_instances(redis_env):
 async def test_no_double_burst_across_a_window_edge(redis_env):
     limiter = RedisLimiter(redis_env["url"], redis_env["prefix"])
     try:
-        first = [(await limiter.hit("api", "192.0.2.2", 10, 1.0)).allowed for _ in range(15)]
-        assert first == [True] * 10 + [False] * 5
+        start = time.monotonic()
+        first = [await limiter.hit("api", "192.0.2.2", 10, 1.0) for _ in range(15)]
+        assert [d.allowed for d in first] == [True] * 10 + [False] * 5
+        assert [d.remaining for d in first[:10]] == list(range(9, -1, -1))
         await anyio.sleep(0.5)
-        # a fixed window would allow 10 more right after its edge; GCRA allows only what has drained
+        # a fixed window would allow 10 more after its edge, a GCRA the 5 that have refilled: here none
         second = [(await limiter.hit("api", "192.0.2.2", 10, 1.0)).allowed for _ in range(15)]
-        assert 4 <= second.count(True) <= 6
+        assert second.count(True) == 0 or time.monotonic() - start > 1.0
+        # the burst leaves the count at most 1.1 windows later: then the whole limit is back
+        await anyio.sleep(max(0.0, start + 1.15 - time.monotonic()))
+        third = [(await limiter.hit("api", "192.0.2.2", 10, 1.0)).allowed for _ in range(15)]
+        assert third == [True] * 10 + [False] * 5
     finally:
         await limiter.close()
+
+
+async def test_no_interval_of_one_window_admits_more_than_the_limit_across_instances(redis_env):
+    """Two instances, one client sending steadily at three times the rate for seven windows.
+    Timestamps bracket the server's decision, so only a real breach can fail this."""
+    limit, window = 8, 1.0
+    limiters = [RedisLimiter(redis_env["url"], redis_env["prefix"]) for _ in range(2)]
+    admitted, refused = [], []
+    try:
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < 7 * window:
+            sent = time.monotonic()
+            decision = await limiters[i % 2].hit("api", "192.0.2.9", limit, window)
+            (admitted if decision.allowed else refused).append((sent, time.monotonic()))
+            i += 1
+            await anyio.sleep(max(0.0, start + i * window / limit / 3 - time.monotonic()))
+    finally:
+        for limiter in limiters:
+            await limiter.close()
+    for j in range(len(admitted) - limit):
+        assert admitted[j + limit][1] - admitted[j][0] > window, j
+    for sent, answered in refused:
+        assert sum(1 for s, a in admitted if a > sent - 1.1 * window and s <= answered) >= limit
+    assert len(admitted) >= limit * 5
 
 
 async def test_keys_expire_when_they_carry_no_information(redis_env):
@@ -189,12 +221,27 @@ async def test_keys_expire_when_they_carry_no_information(redis_env):
     try:
         decisions = [await limiter.hit("api", "192.0.2.3", 4, 0.4) for _ in range(5)]
         assert [d.allowed for d in decisions] == [True] * 4 + [False]
-        assert 0 < raw.pttl(key) <= 400  # never longer than the window
+        assert 0 < raw.pttl(key) <= 440  # never longer than 1.1 windows
         await anyio.sleep(0.5)
         assert raw.exists(key) == 0  # forgotten...
         again = await limiter.hit("api", "192.0.2.3", 4, 0.4)
         assert again.allowed and again.remaining == 3  # ...exactly as a new client
-        assert 0 < raw.pttl(key) <= 100
+        assert 0 < raw.pttl(key) <= 440
+        assert raw.hlen(key) == 1
+    finally:
+        raw.close()
+        await limiter.close()
+
+
+async def test_a_key_left_by_the_gcra_version_is_replaced(redis_env):
+    limiter = RedisLimiter(redis_env["url"], redis_env["prefix"])
+    raw = redis.Redis.from_url(redis_env["url"])
+    key = limiter.key("api", "192.0.2.5")
+    try:
+        raw.set(key, "1765000000000000.5", px=60000)  # the old format: a TAT string
+        decision = await limiter.hit("api", "192.0.2.5", 3, 60)
+        assert decision.allowed and decision.remaining == 2
+        assert raw.type(key) == b"hash"
     finally:
         raw.close()
         await limiter.close()
@@ -218,7 +265,7 @@ async def test_script_cache_flush_is_survived(private_redis):
 
 def test_script_is_one_atomic_lua_script():
     # every read and write of a decision happens inside the script: no client-side read-modify-write
-    assert "redis.call('GET'" in GCRA_LUA and "redis.call('SET'" in GCRA_LUA and "'PX'" in GCRA_LUA
+    assert "'HGETALL'" in WINDOW_LUA and "redis.call('HINCRBY'" in WINDOW_LUA and "'PEXPIRE'" in WINDOW_LUA
 
 
 # -- failures ---------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ Choices where the SPEC is silent (docs/http-security.md):
   down, and the result can never be loopback or a spoofed address.
 - Entries may carry a port (``1.2.3.4:567``, ``[2001:db8::1]:443``); it is ignored.
 - IPv4-mapped IPv6 addresses are reported as IPv4, zone ids are dropped.
+- Every loopback address (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104) is reported as ``127.0.0.1``:
+  they are all this machine, so one client for the rate limiter and the audit logs (else each of
+  the 16 million addresses of 127.0.0.0/8 would buy a bucket of its own).
 """
 
 from __future__ import annotations
@@ -25,9 +28,15 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.settings import Settings
 
-from ._shared import IPAddress, in_networks, networks, parse_ip
+from ._shared import IPAddress, in_networks, is_loopback, networks, parse_ip
 
 MAX_XFF_ENTRIES = 64  # a longer chain is not a real proxy chain; walk no further
+LOOPBACK_CLIENT = "127.0.0.1"  # the one name of every loopback address
+
+
+def _named(ip: IPAddress) -> str:
+    text = str(ip)
+    return LOOPBACK_CLIENT if is_loopback(text) else text
 
 
 def _entry_ip(entry: str) -> IPAddress | None:
@@ -43,9 +52,10 @@ def _entry_ip(entry: str) -> IPAddress | None:
 def decide(peer: str, headers: Any, trusted: tuple[str, ...]) -> tuple[str, bool]:
     """(client, via_proxy) for a request from ``peer`` carrying ``headers``."""
     if not trusted and "." in peer and ":" not in peer:
-        return peer, False  # fast path: a socket's IPv4 peer is already canonical
+        # fast path: a socket's IPv4 peer is already canonical
+        return (LOOPBACK_CLIENT if peer.startswith("127.") and is_loopback(peer) else peer), False
     peer_ip = parse_ip(peer)
-    canonical_peer = str(peer_ip) if peer_ip is not None else peer
+    canonical_peer = _named(peer_ip) if peer_ip is not None else peer
     if peer_ip is None or not trusted:
         return canonical_peer, False
     nets = networks(trusted)
@@ -60,7 +70,7 @@ def decide(peer: str, headers: Any, trusted: tuple[str, ...]) -> tuple[str, bool
         client = ip
         if not in_networks(ip, nets):
             break  # the right-most untrusted entry is the client
-    return str(client), True
+    return _named(client), True
 
 
 @hookimpl

@@ -1,22 +1,34 @@
-"""Rate limiting (SPEC 2.4): the ``api`` and ``webhooks`` buckets, the in-memory backend,
-and the service that installs ``kernel.limiter`` / ``kernel.rate_rules`` at startup.
+"""Rate limiting (docs/http-security.md, "Rate limiting"): the ``api`` and ``webhooks`` buckets,
+the in-memory backend, and the service that installs ``kernel.limiter`` / ``kernel.rate_rules``
+at startup.
 
-The in-memory backend is GCRA (generic cell rate algorithm): one float per
-(bucket, client), the "theoretical arrival time" (TAT). With limit L per window W a request
-costs T = W/L seconds of TAT and is allowed while TAT - now stays within W. So:
-- L requests at once are allowed and the (L+1)-th is refused (exact; no float drift);
-- there is no window edge: in ANY interval of length d at most L + d/T requests pass,
-  so the fixed-window 2L burst around an edge cannot happen;
-- a client whose TAT is in the past is indistinguishable from a new one, so idle
-  clients can be forgotten without changing any decision.
+The in-memory backend is a sliding window of sub-window counters. A window W is cut into
+``SUBWINDOWS`` (10) sub-windows of g = W/10 seconds, aligned to the bucket's creation. Per
+(bucket, client) the limiter keeps how many requests it admitted in each of the last 11
+sub-windows (the current one and the 10 before it), and admits a request only while their sum is
+below the limit L. Every request admitted in an interval of length W ending at an admitted
+request lies in those 11 sub-windows (they cover the last W + up to g seconds), so:
 
-Idle expiry without scanning: each bucket keeps two generations of clients, ``cur`` and
-``prev``. Every W seconds ``prev`` is dropped and ``cur`` becomes ``prev``; a client seen
-again is moved back to ``cur``. Entries dropped this way were last updated more than W
-ago, so their TAT is in the past: expiry is exact. The number of tracked clients is capped
-(``rateLimit.maxClients``, all buckets together); at the cap the oldest generation of the
-biggest bucket is dropped early (those clients start afresh: fail-open for accuracy under
-a flood of distinct addresses, never a refusal of newcomers).
+- no interval of length W ever admits more than L requests from one client, whatever the timing
+  (a fixed window admits 2L around its edge; a GCRA with burst L admits 2L in its first window);
+- L requests at once pass and the next is refused; ``remaining`` reaches 0 on the last admitted one;
+- the price of counting whole sub-windows: a request leaves the count when its sub-window is 11
+  sub-windows old, between W and W + g = 1.1 W after it was admitted, so a client may wait up to
+  10% longer than the window for its next request.
+
+Compact state: the 11 counters of a client are packed, with the index of the newest sub-window,
+into ONE Python int (``index << 11*b | counters``, b = bits of L; the newest counter in the low
+bits). Moving to a later sub-window is one shift; the sum of the counters is one multiplication
+(``counters * (1 + 2^b + ... + 2^10b)`` holds the sum in its 11th field: every partial sum is at
+most L < 2^b, so nothing carries). About 150 bytes per tracked client, key included.
+
+Idle expiry without scanning: each bucket keeps two generations of clients, ``cur`` and ``prev``.
+Every 10 sub-windows ``prev`` is dropped and ``cur`` becomes ``prev``; a client seen again moves
+back to ``cur``. A dropped client's newest counter is at least 11 sub-windows old, so all its
+counters had expired: forgetting it changes no decision. The number of tracked clients is capped
+(``rateLimit.maxClients``, all buckets together); at the cap the oldest generation of the biggest
+bucket is dropped early (those clients start afresh: fail-open for accuracy under a flood of
+distinct addresses, never a refusal of newcomers).
 """
 
 from __future__ import annotations
@@ -33,36 +45,69 @@ from risoluto.settings import Settings
 
 log = logging.getLogger("risoluto.rate_limit")
 
-# a millionth of one request's cost absorbs float rounding in TAT sums, never a request
-_EPS = 1e-6
+SUBWINDOWS = 10  # per window: a client waits at most W/SUBWINDOWS longer than the window
+SLOTS = SUBWINDOWS + 1  # counters kept per client: the current sub-window and the 10 before it
 
 
 class _Bucket:
-    __slots__ = ("limit", "window", "interval", "cur", "prev", "rotated_at")
+    __slots__ = ("limit", "window", "granule", "per_second", "origin", "bits", "mask", "index_shift", "counters_mask",
+                 "summer", "sum_shift", "cur", "prev", "rotate_at")
 
-    def __init__(self, limit: int, window: float, now: float):
+    def __init__(self, limit: int, window: float, now: float, carried_from: _Bucket | None = None):
         self.limit = limit
         self.window = float(window)
-        self.interval = self.window / limit
-        self.cur: dict[str, float] = {}
-        self.prev: dict[str, float] = {}
-        self.rotated_at = now
+        self.granule = self.window / SUBWINDOWS
+        self.per_second = SUBWINDOWS / self.window  # sub-windows per second: a multiplication per decision
+        self.origin = now
+        self.bits = limit.bit_length()  # a counter, and any sum of counters, is at most limit
+        self.mask = (1 << self.bits) - 1
+        self.index_shift = SLOTS * self.bits
+        self.counters_mask = (1 << self.index_shift) - 1
+        self.summer = sum(1 << (i * self.bits) for i in range(SLOTS))
+        self.sum_shift = (SLOTS - 1) * self.bits
+        self.cur: dict[str, int] = {}
+        self.prev: dict[str, int] = {}
+        self.rotate_at = SUBWINDOWS
+        if carried_from is not None:
+            self._carry(carried_from, now)
 
-    def rotate(self, now: float) -> None:
-        if now - self.rotated_at >= 2 * self.window:
-            self.prev = {}  # everything is older than a window: all expired
-            self.cur = {}
+    def _carry(self, old: _Bucket, now: float) -> None:
+        """A reconfigured bucket (new limit or window) keeps what each client used: its count
+        in the old window becomes one count in the first new sub-window. That errs on the
+        strict side (the count leaves the window later than it would have), never lets a change
+        of limits hand every client a fresh budget."""
+        index = int((now - old.origin) * old.per_second)
+        for generation in (old.prev, old.cur):
+            for key, state in generation.items():
+                age = index - (state >> old.index_shift)
+                if age >= SLOTS:
+                    continue
+                counters = state & old.counters_mask
+                if age > 0:
+                    counters = (counters << (age * old.bits)) & old.counters_mask
+                used = ((counters * old.summer) >> old.sum_shift) & old.mask
+                if used:
+                    self.cur[key] = min(used, self.limit)  # sub-window 0, the low field
+
+    def rotate(self, index: int) -> None:
+        if index >= self.rotate_at + SUBWINDOWS:
+            self.prev = {}  # both generations are older than a window: all expired
         else:
             self.prev = self.cur
-            self.cur = {}
-        self.rotated_at = now
+        self.cur = {}
+        self.rotate_at = index + SUBWINDOWS
+
+    def ends(self, index: int) -> float:
+        """When sub-window ``index``'s requests leave the count (it is then 11 sub-windows old)."""
+        return self.origin + (index + SLOTS) * self.granule
 
     def __len__(self) -> int:
         return len(self.cur) + len(self.prev)
 
 
 class MemoryLimiter:
-    """GCRA in process memory. ``hit`` never awaits, so each decision is atomic."""
+    """Sliding window of sub-window counters in process memory (see the module docstring).
+    ``hit`` never awaits, so each decision is atomic."""
 
     name = "memory"
 
@@ -82,26 +127,50 @@ class MemoryLimiter:
         now = self.clock()
         b = self._buckets.get(bucket)
         if b is None or b.limit != limit or b.window != window_seconds:
-            b = self._buckets[bucket] = _Bucket(limit, window_seconds, now)  # new or reconfigured
-        elif now - b.rotated_at >= b.window:
-            b.rotate(now)
-        key = client_group(client)
-        tat = b.cur.get(key)
-        if tat is None:
-            tat = b.prev.pop(key, None)
-            if tat is None and self.tracked() >= self.max_clients:
-                self._make_room()
-        interval, window = b.interval, b.window
-        start = now if tat is None or tat < now else tat
-        new_tat = start + interval
-        if new_tat - now > window + interval * _EPS:
-            if tat is not None:
-                b.cur[key] = tat
-            retry = start + interval - window - now
-            return RateDecision(False, limit, 0, max(retry, 0.0))
-        b.cur[key] = new_tat
-        remaining = int((window - (new_tat - now)) / interval + _EPS)
-        return RateDecision(True, limit, max(0, min(limit, remaining)), new_tat - now)
+            b = self._buckets[bucket] = _Bucket(limit, window_seconds, now, carried_from=b)  # new or reconfigured
+        index = int((now - b.origin) * b.per_second)  # the current sub-window's number
+        if index >= b.rotate_at:
+            b.rotate(index)
+        # client_group's own fast path, inlined: most clients are IPv4 and not loopback
+        key = client if ":" not in client and not client.startswith("127.") else client_group(client)
+        cur = b.cur
+        state = cur.get(key)
+        if state is None:
+            state = b.prev.pop(key, None)
+            if state is None:
+                if self.tracked() >= self.max_clients:
+                    self._make_room()
+                    cur = b.cur
+                state = index << b.index_shift
+        counters = state & b.counters_mask
+        age = index - (state >> b.index_shift)
+        if age:
+            if age > 0:  # later sub-window: shift the counters up; those 11 or more old fall out
+                counters = (counters << (age * b.bits)) & b.counters_mask if age < SLOTS else 0
+            else:  # the clock went back (a test clock): stay in the newer sub-window
+                index -= age
+            state = (index << b.index_shift) | counters
+        used = ((counters * b.summer) >> b.sum_shift) & b.mask
+        if used >= limit:
+            cur[key] = state
+            return RateDecision(False, limit, 0, self._retry_after(b, index, counters, used) - now)
+        cur[key] = state + 1  # the current sub-window's counter is the low field: no carry, it is < limit
+        return RateDecision(True, limit, limit - used - 1, b.origin + (index + SLOTS) * b.granule - now)
+
+    @staticmethod
+    def _retry_after(b: _Bucket, index: int, counters: int, used: int) -> float:
+        """When enough of the oldest counted requests have left for one more to pass.
+
+        Field j of ``counters * summer`` is the number of requests in slots 0..j (the newest
+        j + 1 sub-windows). Once slot s and every older one have left the count, field s - 1
+        is what remains: walk from the oldest slot in use towards the newest until that is
+        below the limit (usually the first step: a burst sits in one or two sub-windows)."""
+        prefix = counters * b.summer
+        bits, mask, limit = b.bits, b.mask, b.limit
+        slot = (counters.bit_length() - 1) // bits  # the oldest sub-window with a count in it
+        while slot > 0 and (prefix >> ((slot - 1) * bits)) & mask >= limit:
+            slot -= 1
+        return b.ends(index - slot)
 
     def _make_room(self) -> None:
         """Drop the oldest generation of the biggest bucket (see the module docstring)."""

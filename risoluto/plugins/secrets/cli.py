@@ -2,7 +2,8 @@
 
 Values and keys are read from stdin when it is not a terminal (one trailing newline is
 dropped: ``echo`` adds it), else from a hidden prompt (asked twice for a new master key);
-never from argv, where ``ps`` and shell history would show them. The store is opened
+never from argv, where ``ps`` and shell history would show them. A new master key from stdin
+is its first line; a second line, if any, must repeat it (the prompt's confirmation, piped). The store is opened
 exactly as the server opens it (``service.open_store``), and every change is announced
 through ``risoluto_secret_changed`` (audit) with principal ``cli:<user>``.
 """
@@ -23,7 +24,7 @@ from risoluto.hookspecs.cli import CliCommand
 from risoluto.hookspecs.secrets import AuditUnavailable, SecretEvent, SecretStoreError, StorageFull, WrongMasterKey
 
 from .api import MAX_VALUE_BYTES, check_name, check_value
-from .master_key import commit_new_key, key_path, stage_new_key
+from .master_key import commit_new_key, key_path, key_problem, stage_new_key
 from .service import OpenedStore, announce, audited, build_store, open_store
 
 
@@ -56,7 +57,9 @@ def _run(args: Any) -> int:
 
 async def _main(args: Any) -> int:
     action = args.secrets_action
-    opened = await open_store(args.settings, args.kernel.hooks)  # StartupError -> exit 2 in risoluto.cli
+    # rotate-key may start from a key with a control character (the way out of one); nothing else may
+    opened = await open_store(args.settings, args.kernel.hooks,  # StartupError -> exit 2 in risoluto.cli
+                              allow_unprintable_key=action == "rotate-key")
     if opened is None:
         raise CliError(f"secrets are locked: {args.kernel.secrets_locked_reason}")
     try:
@@ -81,6 +84,26 @@ def read_input(prompt: str, confirm: bool = False) -> str:
     if value.endswith("\r\n"):
         return value[:-2]
     return value[:-1] if value.endswith("\n") else value
+
+
+def read_new_master_key() -> str:
+    """The new master key: a prompt asked twice, or stdin's first line, whose optional second
+    line must repeat it. More lines, a mismatch or a control character: refused (CliError)."""
+    if sys.stdin.isatty():
+        line = read_input("New master key: ", confirm=True)
+    else:
+        lines = read_input("").replace("\r\n", "\n").split("\n")
+        if len(lines) > 2:
+            raise CliError(f"stdin holds {len(lines)} lines; give the new master key on the first line and, "
+                           "optionally, the same key again on the second. Nothing was changed.")
+        if len(lines) == 2 and lines[1].strip() != lines[0].strip():
+            raise CliError("the second line of stdin does not repeat the new master key on the first; "
+                           "nothing was changed")
+        line = lines[0]
+    problem = key_problem(line)
+    if problem:
+        raise CliError(f"the new master key {problem}; nothing was changed")
+    return line.strip()
 
 
 def _principal() -> str:
@@ -145,7 +168,7 @@ async def _delete(args: Any, opened: OpenedStore) -> int:
 
 async def _rotate(args: Any, opened: OpenedStore) -> int:
     settings, mk, store = args.settings, opened.master_key, opened.store
-    new_key = read_input("New master key: ", confirm=True).strip()
+    new_key = read_new_master_key()
     if not new_key:
         raise CliError("the new master key is empty; nothing was changed")
     if new_key == mk.value:

@@ -4,6 +4,8 @@
 regular file with no group/other permission bits (like ssh with a private key): a key
 file others can read protects nothing, so such a file is a startup error, not a warning.
 Surrounding whitespace (the newline ``echo`` adds) is stripped, as it is for the variable.
+A key is one line of printable text: one holding a line break or another control character is
+refused (``key_problem``), because a key the operator cannot type back is a locked store.
 
 Rotation of a key that lives in ``master.key`` is crash-safe in three steps: the new key
 is written to ``master.key.new`` (durably) BEFORE any data is re-encrypted; the data is
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,13 +53,35 @@ def pending_path(settings: Settings) -> Path:
     return settings.data_path / PENDING_FILE
 
 
-def resolve_master_key(settings: Settings) -> MasterKey | None:
-    """The configured key, None when there is none (locked mode); StartupError if unusable."""
+def key_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a master key (a sentence fragment), or None. Never shows the value."""
+    for char in value:
+        # Cc: C0/C1 controls (tab, CR, LF, NUL, ESC, DEL, NEL...); Zl/Zp: U+2028, U+2029
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            kind = "a line break" if char in "\n\r\x0b\x0c\x85\u2028\u2029" else "a control character"
+            return f"contains {kind} (U+{ord(char):04X}); a master key is one line of printable text"
+    return None
+
+
+def resolve_master_key(settings: Settings, *, allow_unprintable: bool = False) -> MasterKey | None:
+    """The configured key, None when there is none (locked mode); StartupError if unusable.
+
+    ``allow_unprintable`` is for ``rotate-key`` only: data encrypted under a key with a control
+    character (accepted before this rule) must still be movable to a clean key.
+    """
     if settings.master_key:
-        return MasterKey(settings.master_key, "MASTER_KEY")
-    path = key_path(settings)
-    value = read_key_file(path)
-    return None if value is None else MasterKey(value, str(path), path)
+        mk = MasterKey(settings.master_key, "MASTER_KEY")
+    else:
+        path = key_path(settings)
+        value = read_key_file(path)
+        if value is None:
+            return None
+        mk = MasterKey(value, str(path), path)
+    problem = key_problem(mk.value)
+    if problem and not allow_unprintable:
+        raise StartupError(f"the master key from {mk.source} {problem}. If data was encrypted under it, "
+                           "move it to a new key with: risoluto secrets rotate-key")
+    return mk
 
 
 def read_key_file(path: Path) -> str | None:
@@ -111,7 +136,8 @@ def _key_check(kernel: Kernel) -> CheckResult:
     try:
         mk = resolve_master_key(settings)
     except StartupError as exc:
-        return CheckResult(item=item, status=FAIL, reason=str(exc), fix="fix the key file (mode 0600, non-empty)")
+        return CheckResult(item=item, status=FAIL, reason=str(exc),
+                           fix="fix the key: one line of printable text, in MASTER_KEY or a non-empty 0600 key file")
     if mk is None:
         return CheckResult(
             item=item, status=WARN, reason="no master key: secrets are locked and secret routes answer 503",

@@ -47,9 +47,10 @@ def build_store(settings: Settings, hooks: Hooks, master_key: str) -> SecretStor
     return store
 
 
-async def open_store(settings: Settings, hooks: Hooks) -> OpenedStore | None:
-    """The opened store for the configured key and backend; None without a key."""
-    mk = resolve_master_key(settings)
+async def open_store(settings: Settings, hooks: Hooks, *, allow_unprintable_key: bool = False) -> OpenedStore | None:
+    """The opened store for the configured key and backend; None without a key.
+    ``allow_unprintable_key``: see ``resolve_master_key`` (``rotate-key`` only)."""
+    mk = resolve_master_key(settings, allow_unprintable=allow_unprintable_key)
     if mk is None:
         return None
     store = build_store(settings, hooks, mk.value)
