@@ -130,7 +130,7 @@ class _Exchange:
         request_id = info.request_id if info is not None else self.owner.new_request_id()
         headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())]
         if info is not None:
-            for name, value in info.extra.get("rate_headers") or ():
+            for name, value in info.rate_headers:
                 headers.append((name.lower().encode(), value.encode()))
         if self.scope.get("http_version", "1.1") in ("1.0", "1.1"):
             headers.append((b"connection", b"close"))  # HTTP/2 has no such header
