@@ -25,7 +25,7 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.settings import Settings
 
-from ._shared import IPAddress, in_networks, networks, parse_ip
+from risoluto.http_checks import IPAddress, in_networks, networks, parse_ip
 
 MAX_XFF_ENTRIES = 64  # a longer chain is not a real proxy chain; walk no further
 

@@ -27,8 +27,8 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, CheckResult
 from risoluto.settings import Settings
 
-from ._sessions import session_of
-from ._shared import (
+from risoluto.sessions import session_of
+from risoluto.http_checks import (
     bearer_token, guarded_path, host_is_loopback, is_local_client, matches_any, single_header,
 )
 

@@ -22,9 +22,9 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.cli import CliCommand
 from risoluto.hookspecs.secrets import AuditUnavailable, SecretEvent, SecretStoreError, StorageFull, WrongMasterKey
 
-from .api import MAX_VALUE_BYTES, check_name, check_value
-from .master_key import commit_new_key, key_path, stage_new_key
-from .service import OpenedStore, announce, audited, build_store, open_store
+from ._names import MAX_VALUE_BYTES, check_name, check_value
+from risoluto.keys import commit_new_key, key_path, stage_new_key
+from ._access import OpenedStore, announce, audited, build_store, open_store
 
 
 class CliError(Exception):
