@@ -173,7 +173,7 @@ def run_proxy(port: int, origin_port: int, tmp: str) -> None:
     from risoluto.kernel import Kernel
     from risoluto.plugins.egress._broker_launch import make_broker
     from risoluto.plugins.egress._metrics import metrics_for
-    from risoluto.plugins.egress.allowlist import Allowlist
+    from risoluto.plugins.egress._hosts import Allowlist
     from risoluto.plugins.egress._proxy import Client, EgressProxy
     from risoluto.settings import build_settings
 

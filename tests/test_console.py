@@ -87,7 +87,7 @@ async def test_checklist_shows_a_fail_the_test_caused_with_its_fix_live(loopback
         await expect(page.locator("#checklist-summary")).to_contain_text("0 fail")
         audit_log.mkdir()  # the cause: the audit trail can no longer be appended to
         await expect(item.locator(".badge")).to_have_text("FAIL", timeout=15000)  # no reload: polled
-        await expect(item).to_contain_text(f"{audit_log} is not a writable regular file")
+        await expect(item).to_contain_text(f"{audit_log} is not a regular file")
         await expect(item).to_contain_text("make " + str(audit_log) + " a regular file")
         await expect(page.locator("#checklist-summary")).not_to_contain_text("0 fail")
         # FAIL rows come first

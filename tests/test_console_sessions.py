@@ -12,8 +12,8 @@ from http.cookies import SimpleCookie
 
 import pytest
 
-from risoluto.plugins.http import _sessions
-from risoluto.plugins.http._sessions import COOKIE, MAX_AGE_SECONDS, SessionStore
+from risoluto import sessions as _sessions
+from risoluto.sessions import COOKIE, MAX_AGE_SECONDS, SessionStore
 from risoluto.settings import build_settings
 
 pytestmark = pytest.mark.anyio

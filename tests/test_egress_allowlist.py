@@ -9,7 +9,7 @@ import pytest
 from risoluto.errors import ConfigError
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN
 from risoluto.kernel import Kernel
-from risoluto.plugins.egress.allowlist import Allowlist, HostError, normalise_host, parse_entry
+from risoluto.plugins.egress._hosts import Allowlist, HostError, normalise_host, parse_entry
 from risoluto.settings import build_settings
 
 

@@ -32,7 +32,7 @@ from risoluto.plugins.egress._audit import EgressAudit, audit_for
 from risoluto.plugins.egress._broker import Broker, SandboxState
 from risoluto.plugins.egress._broker_launch import make_broker
 from risoluto.plugins.egress._metrics import metrics_for
-from risoluto.plugins.egress.allowlist import Allowlist
+from risoluto.plugins.egress._hosts import Allowlist
 from risoluto.plugins.egress._proxy import Client, EgressProxy
 from risoluto.settings import build_settings
 

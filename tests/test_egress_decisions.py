@@ -29,7 +29,7 @@ from risoluto.kernel import Kernel
 from risoluto.plugins.egress._approvals import approvals_for, issue_hosts_for
 from risoluto.plugins.egress._audit import LOG_NAME, Decision, EgressAudit, audit_for
 from risoluto.plugins.egress._metrics import metrics_for
-from risoluto.plugins.egress.allowlist import Allowlist
+from risoluto.plugins.egress._hosts import Allowlist
 from risoluto.plugins.egress._proxy import Client, EgressProxy
 from risoluto.settings import EgressAuditConfig
 from risoluto.testing import running_app

@@ -21,7 +21,7 @@ from risoluto.errors import ApiError, ConfigError, StartupError
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN
 from risoluto.hookspecs.sandbox import ContainerSpec, LaunchRequest
 from risoluto.kernel import Kernel
-from risoluto.plugins.egress.host_firewall import CHAIN
+from risoluto.plugins.egress._firewall import CHAIN
 from risoluto.plugins.egress.network import NETWORK, DockerEgressEnforcer
 from risoluto.plugins.sandbox._launcher import attach_egress
 from risoluto.settings import build_settings
@@ -220,7 +220,7 @@ def test_embedded_dns_leak_check(tmp_path, docker_engine):  # noqa: F811
 
 def test_firewall_and_namespace_tools_get_no_server_secrets(tmp_path, monkeypatch):
     # iptables, nft and ip need a PATH, not MASTER_KEY or the tokens the server runs with
-    from risoluto.plugins.egress import _probe_targets, host_firewall
+    from risoluto.plugins.egress import _firewall, _probe_targets
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -231,7 +231,7 @@ def test_firewall_and_namespace_tools_get_no_server_secrets(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
     monkeypatch.setenv("MASTER_KEY", "master-key-value-1234")
     monkeypatch.setenv("RISOLUTO_WRITE_TOKEN", "write-token-value-1234")
-    host_firewall._run("iptables", "-S", check=False)
+    _firewall._run("iptables", "-S", check=False)
     _probe_targets._ip("link", "show")
     for tool in ("iptables", "ip"):
         seen = (tmp_path / f"{tool}.env").read_text()

@@ -25,7 +25,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.egress import EgressVerdict
 from risoluto.kernel import Kernel
 from risoluto.plugins.egress._metrics import metrics_for
-from risoluto.plugins.egress.allowlist import Allowlist
+from risoluto.plugins.egress._hosts import Allowlist
 from risoluto.plugins.egress._proxy import Client, EgressProxy
 from risoluto.settings import build_settings
 

@@ -22,7 +22,7 @@ from risoluto.kernel import Kernel
 from risoluto.plugins.egress import _relay
 from risoluto.plugins.egress._audit import audit_for
 from risoluto.plugins.egress._metrics import metrics_for
-from risoluto.plugins.egress.allowlist import Allowlist
+from risoluto.plugins.egress._hosts import Allowlist
 from risoluto.plugins.egress._proxy import Client, EgressProxy
 from risoluto.settings import build_settings
 

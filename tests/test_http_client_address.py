@@ -4,7 +4,7 @@ import pytest
 from werkzeug.datastructures import Headers
 
 from http_support import EchoPlugin
-from risoluto.plugins.http._shared import host_is_loopback, origin_is_loopback, tokens_equal
+from risoluto.http_checks import host_is_loopback, origin_is_loopback, tokens_equal
 from risoluto.plugins.http.client_address import decide
 
 pytestmark = pytest.mark.anyio

@@ -81,3 +81,27 @@ async def test_runtime_lists_what_runs_and_no_private_module(risoluto_client):
     names = [p["name"] for p in (await (await client.get("/api/v1/runtime")).get_json())["plugins"]]
     assert set(DEFAULT_PLUGINS) <= set(names)
     assert not [n for n in names if n.startswith("_") or "._" in n]
+
+
+def test_no_plugin_module_imports_another_plugin_module():
+    """Shared code lives in private helpers or kernel libraries, so disabling a plugin never
+    leaves it half-loaded through another plugin's import (what `plugins.disable` promises)."""
+    import ast
+    from pathlib import Path
+
+    public = {f"risoluto.plugins.{name}" for name in DEFAULT_PLUGINS}
+    found = []
+    root = Path(plugins_root.__path__[0])
+    for path in sorted(root.rglob("*.py")):
+        module = "risoluto.plugins." + ".".join(path.relative_to(root).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = module.split(".")[: -node.level] if node.level else []
+                name = ".".join(base + ([node.module] if node.module else []))
+                targets = {name, *(f"{name}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                targets = {alias.name for alias in node.names}
+            else:
+                continue
+            found += [f"{module} imports {t}" for t in sorted(targets & public) if t != module]
+    assert found == []

@@ -20,6 +20,7 @@ from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretStoreError
 from risoluto.crypto import Verified, assess, derive_key, key_check
 from risoluto.settings import Settings
+from risoluto.keys import key_for_check
 
 from .store import DEFAULT_DSN, HAS_AAD, READ_META, TABLES, PostgresStore, redact_dsn
 
@@ -90,7 +91,6 @@ def _private_transport(dsn: str) -> bool:
 def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     if kernel.settings.secrets.backend != BACKEND:
         return []
-    from risoluto.plugins.secrets.master_key import key_for_check
 
     key, report = key_for_check(kernel.settings, ITEM)
     if key is None:

@@ -10,7 +10,6 @@ from its end, at most ``MAX_TAIL_BYTES``, so a large log costs what the answer n
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,13 @@ from risoluto.errors import ApiError
 from risoluto.hookspecs import hookimpl
 from risoluto.openapi import api
 
+from ._tail import tail_lines
+
 LOGS = {
     "write": ("write-audit.log", ("at", "method", "path", "status", "remote", "principal", "request_id")),
     "secrets": ("secrets.audit.log", ("at", "operation", "key", "principal", "remote", "backend")),
 }
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
-MAX_TAIL_BYTES = 4 * 1024 * 1024
-_CHUNK = 64 * 1024
 _STR = {"type": "string"}
 AUDIT = {
     "type": "object", "required": ["log", "items"], "additionalProperties": False,
@@ -38,28 +37,6 @@ AUDIT = {
     },
 }
 _ERROR = {"$ref": "#/components/schemas/Error"}
-
-
-def tail_lines(path: Path, count: int, max_bytes: int = MAX_TAIL_BYTES) -> list[bytes]:
-    """The last ``count`` complete lines of ``path``, newest first (reads at most ``max_bytes``)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return []
-    with os.fdopen(fd, "rb") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        pos, buf, lines = end, b"", list[bytes]()
-        while pos > 0 and len(lines) < count and end - pos < max_bytes:
-            step = min(_CHUNK, pos)
-            pos -= step
-            fh.seek(pos)
-            buf = fh.read(step) + buf
-            parts = buf.split(b"\n")
-            buf = parts[0]  # maybe a partial line: completed by the next chunk
-            lines.extend(reversed([p for p in parts[1:] if p.strip()]))
-        if pos == 0 and buf.strip() and len(lines) < count:
-            lines.append(buf)
-    return lines[:count]
 
 
 def _entries(path: Path, fields: tuple[str, ...], limit: int) -> list[dict[str, Any]]:

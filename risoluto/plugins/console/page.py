@@ -1,7 +1,8 @@
 """``GET /``: the operator console, its assets, and the sign-in that gives a browser a session.
 
-The page is guarded like ``/api/*`` (the read guard's own decision, ``read_guard.reader``):
-free on loopback, else a console session or a bearer token. A browser without either gets
+The page is guarded like ``/api/*``: the loaded guards (``risoluto_request_authorize``, so a
+replacement read guard guards the page too) are asked about a read of ``/api/v1/hardening`` by
+the same client: free on loopback, else a console session or a bearer token. A browser without either gets
 the sign-in form (401), nothing else. Sign-in takes the read or the write token in a POST
 form field (never the URL), sets an HttpOnly, SameSite=Strict cookie (Secure over TLS) and
 redirects to ``/``; the token itself is never written into a page, a URL or storage.
@@ -16,18 +17,18 @@ import html
 import importlib.resources
 from typing import Any
 
+import attrs
 from quart import Blueprint, Response, g, request
 
 from risoluto.errors import ApiError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.ratelimit import RateRule
 from risoluto.openapi import api
-from risoluto.plugins.http import read_guard
-from risoluto.plugins.http._sessions import (
+from risoluto.sessions import (
     COOKIE, MAX_AGE_SECONDS, WRITE, cookie_value, request_scheme, same_origin, served_over_tls, session_of,
     store_of, token_kind,
 )
-from risoluto.plugins.http._shared import is_local_client, single_header
+from risoluto.http_checks import is_local_client, single_header
 
 SIGN_IN = "/console/session"
 SIGN_OUT = "/console/session/end"
@@ -87,6 +88,19 @@ def _writes(info: Any, kernel: Any, principal: str) -> str:
     return "yes" if principal == "loopback" and is_local_client(info) else "no"
 
 
+# The page shows what the read API shows: it is guarded as a read of this route.
+GUARDED_AS = "/api/v1/hardening"
+
+
+def reader(kernel: Any, info: Any) -> str | None:
+    """Who may read (the principal the guards give a read of GUARDED_AS), or None."""
+    probe = attrs.evolve(info, method="GET", path=GUARDED_AS, route=GUARDED_AS, norm_path=GUARDED_AS,
+                         principal="", refused="", admitted=False)
+    if kernel.hooks.request_authorize(probe, kernel.settings) is not None:
+        return None
+    return probe.principal or "loopback"
+
+
 def blueprint(kernel: Any) -> Blueprint:
     bp = Blueprint("risoluto_console", __name__)
     pages = Pages()
@@ -96,8 +110,8 @@ def blueprint(kernel: Any) -> Blueprint:
     @api("The operator console (HTML); without access, the sign-in form (401)", tags=("console",),
          responses={200: None, 401: None})
     async def console() -> Any:
-        who = read_guard.reader(kernel, g.info, kernel.settings)
-        if not isinstance(who, str):
+        who = reader(kernel, g.info)
+        if who is None:
             return pages.sign_in_page("", 401)
         return pages.console_page(who, _writes(g.info, kernel, who))
 

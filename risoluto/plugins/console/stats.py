@@ -28,7 +28,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.auth import RequestInfo
 from risoluto.openapi import api
 
-from .audit_api import tail_lines
+from ._tail import tail_lines
 
 MINUTES = 60
 EGRESS_LOG = "egress-audit.log"

@@ -32,7 +32,7 @@ from risoluto.errors import ConfigError
 from risoluto.fsutil import atomic_write
 from risoluto.hookspecs.egress import EgressApproval
 
-from .allowlist import Allowlist, IPAddress, parse_entry
+from ._hosts import Allowlist, IPAddress, parse_entry
 
 if TYPE_CHECKING:
     from ._metrics import EgressMetrics

@@ -43,7 +43,7 @@ from ._sandbox_ca import SandboxCA
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel
 
-    from .allowlist import IPAddress
+    from ._hosts import IPAddress
 
 log = logging.getLogger("risoluto.egress")
 

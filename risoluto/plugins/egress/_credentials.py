@@ -20,7 +20,7 @@ import attrs
 from risoluto.errors import ConfigError
 from risoluto.settings import CredentialConfig, Settings
 
-from .allowlist import Allowlist, HostError, IPAddress, Rule, normalise_host, split_host_port
+from ._hosts import Allowlist, HostError, IPAddress, Rule, normalise_host, split_host_port
 
 PREFIX = "risoluto-placeholder-"
 PLACEHOLDER = re.compile(r"risoluto-placeholder-([A-Za-z0-9_.:-]{1,256})-([0-9a-f]{32})(?![0-9a-f])")
@@ -101,7 +101,7 @@ def parse(entries: Iterable[CredentialConfig], allowlist: Allowlist | None = Non
 
 
 def _host_rule(where: str, text: str) -> Rule:
-    from .allowlist import parse_entry
+    from ._hosts import parse_entry
 
     try:
         rule = parse_entry(text)

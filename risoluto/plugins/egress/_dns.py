@@ -18,7 +18,7 @@ import anyio
 
 from risoluto.errors import ConfigError
 
-from .allowlist import HostError, IPAddress, normalise_host, split_host_port
+from ._hosts import HostError, IPAddress, normalise_host, split_host_port
 
 A, AAAA, CNAME = 1, 28, 5
 

@@ -11,7 +11,7 @@ import re
 
 import attrs
 
-from .allowlist import HostError, split_host_port
+from ._hosts import HostError, split_host_port
 
 MAX_HEAD = 16 * 1024
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")

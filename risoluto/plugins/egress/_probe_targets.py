@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 import anyio
 import attrs
 
-from .host_firewall import tool_env
+from ._firewall import tool_env
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel

@@ -38,8 +38,8 @@ from ._http import upstream_head
 from ._metrics import EgressMetrics
 from ._refusals import refusal_text
 from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection, pump, relay_body
+from ._hosts import Allowlist, HostError, IPAddress, Match, normalise_host, parse_entry
 from ._rules import EgressRules, rule_path
-from .allowlist import Allowlist, HostError, IPAddress, Match, normalise_host, parse_entry
 
 log = logging.getLogger("risoluto.egress")
 

@@ -22,7 +22,7 @@ import attrs
 
 from risoluto.errors import ConfigError
 
-from .allowlist import IPAddress, Rule, parse_entry
+from ._hosts import IPAddress, Rule, parse_entry
 
 if TYPE_CHECKING:
     from risoluto.settings import EgressConfig, EgressRuleConfig

@@ -33,7 +33,7 @@ from risoluto.requests import json_object
 
 from ._approvals import ANSWERS, approvals_for, issue_entry, issue_hosts_for
 from ._audit import LOG_NAME, STATE_KEY, RING_SIZE, Decision, audit_for
-from .allowlist import parse_entry
+from ._hosts import parse_entry
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel

@@ -15,7 +15,7 @@ from risoluto.errors import ConfigError, StartupError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 
-from .allowlist import Allowlist
+from ._hosts import Allowlist
 
 if TYPE_CHECKING:
     from risoluto.hookspecs.egress import EgressEnforcer

@@ -32,8 +32,8 @@ from ._approvals import approvals_for, issue_hosts_for
 from ._audit import audit_for
 from ._broker_launch import attach_broker, make_broker
 from ._metrics import metrics_for
-from .allowlist import Allowlist
-from .host_firewall import HostFirewall, can_manage
+from ._hosts import Allowlist
+from ._firewall import HostFirewall, can_manage
 from ._proxy import Client, EgressProxy
 
 if TYPE_CHECKING:

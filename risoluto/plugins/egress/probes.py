@@ -25,7 +25,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult, Probe
 
 from ._probe_targets import Targets, make_context
-from .allowlist import Allowlist, normalise_host
+from ._hosts import Allowlist, normalise_host
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel

@@ -28,7 +28,7 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.settings import Settings
 
-from ._shared import IPAddress, in_networks, is_loopback, networks, parse_ip
+from risoluto.http_checks import IPAddress, in_networks, is_loopback, networks, parse_ip
 
 MAX_XFF_ENTRIES = 64  # a longer chain is not a real proxy chain; walk no further
 LOOPBACK_CLIENT = "127.0.0.1"  # the one name of every loopback address

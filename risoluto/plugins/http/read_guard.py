@@ -13,7 +13,7 @@ Choices where the SPEC is silent (docs/http-security.md):
 - A loopback read whose ``Host`` is not a loopback name is a DNS-rebinding page reading
   the API: it needs the bearer token like a remote read.
 - A console session cookie (signed in with the read or the write token, see
-  ``_sessions``) counts as that token: principal ``session``.
+  ``risoluto.sessions``) counts as that token: principal ``session``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, CheckResult
 from risoluto.settings import Settings
 
-from ._sessions import session_of
-from ._shared import (
+from risoluto.sessions import session_of
+from risoluto.http_checks import (
     bearer_token, guarded_path, host_is_loopback, is_local_client, matches_any, single_header,
 )
 

@@ -34,8 +34,8 @@ from risoluto.hookspecs.auth import RequestInfo
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.settings import Settings
 
-from ._sessions import WRITE, request_scheme, same_origin, session_of
-from ._shared import (
+from risoluto.sessions import WRITE, request_scheme, same_origin, session_of
+from risoluto.http_checks import (
     bearer_token, host_is_loopback, is_local_client, origin_is_loopback, single_header,
     tokens_equal,
 )

@@ -24,7 +24,7 @@ from ...errors import ApiError, StartupError
 from ...openapi import api
 from ...requests import json_object
 from ._guard import check_spec, refuse
-from .api import close_runtime, install_runtime, remove_leftovers
+from ._runtime_service import close_runtime, install_runtime, remove_leftovers
 from ._naming import LABEL_ISSUE, checked_id, validate_issue, workspace_root
 from ._wire import PREFIX, spec_from_wire, timeout_from_wire
 

@@ -15,7 +15,7 @@ from ...errors import ApiError
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from ._guard import DOCKER_SOCKETS
 from ._wire import PREFIX, SECRET_ENV
-from .remote_runtime import RemoteRuntime
+from ._remote import RemoteRuntime
 
 def docker_access(environ: Mapping[str, str]) -> list[str]:
     """Ways this process could reach a Docker engine (empty: none found)."""
@@ -44,7 +44,7 @@ def _remote_items(kernel: Any) -> list[CheckResult]:
     """Reachability and authentication of the data plane, then the data plane's own items."""
     runtime = RemoteRuntime(kernel.settings, kernel.environ)
     try:
-        base = runtime._base()
+        base = runtime.base_url()
     except ApiError as err:
         return [CheckResult(item=ITEM_LINK, status=FAIL, reason=err.message, fix="set sandbox.dataPlaneUrl")]
     secret = _doctor_secret(kernel)
@@ -56,9 +56,9 @@ def _remote_items(kernel: Any) -> list[CheckResult]:
     try:
         with httpx.Client(trust_env=False, timeout=limit, headers=headers) as client:
             ping = client.get(base + PREFIX + "/ping")
-            RemoteRuntime._answer(ping, base, ())
+            RemoteRuntime.parse_answer(ping, base, ())
             hardening = client.get(base + PREFIX + "/hardening", timeout=max(limit, 30.0))
-            items = RemoteRuntime._answer(hardening, base, ()).get("items") or []
+            items = RemoteRuntime.parse_answer(hardening, base, ()).get("items") or []
     except ApiError as err:
         return [CheckResult(item=ITEM_LINK, status=FAIL, reason=err.message, fix="start the data plane; same secret")]
     except httpx.HTTPError as exc:

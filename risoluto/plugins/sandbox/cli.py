@@ -54,7 +54,7 @@ def _fail(err: ApiError) -> int:
 
 async def _run(args: Any) -> int:
     from ...app import create_app, kernel_of
-    from .api import SKIP_CLEANUP
+    from ._runtime_service import SKIP_CLEANUP
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     body: dict[str, Any] = {"issue": args.issue, "command": cmd, "secrets": args.secret}

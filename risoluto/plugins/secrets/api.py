@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from quart import Blueprint, g
@@ -32,13 +31,12 @@ from risoluto.openapi import api
 from risoluto.requests import json_object
 from risoluto.shielded import to_the_end
 
-from .service import audited
+from ._access import audited
+from ._names import check_name, check_value
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel
 
-NAME = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
-MAX_VALUE_BYTES = 64 * 1024
 log = logging.getLogger("risoluto.secrets")
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _KEYS = {
@@ -48,26 +46,6 @@ _KEYS = {
 # Other members of the body are ignored, so they are not forbidden here either.
 _VALUE = {"type": "object", "required": ["value"],
           "properties": {"value": {"type": "string", "minLength": 1, "description": "at most 64 KiB of UTF-8"}}}
-
-
-def check_name(name: Any) -> str:
-    """The name, or ValueError with a sentence that does not repeat it."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ValueError("Secret names are 1-256 characters from A-Z a-z 0-9 _ . : -")
-    return name
-
-
-def check_value(value: Any) -> str:
-    """The value, or ValueError with a sentence that never contains it."""
-    if not isinstance(value, str) or not value:
-        raise ValueError('The body must be {"value": "<non-empty string>"}.')
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes
-        raise ValueError("The value must be valid Unicode text.") from None
-    if size > MAX_VALUE_BYTES:
-        raise ValueError("The value is larger than 64 KiB.")
-    return value
 
 
 def _checked_name(key: str) -> None:

@@ -23,9 +23,10 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.cli import CliCommand
 from risoluto.hookspecs.secrets import AuditUnavailable, SecretEvent, SecretStoreError, StorageFull, WrongMasterKey
 
-from .api import MAX_VALUE_BYTES, check_name, check_value
-from .master_key import commit_new_key, key_path, key_problem, stage_new_key
-from .service import OpenedStore, announce, audited, build_store, open_store
+from risoluto.keys import commit_new_key, key_path, key_problem, stage_new_key
+
+from ._access import OpenedStore, announce, audited, build_store, open_store
+from ._names import MAX_VALUE_BYTES, check_name, check_value
 
 
 class CliError(Exception):

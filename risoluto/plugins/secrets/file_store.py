@@ -25,6 +25,7 @@ from risoluto.hookspecs.doctor import FAIL, PASS, CheckResult
 from risoluto.hookspecs.secrets import SecretStoreError, WrongMasterKey
 
 from risoluto.crypto import DecryptError, FormatError, decode_envelope, derive_key, encode_envelope
+from risoluto.keys import key_for_check
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel
@@ -194,7 +195,6 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     settings = kernel.settings
     if settings.secrets.backend != "file":
         return []
-    from .master_key import key_for_check  # the one place that knows where keys live
 
     item = "credential encryption: store"
     key, report = key_for_check(settings, item)

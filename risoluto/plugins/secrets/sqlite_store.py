@@ -27,7 +27,7 @@ from risoluto.fsutil import ensure_private_dir, ensure_private_file
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.secrets import SecretIntegrityError, SecretStoreError, StorageFull
-
+from risoluto.keys import key_for_check
 from risoluto.worker_thread import WorkerThread, finished, started
 from risoluto.crypto import (
     DecryptError, FormatError, Sealed, Verified, assess, derive_key, key_check, open_row, open_value, seal_value,
@@ -424,7 +424,6 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     settings = kernel.settings
     if settings.secrets.backend != "sqlite":
         return []
-    from .master_key import key_for_check  # the one place that knows where keys live
 
     item = "credential encryption: store"
     key, report = key_for_check(settings, item)

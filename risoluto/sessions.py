@@ -26,9 +26,8 @@ from typing import Any
 import attrs
 from werkzeug.http import parse_cookie
 
-from risoluto.settings import Settings
-
-from ._shared import single_header, tokens_equal
+from .http_checks import single_header, tokens_equal
+from .settings import Settings
 
 COOKIE = "risoluto_session"
 MAX_AGE_SECONDS = 12 * 3600

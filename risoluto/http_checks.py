@@ -1,6 +1,6 @@
-"""Helpers shared by the http plugins (not a plugin itself: the leading underscore keeps
-the plugin loader away). Address classification, Host/Origin checks and the one
-constant-time bearer comparison every guard uses."""
+"""Request checks shared by the guards and the console (a kernel library, not a plugin): the
+client address, loopback names and origins, single headers, and the constant-time bearer
+comparison every guard uses."""
 
 from __future__ import annotations
 
