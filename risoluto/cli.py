@@ -18,7 +18,7 @@ from .settings import Settings, load_settings
 
 
 def check_bind_safe(settings: Settings) -> None:
-    """SPEC 2.1: never listen beyond loopback without a token."""
+    """Never listen beyond loopback without a token (docs/http-security.md, "Write guard")."""
     s = settings.server
     if not is_loopback_bind(s.bind) and not (s.write_token or s.read_token):
         raise StartupError(

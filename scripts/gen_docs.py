@@ -107,7 +107,7 @@ _PUBLIC = ("/api/v1/runtime", "/api/v1/openapi.json")
 
 
 def _guard(method: str, path: str) -> str:
-    """Who may call it (SPEC 2.1-2.3, 7), as http-security.md and data-plane.md explain."""
+    """Who may call it as http-security.md and data-plane.md explain."""
     if path.startswith("/dp/"):
         return "data-plane secret"
     if path.startswith("/webhooks/"):

@@ -1,4 +1,4 @@
-"""The data-plane role (SPEC 7): ``risoluto serve --data-plane``.
+"""The data-plane role (docs/data-plane.md): ``risoluto serve --data-plane``.
 
 A data plane is the same kernel app with a role. It holds the Docker socket and serves only
 the sandbox runtime operations under ``/dp/v1/`` (routes in ``_dp_routes``) to its control
