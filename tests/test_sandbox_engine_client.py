@@ -194,5 +194,5 @@ async def test_engine_refusals_never_echo_a_masked_value(refusal, risoluto_setti
         raise refusal(f"failed to create task: env GH_TOKEN={value} rejected")
 
     with pytest.raises(ApiError) as info:
-        await runtime._api(call, mask=(value,))
+        await runtime.engine_call(call, mask=(value,))
     assert value not in info.value.message and "***" in info.value.message
