@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings: Settings = args.settings
     if getattr(args, "data_plane", False) or settings.sandbox.role == "data-plane":
-        from .plugins.sandbox.data_plane import data_plane_settings
+        from .roles import data_plane_settings
 
         # role, plugin set and bind: a private address only, and RISOLUTO_DATA_PLANE_SECRET
         settings = data_plane_settings(settings, os.environ)
