@@ -18,7 +18,7 @@ from .settings import Settings, load_settings
 
 
 def check_bind_safe(settings: Settings) -> None:
-    """SPEC 2.1: never listen beyond loopback without a token."""
+    """Never listen beyond loopback without a token (docs/http-security.md, "Write guard")."""
     s = settings.server
     if not is_loopback_bind(s.bind) and not (s.write_token or s.read_token):
         raise StartupError(
@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings: Settings = args.settings
     if getattr(args, "data_plane", False) or settings.sandbox.role == "data-plane":
-        from .plugins.sandbox.data_plane import data_plane_settings
+        from .roles import data_plane_settings
 
         # role, plugin set and bind: a private address only, and RISOLUTO_DATA_PLANE_SECRET
         settings = data_plane_settings(settings, os.environ)

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# SPEC 2.1: 127.0.0.0/8, ::1 and IPv4-mapped loopback.
+# Loopback: 127.0.0.0/8, ::1 and IPv4-mapped loopback (docs/http-security.md).
 LOOPBACK_NETS = tuple(
     ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
 )

@@ -107,7 +107,7 @@ _PUBLIC = ("/api/v1/runtime", "/api/v1/openapi.json")
 
 
 def _guard(method: str, path: str) -> str:
-    """Who may call it (SPEC 2.1-2.3, 7), as http-security.md and data-plane.md explain."""
+    """Who may call it as http-security.md and data-plane.md explain."""
     if path.startswith("/dp/"):
         return "data-plane secret"
     if path.startswith("/webhooks/"):
@@ -175,7 +175,7 @@ def _document(role: str) -> dict[str, typing.Any]:
     """The document of an app with the default plugins only (installed entry-point plugins would
     make the docs vary from machine to machine). The app is built, never started."""
     from risoluto.app import create_app
-    from risoluto.plugins.sandbox.data_plane import data_plane_settings
+    from risoluto.roles import data_plane_settings
     from risoluto.settings import build_settings
 
     with tempfile.TemporaryDirectory(prefix="risoluto-docs-") as data:

@@ -123,6 +123,9 @@ class World:
                 },
             },
             "workspace": {"root": str(self.ws_root)},
+            # the tests poll the API in tight loops (logs, approvals): rate limiting is tested elsewhere,
+            # and the window-exact limiter would otherwise refuse a long test's polls
+            "rateLimit": {"api": {"limit": 100000, "windowSeconds": 60}},
         }
         return deep_merge(base, overrides or {})
 

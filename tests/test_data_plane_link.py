@@ -22,7 +22,7 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.sandbox import ContainerSpec, Mount
 from risoluto.manager import default_plugin_names
 from risoluto.plugins.sandbox._wire import spec_from_wire, spec_to_wire
-from risoluto.plugins.sandbox.data_plane import KEEP
+from risoluto.roles import KEEP
 
 pytestmark = pytest.mark.anyio
 SECRET = "s3cret-" + "7" * 40
@@ -425,7 +425,7 @@ def test_compose_recipe_keeps_the_planes_apart():
 
     import yaml
 
-    from risoluto.plugins.sandbox.data_plane import resolve_bind
+    from risoluto.roles import resolve_bind
     from risoluto.settings import build_settings
 
     folder = ROOT / "contrib" / "compose"

@@ -1,4 +1,4 @@
-"""Allowlist grammar and matching (SPEC 5), and the doctor's egress-mode item."""
+"""Allowlist grammar and matching (docs/egress.md), and the doctor's egress-mode item."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Targets are servers this test runs: HTTP, TLS (throwaway CA) and DNS in a network namespace
 of its own, reached by the host through a veth pair (``egress.allowPrivateNetworks`` lists
 that /30 only), plus a listener on the egress network's gateway standing in for a host
-service. Workers run curl and python3 inside the sandbox; every bypass class of SPEC 5 is
+service. Workers run curl and python3 inside the sandbox; every bypass class of docs/egress.md is
 attempted from inside and must fail, while allowed names work.
 """
 

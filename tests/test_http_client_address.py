@@ -1,4 +1,4 @@
-"""Client address (SPEC 2.1, 2.4): socket peer; X-Forwarded-For only from trusted proxies."""
+"""Client address (docs/http-security.md): socket peer; X-Forwarded-For only from trusted proxies."""
 
 import pytest
 from werkzeug.datastructures import Headers

@@ -1,4 +1,4 @@
-"""GET /metrics (SPEC 8): requests by route and status, guard denials by code, rate-limit
+"""GET /metrics (docs/http-security.md): requests by route and status, guard denials by code, rate-limit
 rejections by bucket, in the Prometheus text format."""
 
 import pytest

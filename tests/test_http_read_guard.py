@@ -1,4 +1,4 @@
-"""Read guard (SPEC 2.2) through the app; the real-socket version is in test_http_real_clients.py."""
+"""Read guard (docs/http-security.md) through the app; the real-socket version is in test_http_real_clients.py."""
 
 import json
 

@@ -21,7 +21,7 @@ CONFIGS = {
 
 
 def expected_write(config, where, bearer):
-    """The published table (SPEC 0/2.1): (status, code) for a write."""
+    """The published table (docs/http-security.md): (status, code) for a write."""
     env = CONFIGS[config]
     if "RISOLUTO_WRITE_TOKEN" in env:
         return (200, None) if bearer == WRITE else (401, "write_unauthorized")
@@ -31,7 +31,7 @@ def expected_write(config, where, bearer):
 
 
 def expected_read(config, where, bearer):
-    """SPEC 2.2 (+ 403 read_forbidden for remote reads when no token exists at all)."""
+    """The read guard (+ 403 read_forbidden for remote reads when no token exists at all)."""
     env = CONFIGS[config]
     tokens = [t for t in env.values()]
     if where == "loopback":

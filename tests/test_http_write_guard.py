@@ -1,4 +1,4 @@
-"""Write guard (SPEC 0, 2.1) through the app: the table, browser defence, bad input,
+"""Write guard (docs/http-security.md) through the app: the table, browser defence, bad input,
 path variants and the write audit log. The same matrix runs against a real server from
 real loopback and non-loopback clients in test_http_real_clients.py."""
 

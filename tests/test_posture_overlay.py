@@ -213,7 +213,9 @@ async def test_a_lower_rate_limit_applies_at_once(risoluto_client, tmp_path):
     assert first.headers["RateLimit-Limit"] == "100"
     assert (await put(client, {"rateLimit": {"api": {"limit": 3, "windowSeconds": 600}}}, True)).status_code == 200
     statuses = [(await client.get("/api/v1/runtime")).status_code for _ in range(4)]
-    assert statuses == [200, 200, 200, 429]
+    # at once, and with the use already made carried over (an overlay never hands out a fresh budget):
+    # the GET before the change counts, so at most 2 of the 3 are left, then 429s
+    assert statuses == sorted(statuses) and 1 <= statuses.count(200) <= 2 and statuses[-1] == 429
 
 
 async def test_may_loosen_lifts_the_rule_and_the_doctor_warns(risoluto_client, risoluto_data_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Rate limiting (SPEC 2.4): exact limits, buckets, clients, headers, recovery, memory bounds."""
+"""Rate limiting (docs/http-security.md): exact limits, buckets, clients, headers, recovery, memory bounds."""
 
 import asyncio
 import bisect

@@ -131,7 +131,8 @@ def _engine_calls(make: str, host: str) -> None:
     from types import SimpleNamespace
 
     from risoluto.plugins.egress import network
-    from risoluto.plugins.sandbox import data_plane, image_check
+    from risoluto import roles
+    from risoluto.plugins.sandbox import image_check
 
     if make == "sandbox runtime":
         client = engine.connect({"DOCKER_HOST": host})
@@ -153,7 +154,7 @@ def _engine_calls(make: str, host: str) -> None:
         assert "not reachable" not in result.reason, result  # the engine was reached
     else:
         with pytest.raises(StartupError, match="no gateway address"):  # the engine was reached
-            data_plane.network_gateway("risoluto-dp", {"DOCKER_HOST": host})
+            roles.network_gateway("risoluto-dp", {"DOCKER_HOST": host})
 
 
 @pytest.mark.parametrize("make", ["sandbox runtime", "egress network", "doctor engine facts", "doctor image check",
@@ -194,5 +195,5 @@ async def test_engine_refusals_never_echo_a_masked_value(refusal, risoluto_setti
         raise refusal(f"failed to create task: env GH_TOKEN={value} rejected")
 
     with pytest.raises(ApiError) as info:
-        await runtime._api(call, mask=(value,))
+        await runtime.engine_call(call, mask=(value,))
     assert value not in info.value.message and "***" in info.value.message

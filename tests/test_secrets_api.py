@@ -1,4 +1,4 @@
-"""The secret routes (SPEC 3.2) from a client's side: locked mode, bad input, audit, metrics, concurrency."""
+"""The secret routes (docs/secrets.md) from a client's side: locked mode, bad input, audit, metrics, concurrency."""
 
 from __future__ import annotations
 

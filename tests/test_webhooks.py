@@ -1,4 +1,4 @@
-"""Webhooks (SPEC 2.3): every error code with real HMACs, rotation, replay window, dedup in
+"""Webhooks (docs/http-security.md): every error code with real HMACs, rotation, replay window, dedup in
 SQLite, hand-off to risoluto_webhook_received, third-party providers."""
 
 import hashlib

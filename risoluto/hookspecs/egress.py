@@ -1,4 +1,4 @@
-"""Egress enforcement for sandboxes with an allowlist (SPEC section 5).
+"""Egress enforcement for sandboxes with an allowlist (docs/egress.md).
 
 When ``codex.sandbox.egressAllowlist`` is non-empty, the kernel asks
 ``risoluto_egress_enforcer`` for an enforcer, starts it with the app (a failing start

@@ -35,7 +35,7 @@ class WebhookProvider(Protocol):
 
     ``name`` must match ``^[a-z0-9][a-z0-9_-]{0,63}$``. ``verify`` gets the exact received
     bytes, the headers and a :data:`SecretReader`; it returns ``(delivery_id, event,
-    payload)`` or raises :class:`~risoluto.errors.ApiError` with the SPEC 2.3 codes, in
+    payload)`` or raises :class:`~risoluto.errors.ApiError` with the codes of docs/http-security.md ("Webhooks"), in
     this order: 503 ``webhook_not_configured``, 401 ``signature_missing``, 401
     ``signature_invalid``, 400 ``invalid_payload``, 401 ``replay_rejected``, 400
     ``delivery_missing``. The kernel then dedups the delivery id in ``webhook_inbox``.

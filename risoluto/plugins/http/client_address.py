@@ -1,9 +1,9 @@
 """Client address: the socket peer, or the right-most untrusted ``X-Forwarded-For`` entry
-when (and only when) the peer is a trusted proxy (SPEC 2.1, 2.4).
+when (and only when) the peer is a trusted proxy (docs/http-security.md).
 
 This one decision feeds the write/read guards, the rate limiter and the logs.
 
-Choices where the SPEC is silent (docs/http-security.md):
+Choices made here (docs/http-security.md):
 - A request whose peer is a trusted proxy is always ``via_proxy=True``, even without an
   ``X-Forwarded-For`` header: we cannot tell a relayed request from the proxy's own, and a
   relayed request must never count as loopback.

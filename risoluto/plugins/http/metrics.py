@@ -1,10 +1,10 @@
-"""``GET /metrics`` (SPEC 8): the kernel's Prometheus registry in the text format, plus the
+"""``GET /metrics`` (docs/http-security.md, "Metrics"): the kernel's Prometheus registry in the text format, plus the
 HTTP series: requests by route and status, guard denials by code, rate-limit rejections
 by bucket. Other plugins register their own series in ``kernel.metrics_registry``.
 
 The route label is the matched rule (``/api/v1/secrets/<key>``) or ``<unmatched>``: raw
 paths would let any client create unbounded label values. ``/metrics`` is read-guarded
-(SPEC 2.2) and rate-limited in the ``api`` bucket like ``/api/*``.
+(docs/http-security.md) and rate-limited in the ``api`` bucket like ``/api/*``.
 """
 
 from __future__ import annotations

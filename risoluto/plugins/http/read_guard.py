@@ -1,4 +1,4 @@
-"""Read guard (SPEC 2.2): reads of ``/api/*`` and ``/metrics`` from other machines need a
+"""Read guard (docs/http-security.md): reads of ``/api/*`` and ``/metrics`` from other machines need a
 bearer token (read or write token), else 401 ``read_unauthorized``.
 
 Public: the matched routes ``/api/v1/runtime`` and ``/api/v1/openapi.json`` only. The
@@ -6,7 +6,7 @@ path judged is the matched rule, or the normalised path of an unmatched request,
 ``/API/v1/secrets``, ``/api//v1/secrets``, ``/metrics/`` ... are guarded like the real
 route. Tokens are read from the ``Authorization`` header only, never the query string.
 
-Choices where the SPEC is silent (docs/http-security.md):
+Choices made here (docs/http-security.md):
 - Guarded methods are the safe ones (GET, HEAD, OPTIONS); writes belong to the write guard.
 - A non-loopback read while NO token is configured at all (e.g. through a trusted proxy
   with no token) is refused with 403 ``read_forbidden``: there is nothing it could send.

@@ -1,4 +1,4 @@
-"""Write guard (SPEC 0 "Write guard", 2.1): the published four-row table, plus the
+"""Write guard (docs/http-security.md, "Write guard"): the published four-row table, plus the
 browser defence for token-less loopback writes and the write audit log.
 
 | request                                          | answer                         |
@@ -59,7 +59,7 @@ def _forbidden(message: str) -> ApiError:
 
 
 def _browser_refusal(info: RequestInfo) -> ApiError | None:
-    """DNS rebinding / CSRF defence for token-less loopback writes (SPEC 2.1)."""
+    """DNS rebinding / CSRF defence for token-less loopback writes (docs/http-security.md)."""
     origins, origin = single_header(info.headers, "Origin")
     if origins > 1 or (origins == 1 and not origin_is_loopback(origin)):
         return _forbidden("Writes from a web page that is not served from this machine are refused.")
@@ -127,7 +127,7 @@ def _now() -> str:
 
 @hookimpl
 def risoluto_request_completed(kernel: Any, info: RequestInfo, status: int) -> None:
-    """Audit every mutating request that passed the guard (SPEC 2.1), whatever its outcome."""
+    """Audit every mutating request that passed the guard (docs/http-security.md), whatever its outcome."""
     if not info.admitted or info.refused:  # refused by a guard called after us
         return
     entry = {

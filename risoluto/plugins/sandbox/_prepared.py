@@ -135,7 +135,7 @@ class PreparedVolumes:
 
     async def _intact(self, name: str, digest: str) -> bool:
         try:
-            vol = await self._rt._api(lambda c: c.inspect_volume(name))
+            vol = await self._rt.engine_call(lambda c: c.inspect_volume(name))
         except Exception:
             vol = {}
         if (vol.get("Labels") or {}).get(LABEL_PREPARED) == digest:
@@ -192,21 +192,21 @@ class PreparedVolumes:
         carrier_name = f"risoluto-carrier-{self._rt.instance[:12]}-{secrets.token_hex(6)}"
         carrier = ""
         try:
-            await self._rt._api(lambda c: c.create_volume(name, labels=labels))
+            await self._rt.engine_call(lambda c: c.create_volume(name, labels=labels))
             mounts = [{"Type": "volume", "Source": name, "Target": CARRIER_PATH, "ReadOnly": False,
                        "VolumeOptions": {"NoCopy": True}}]
             carrier = carrier_name
-            carrier = (await self._rt._api(lambda c: c.create_container(
+            carrier = (await self._rt.engine_call(lambda c: c.create_container(
                 slot.image, command=["true"], network_disabled=True, name=carrier_name,
                 labels={LABEL_MANAGED: "true", LABEL_CARRIER: self._rt.instance},
                 host_config={"Mounts": mounts, "NetworkMode": "none"})))["Id"]
             files = {CARRIER_PATH + rel: data for rel, data in slot.files.items()}
             files[CARRIER_PATH + "/"] = b""  # the volume root: 0700, the container user's
             archive = engine.build_archive("/", files, slot.uid, slot.gid)
-            await self._rt._api(lambda c: c.put_archive(carrier, "/", archive))
+            await self._rt.engine_call(lambda c: c.put_archive(carrier, "/", archive))
             # a carrier left holding the volume would keep it from being removed after use;
             # v: the anonymous volumes of an image that declares VOLUME go with it
-            await self._rt._api(lambda c: c.remove_container(carrier, force=True, v=True))
+            await self._rt.engine_call(lambda c: c.remove_container(carrier, force=True, v=True))
         except BaseException:
             await self._discard(name, carrier)
             raise

@@ -37,7 +37,8 @@ from ...errors import ApiError
 from ...hookspecs.sandbox import ContainerSpec, SandboxEvent
 from ._guard import redact
 from ._naming import checked_id
-from ._wire import PREFIX, SECRET_ENV, header_safe, spec_to_wire
+from ...roles import SECRET_ENV, header_safe
+from ._wire import PREFIX, spec_to_wire
 
 log = logging.getLogger("risoluto.sandbox.remote")
 POLL_S = 20.0  # long-poll length of wait and events; the read timeout adds the call timeout to it

@@ -14,7 +14,8 @@ import httpx
 from ...errors import ApiError
 from ...hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from ._guard import DOCKER_SOCKETS
-from ._wire import PREFIX, SECRET_ENV
+from ...roles import SECRET_ENV
+from ._wire import PREFIX
 from ._remote import RemoteRuntime
 
 def docker_access(environ: Mapping[str, str]) -> list[str]:

@@ -21,18 +21,11 @@ from ...settings import MAX_TIMEOUT_S
 from ._naming import SANDBOX_ID, valid_image_ref
 
 PREFIX = "/dp/v1"
-SECRET_ENV = "RISOLUTO_DATA_PLANE_SECRET"
 _MOUNT_FIELDS = {"target": str, "source": str, "type": str, "read_only": bool, "tmpfs_size": int, "labels": dict}
 _LISTS = ("command", "cap_drop", "cap_add", "security_opt")
 _STRINGS = ("name", "image", "user", "runtime", "network", "working_dir")
 _MAPS = ("env", "labels")
 _FIELDS = {*_LISTS, *_STRINGS, *_MAPS, "mounts", "files", "read_only_rootfs", "host_config", "policy"}
-
-
-def header_safe(secret: str) -> bool:
-    """The shared secret is sent as a header value every client sends the same way:
-    printable ASCII, no spaces."""
-    return all(33 <= ord(c) <= 126 for c in secret)
 
 
 def spec_to_wire(spec: ContainerSpec) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The sandbox HTTP API (SPEC section 4) and the service that selects the runtime.
+"""The sandbox HTTP API (docs/sandbox.md) and its service (``_runtime_service``).
 
 ``POST /api/v1/sandboxes`` answers 201 once the container has started; the wait for its
 exit, the stop at ``timeout_s`` and the removal run in the background. ``"wait": true``

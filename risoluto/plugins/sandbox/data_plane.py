@@ -1,4 +1,4 @@
-"""The data-plane role (SPEC 7): ``risoluto serve --data-plane``.
+"""The data-plane role (docs/data-plane.md): ``risoluto serve --data-plane``.
 
 A data plane is the same kernel app with a role. It holds the Docker socket and serves only
 the sandbox runtime operations under ``/dp/v1/`` (routes in ``_dp_routes``) to its control
@@ -21,105 +21,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any
 
-import attrs
 
-from ... import docker_transport
 from ...errors import ApiError, StartupError
+from ...roles import HINT, KEEP, MIN_SECRET, ROLE, SECRET_ENV, check_secret, header_safe, resolve_bind
 from ...fsutil import append_line
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult
 from ...hookspecs.ratelimit import RateRule
 from ._dp_routes import STATE, DataPlaneService, blueprint
-from ._wire import PREFIX, SECRET_ENV, header_safe
+from ._wire import PREFIX
 
 log = logging.getLogger("risoluto.data_plane")
-ROLE = "data-plane"
-NAME = "sandbox.data_plane"
-KEEP = frozenset({"http.client_address", "http.rate_limit", "http.metrics", "sandbox.docker_runtime",
-                  "sandbox.image_check", NAME})
-PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
-MIN_SECRET = 32
-MIN_BODY = 16 * 1024 * 1024  # a spec carries files (auth.json) and env: more than the public 1 MiB
 _SERVED = (PREFIX + "/", "/metrics")
-_HINT = ("set RISOLUTO_BIND to an address of the private worker network: the gateway of risoluto-internal "
-         "(RISOLUTO_BIND=docker:risoluto-internal) or another address in 10/8, 172.16/12, 192.168/16 or fc00::/7")
-
-
-# --- starting the role (called by ``risoluto serve --data-plane``) ---------------------------
-def data_plane_settings(settings: Any, environ: Mapping[str, str]) -> Any:
-    """The settings of a data plane: role, plugin set, body limit; StartupError when unsafe."""
-    from ...manager import default_plugin_names
-
-    sandbox = settings.sandbox
-    if sandbox.runtime != "docker":
-        raise StartupError("a data plane runs sandboxes itself: sandbox.runtime must be docker, "
-                           f"not {sandbox.runtime!r}")
-    if set(settings.plugins.disable) & {NAME, "sandbox.docker_runtime"}:
-        raise StartupError("plugins.disable names sandbox.data_plane or sandbox.docker_runtime, "
-                           "which a data plane needs")
-    check_secret(environ)
-    bind = resolve_bind(settings.server.bind, environ)
-    disable = sorted(set(settings.plugins.disable) | (set(default_plugin_names()) - KEEP))
-    server = attrs.evolve(settings.server, bind=bind, max_body_bytes=max(settings.server.max_body_bytes, MIN_BODY))
-    return attrs.evolve(settings, server=server, sandbox=attrs.evolve(sandbox, role=ROLE),
-                        plugins=attrs.evolve(settings.plugins, disable=disable))
-
-
-def check_secret(environ: Mapping[str, str]) -> str:
-    secret = (environ.get(SECRET_ENV) or "").strip()
-    if len(secret) < MIN_SECRET or not header_safe(secret):
-        what = "is not set" if not secret else f"is shorter than {MIN_SECRET} characters" \
-            if len(secret) < MIN_SECRET else "has characters other than printable ASCII"
-        raise StartupError(f"refusing to start the data plane: {SECRET_ENV} {what}; set it to the same random "
-                           f"value (32+ characters, e.g. `openssl rand -hex 32`) on both planes")
-    return secret
-
-
-def resolve_bind(bind: str, environ: Mapping[str, str]) -> str:
-    """The address to listen on; ``docker:<network>`` means that Docker network's gateway."""
-    if bind.startswith("docker:"):
-        bind = network_gateway(bind.split(":", 1)[1], environ)
-    try:
-        ip = ipaddress.ip_address(bind.split("%", 1)[0])
-    except ValueError:
-        raise StartupError(f"refusing to bind the data plane to {bind!r}: not an IP address; {_HINT}") from None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_unspecified:
-        why = "every interface (0.0.0.0 / ::)"
-    elif ip.is_loopback:
-        why = "loopback (every local process, and nothing the control plane's container can reach)"
-    elif not any(ip.version == net.version and ip in net for net in PRIVATE_NETS):
-        why = "an address outside the private ranges"
-    else:
-        return str(ip)
-    raise StartupError(f"refusing to bind the data plane to {bind}: {why}; {_HINT}")
-
-
-def network_gateway(name: str, environ: Mapping[str, str]) -> str:
-    import docker
-
-    try:
-        client = docker_transport.from_env(environ, timeout=5).api
-        try:
-            configs = (client.inspect_network(name).get("IPAM") or {}).get("Config") or []
-        finally:
-            client.close()
-    except docker.errors.NotFound:
-        raise StartupError(f"RISOLUTO_BIND=docker:{name}: no Docker network {name!r}; create it "
-                           f"(docker network create {name}) or name an address") from None
-    except Exception as exc:
-        raise StartupError(f"RISOLUTO_BIND=docker:{name}: Docker is not reachable ({type(exc).__name__})") from None
-    for conf in configs:
-        if conf.get("Gateway"):
-            return str(conf["Gateway"])
-    raise StartupError(f"RISOLUTO_BIND=docker:{name}: the network has no gateway address")
 
 
 # --- the guard: every request needs the secret ------------------------------------------
@@ -220,7 +138,7 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
         bind = resolve_bind(settings.server.bind, kernel.environ)
         out.append(CheckResult(item="data plane bind", status=PASS, reason=f"listens on {bind} (a private network)"))
     except StartupError as exc:
-        out.append(CheckResult(item="data plane bind", status=FAIL, reason=str(exc), fix=_HINT))
+        out.append(CheckResult(item="data plane bind", status=FAIL, reason=str(exc), fix=HINT))
     loaded = sorted({p.name for p in kernel.plugins if p.source == "default"} - KEEP)
     out.append(CheckResult(
         item="data plane plugins", status=FAIL if loaded else PASS,

@@ -152,7 +152,7 @@ class DockerRuntime:
             self._calls = EnginePool("risoluto-engine", self.settings.codex.sandbox.max_concurrent * 3 + 8)
         return self._calls
 
-    async def _api(self, call: Callable[..., Any], limiter: Any = None,
+    async def engine_call(self, call: Callable[..., Any], limiter: Any = None,
                    mask: tuple[str, ...] = (), abandon: bool = True, slack: float = 0.0) -> Any:
         """Run one SDK call in a worker thread. Engine errors become ApiErrors: 404 ->
         :class:`NotFound`, other refusals -> 502 (``mask``ed values never echoed), no engine or
@@ -217,7 +217,7 @@ class DockerRuntime:
         await self._prepared.settled()
 
     async def check(self) -> None:
-        await self._api(lambda c: c.ping())
+        await self.engine_call(lambda c: c.ping())
 
     async def _engine_info(self) -> dict[str, Any]:
         if time.monotonic() - self._info[0] <= INFO_TTL_S:
@@ -225,7 +225,7 @@ class DockerRuntime:
         async with self._info_lock:  # one fetch for a burst of launches, not one each
             at, info = self._info
             if time.monotonic() - at > INFO_TTL_S:
-                info = await self._api(lambda c: c.info())
+                info = await self.engine_call(lambda c: c.info())
                 self._info = (time.monotonic(), info)
             return info
 
@@ -266,7 +266,7 @@ class DockerRuntime:
             uid, gid = engine.parse_user(spec.user)
             for root, files in engine.put_groups(spec).items():
                 archive = engine.build_archive(root, files, uid, gid)
-                await self._api(lambda c, r=root, a=archive: c.put_archive(cid, r, a))
+                await self.engine_call(lambda c, r=root, a=archive: c.put_archive(cid, r, a))
             await self._start(cid, spec.network, tuple(spec.env.values()))
         except BaseException as exc:
             self._forget_engine_answers()
@@ -300,14 +300,14 @@ class DockerRuntime:
             return c.create_container(**kwargs)["Id"]
 
         try:
-            return await self._api(create, mask=tuple(spec.env.values()))
+            return await self.engine_call(create, mask=tuple(spec.env.values()))
         except NotFound:
             # The image or network may have gone since it was last seen: look again (uncached),
             # so a vanished image is a plain image_not_found (never pulled) and a removed
             # network is re-created, as without the cache; then try once more.
             self._forget_engine_answers()
             await gather(self._check_image(spec.image), self._ensure_network(spec.network))
-            return await self._api(create, mask=tuple(spec.env.values()))
+            return await self.engine_call(create, mask=tuple(spec.env.values()))
 
     def _forget_engine_answers(self) -> None:
         """Look images and networks up again at the next launch (after any failure)."""
@@ -316,20 +316,20 @@ class DockerRuntime:
 
     async def _start(self, cid: str, network: str, mask: tuple[str, ...]) -> None:
         try:
-            await self._api(lambda c: c.start(cid), mask=mask)
+            await self.engine_call(lambda c: c.start(cid), mask=mask)
         except NotFound:
             # The engine resolves the network at start: if the cached one was removed, re-create it once.
             if network not in self._networks_ok:
                 raise
             self._networks_ok.discard(network)
             await self._ensure_network(network)
-            await self._api(lambda c: c.start(cid), mask=mask)
+            await self.engine_call(lambda c: c.start(cid), mask=mask)
 
     async def _check_image(self, image: str) -> None:
         if time.monotonic() - self._images_seen.get(image, -INFO_TTL_S) < INFO_TTL_S:
             return  # create_container never pulls: a vanished image still fails the launch
         try:
-            await self._api(lambda c: c.inspect_image(image))
+            await self.engine_call(lambda c: c.inspect_image(image))
             self._images_seen[image] = time.monotonic()
         except NotFound:
             raise ApiError(400, "image_not_found", f"image {image!r} is not on the Docker engine; build "
@@ -342,7 +342,7 @@ class DockerRuntime:
             if name in self._networks_ok:
                 return
             try:
-                await self._api(lambda c: c.inspect_network(name))
+                await self.engine_call(lambda c: c.inspect_network(name))
                 self._networks_ok.add(name)
                 return
             except NotFound:
@@ -352,7 +352,7 @@ class DockerRuntime:
             labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: self.instance}
             # A plain bridge with inter-container traffic off: sandboxes cannot reach each other.
             options = {"com.docker.network.bridge.enable_icc": "false"}
-            await self._api(lambda c: c.create_network(name, driver="bridge", labels=labels, options=options,
+            await self.engine_call(lambda c: c.create_network(name, driver="bridge", labels=labels, options=options,
                                                        check_duplicate=True))
             self._networks_ok.add(name)
             log.info("created sandbox network %s", name)
@@ -371,7 +371,7 @@ class DockerRuntime:
             per_attempt = m.labels.get(LABEL_SCOPE) == SCOPE_ATTEMPT
             if not per_attempt:
                 try:
-                    vol = await self._api(lambda c, name=m.source: c.inspect_volume(name))
+                    vol = await self.engine_call(lambda c, name=m.source: c.inspect_volume(name))
                     device = (vol.get("Options") or {}).get("device")
                     if device and exposed(device, self.settings, self._environ):
                         raise ApiError(403, "sandbox_policy_violation",
@@ -381,7 +381,7 @@ class DockerRuntime:
                     pass
             if per_attempt:
                 attempt.append(m.source)
-            await self._api(lambda c, name=m.source, lb=labels: c.create_volume(name, labels=lb))
+            await self.engine_call(lambda c, name=m.source, lb=labels: c.create_volume(name, labels=lb))
 
     def _launch_error(self, exc: BaseException, spec: ContainerSpec) -> BaseException:
         if isinstance(exc, NotFound):
@@ -438,7 +438,7 @@ class DockerRuntime:
         else:
             call = lambda c: c.remove_volume(ref, force=True)  # noqa: E731
         try:
-            await self._api(call)
+            await self.engine_call(call)
         except NotFound:
             pass
 
@@ -474,19 +474,19 @@ class DockerRuntime:
         if rec.stop_requested:  # DELETE arrived while the launch was still in progress
             await self._stop(rec.id)
         with anyio.move_on_after(timeout_s) as scope:
-            await self._api(lambda c: c.wait(rec.id), limiter=self._waits)
+            await self.engine_call(lambda c: c.wait(rec.id), limiter=self._waits)
         if scope.cancelled_caught:
             rec.timed_out, rec.reason = True, "timeout"
             await self._stop(rec.id)
-        info, (output, cut) = await gather(self._api(lambda c: c.inspect_container(rec.id)),
-                                           self._api(lambda c: _tail(c, rec.id)))
+        info, (output, cut) = await gather(self.engine_call(lambda c: c.inspect_container(rec.id)),
+                                           self.engine_call(lambda c: _tail(c, rec.id)))
         rec.exit_code, rec.oom_killed = info["State"].get("ExitCode"), bool(info["State"].get("OOMKilled"))
         rec.set_logs(output, cut)
         rec.status = "timed_out" if rec.timed_out else "stopped" if rec.stop_requested else "exited"
 
     async def _stop(self, cid: str, grace: int | None = None) -> None:
         grace = grace or max(1, int(self.settings.codex.sandbox.stop_grace_s))
-        await self._api(lambda c: c.stop(cid, timeout=grace), slack=grace)  # the engine waits out the grace
+        await self.engine_call(lambda c: c.stop(cid, timeout=grace), slack=grace)  # the engine waits out the grace
 
     async def _finish(self, rec: Record, spec: ContainerSpec, volumes: list[str], engine_down: bool) -> None:
         rec.finished_at = _now()
@@ -542,7 +542,7 @@ class DockerRuntime:
     async def _foreign(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
         """Containers of this instance this process did not launch (e.g. from the CLI)."""
         filters = {"label": [f"{LABEL_INSTANCE}={self.instance}"]}
-        rows = await self._api(lambda c: c.containers(all=True, filters=filters))
+        rows = await self.engine_call(lambda c: c.containers(all=True, filters=filters))
         out = [docker_record(row) for row in rows if row["Id"] not in self._records]
         if sandbox_id is not None:
             out = [r for r in out if sandbox_id in (r["id"], r["name"])
@@ -567,7 +567,7 @@ class DockerRuntime:
             return rec.logs.decode("utf-8", "replace")
         cid = rec.id if rec is not None else (await self.inspect(sandbox_id))["id"]
         try:
-            data = (await self._api(lambda c: _tail(c, cid)))[0]
+            data = (await self.engine_call(lambda c: _tail(c, cid)))[0]
         except NotFound:
             data = rec.logs if rec is not None else b""
         except ApiError as err:
@@ -614,7 +614,7 @@ class DockerRuntime:
         if self._follows is None:
             self._follows = anyio.CapacityLimiter(MAX_LOG_FOLLOWERS)
         # not abandoned: the follower's thread keeps its token until the read has really ended
-        task = asyncio.get_running_loop().create_task(self._api(pump, limiter=self._follows, abandon=False))
+        task = asyncio.get_running_loop().create_task(self.engine_call(pump, limiter=self._follows, abandon=False))
         streamed = 0
         try:
             async with receive:
@@ -649,11 +649,11 @@ class DockerRuntime:
             return rec.public()
         target = await self.inspect(sandbox_id)
         # named attempt volumes are not removed with the container (anonymous ones are)
-        info = await self._api(lambda c: c.inspect_container(target["id"]))
+        info = await self.engine_call(lambda c: c.inspect_container(target["id"]))
         prefix = attempt_volume_prefix(self.instance)
         volumes = [m["Name"] for m in info.get("Mounts") or []
                    if m.get("Type") == "volume" and str(m.get("Name", "")).startswith(prefix)]
-        await self._api(lambda c: c.remove_container(target["id"], force=True, v=True))
+        await self.engine_call(lambda c: c.remove_container(target["id"], force=True, v=True))
         pending = not await self._removal.remove([("volume", n) for n in volumes])
         return {**target, "status": "removed", "removed": True, "removal": "pending" if pending else "done"}
 
@@ -675,9 +675,9 @@ class DockerRuntime:
 
     async def _leftovers(self, before: float | None) -> Items:
         mine = f"{LABEL_INSTANCE}={self.instance}"
-        rows = await self._api(lambda c: c.containers(all=True, filters={"label": [mine]}))
-        rows += await self._api(lambda c: c.containers(all=True, filters={"label": [f"{LABEL_CARRIER}={self.instance}"]}))
-        vols = (await self._api(lambda c: c.volumes()) or {}).get("Volumes") or []
+        rows = await self.engine_call(lambda c: c.containers(all=True, filters={"label": [mine]}))
+        rows += await self.engine_call(lambda c: c.containers(all=True, filters={"label": [f"{LABEL_CARRIER}={self.instance}"]}))
+        vols = (await self.engine_call(lambda c: c.volumes()) or {}).get("Volumes") or []
         prefix = attempt_volume_prefix(self.instance)
         items: Items = []
         for row in rows:

@@ -1,4 +1,4 @@
-"""Secret routes (SPEC 3.2, compat): list names, set, delete. Values are never returned.
+"""Secret routes (docs/secrets.md; the original's API): list names, set, delete. Values are never returned.
 
 ``GET /api/v1/secrets`` -> ``{"keys": [sorted]}``; ``POST``/``PUT /api/v1/secrets/<key>``
 with ``{"value": "<non-empty string>"}`` -> 204; ``DELETE`` -> 204 or 404

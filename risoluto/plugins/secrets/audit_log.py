@@ -1,4 +1,4 @@
-"""``secrets.audit.log``: one NDJSON line per secret change (SPEC 3.1, compat + extra fields).
+"""``secrets.audit.log``: one NDJSON line per secret change (docs/secrets.md; the original's format plus fields).
 
 ``{"at", "operation", "key", "principal", "remote", "backend"}``: never a value (the event
 does not carry one). Written as hook implementations, so the stores stay unaware of it

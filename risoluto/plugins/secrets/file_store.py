@@ -1,4 +1,4 @@
-"""``file`` secret backend: ``<DATA_DIR>/secrets.enc``, the original envelope (SPEC 3.1).
+"""``file`` secret backend: ``<DATA_DIR>/secrets.enc``, the original envelope (docs/secrets.md).
 
 The whole map is one encrypted JSON object, so every mutation rewrites the file: temp
 file, fsync, rename, fsync of the directory (``fsutil.atomic_write``). Mutations hold an

@@ -1,4 +1,4 @@
-"""``sqlite`` secret backend: table ``encrypted_secrets`` in ``<DATA_DIR>/risoluto.db`` (SPEC 3.1).
+"""``sqlite`` secret backend: table ``encrypted_secrets`` in ``<DATA_DIR>/risoluto.db`` (docs/secrets.md).
 
 One row per secret with its own IV and tag; the key name is GCM associated data (column
 ``aad`` = 1), so a row copied under another name fails. Rows written by the original

@@ -1,4 +1,4 @@
-"""The ``webhook_inbox`` table in ``<DATA_DIR>/risoluto.db`` (SPEC 2.3).
+"""The ``webhook_inbox`` table in ``<DATA_DIR>/risoluto.db`` (docs/http-security.md, "Webhooks").
 
 One row per verified delivery, unique per (provider, delivery id) and also per
 (provider, SHA-256 of the body): the delivery-id headers are not signed, so a captured

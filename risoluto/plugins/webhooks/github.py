@@ -1,4 +1,4 @@
-"""GitHub webhooks (SPEC 2.3): ``POST /webhooks/github``.
+"""GitHub webhooks (docs/http-security.md, "Webhooks"): ``POST /webhooks/github``.
 
 ``X-Hub-Signature-256: sha256=<hex>`` is the HMAC-SHA256 of the exact body under
 ``GITHUB_WEBHOOK_SECRET`` (or ``GITHUB_WEBHOOK_SECRET_PREVIOUS``); ``X-GitHub-Event`` is

@@ -1,4 +1,4 @@
-"""Webhook receiver (SPEC 2.3): ``POST /webhooks/<provider>`` for every provider that the
+"""Webhook receiver (docs/http-security.md, "Webhooks"): ``POST /webhooks/<provider>`` for every provider that the
 ``risoluto_webhook_providers`` hook contributes (linear and github built in).
 
 Per request: the provider verifies the exact body with secrets read from the secret

@@ -1,4 +1,4 @@
-"""Linear webhooks (SPEC 2.3): ``POST /webhooks/linear``.
+"""Linear webhooks (docs/http-security.md, "Webhooks"): ``POST /webhooks/linear``.
 
 ``Linear-Signature`` is the lowercase hex HMAC-SHA256 of the exact body under
 ``LINEAR_WEBHOOK_SECRET`` (or ``LINEAR_WEBHOOK_SECRET_PREVIOUS`` during a rotation);
