@@ -6,6 +6,7 @@ address on a dummy interface the Docker tests create). Nothing here ever dials o
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -246,3 +247,16 @@ async def serve_origin(tg: TaskGroup, sock: socket.socket, label: str, tls: ssl.
 
     tg.start_soon(serve)
     return origin
+
+
+async def exchange(port: int, raw: bytes, source: str = "127.0.0.1", timeout: float = 15) -> bytes:
+    """Send ``raw`` to the proxy on loopback and read until it closes."""
+    with anyio.fail_after(timeout):
+        stream = await anyio.connect_tcp("127.0.0.1", port, local_host=source)
+        async with stream:
+            await stream.send(raw)
+            out = b""
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    out += await stream.receive()
+            return out

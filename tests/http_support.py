@@ -170,19 +170,23 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 class NetNS:
     """A network namespace joined to the host by a veth pair; run clients inside it."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag: str = "http", host_ip: str = HOST_IP, ns_ip: str = NS_IP) -> None:
+        """``tag`` and the /30 of ``host_ip``/``ns_ip`` are this user's own: tests that may run at the
+        same time use different ones."""
         suffix = os.getpid() % 100000
-        self.name = f"rsl-http-{suffix}"
-        self.host_if, self.ns_if = f"rsh{suffix}", f"rsn{suffix}"
+        self.prefix = f"rsl-{tag}-"
+        self.name = f"{self.prefix}{suffix}"
+        self.host_if, self.ns_if = f"r{tag[:2]}h{suffix}", f"r{tag[:2]}n{suffix}"
+        self.host_ip, self.ns_ip = host_ip, ns_ip
 
     def create(self) -> NetNS:
         self._remove_stale()
         _ip("netns", "add", self.name)
         _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
         _ip("link", "set", self.ns_if, "netns", self.name)
-        _ip("addr", "add", f"{HOST_IP}/30", "dev", self.host_if)
+        _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
         _ip("link", "set", self.host_if, "up")
-        self.exec_ip("addr", "add", f"{NS_IP}/30", "dev", self.ns_if)
+        self.exec_ip("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
         self.exec_ip("link", "set", self.ns_if, "up")
         self.exec_ip("link", "set", "lo", "up")
         return self
@@ -192,11 +196,11 @@ class NetNS:
 
     def _remove_stale(self) -> None:
         # a crashed earlier run may have left our test address on some interface
-        out = _ip("-o", "addr", "show", "to", f"{HOST_IP}/32", check=False).stdout
+        out = _ip("-o", "addr", "show", "to", f"{self.host_ip}/32", check=False).stdout
         for line in out.splitlines():
             _ip("link", "del", line.split()[1].split("@")[0], check=False)
         for line in _ip("netns", "list", check=False).stdout.splitlines():
-            if line.startswith("rsl-http-"):
+            if line.startswith(self.prefix):
                 _ip("netns", "del", line.split()[0], check=False)
 
     def remove(self) -> None:

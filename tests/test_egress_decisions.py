@@ -22,7 +22,7 @@ import anyio
 import attrs
 import pytest
 
-from egress_support import CA, start_origin
+from egress_support import CA, exchange, start_origin
 from risoluto.app import kernel_of
 from risoluto.hookspecs import hookimpl
 from risoluto.kernel import Kernel
@@ -114,17 +114,6 @@ async def env_for(tmp_path, egress: dict[str, Any] | None = None) -> AsyncIterat
 def auth(user: str = "sbx-a") -> str:
     return "Proxy-Authorization: Basic " + base64.b64encode(f"{user}:{SECRET}".encode()).decode() + "\r\n"
 
-
-async def exchange(port: int, raw: bytes, source: str = "127.0.0.1", timeout: float = 15) -> bytes:
-    with anyio.fail_after(timeout):
-        stream = await anyio.connect_tcp("127.0.0.1", port, local_host=source)
-        async with stream:
-            await stream.send(raw)
-            out = b""
-            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                while True:
-                    out += await stream.receive()
-            return out
 
 
 async def get(env: Env, url: str, user: str = "sbx-a", method: str = "GET", **kw: Any) -> bytes:

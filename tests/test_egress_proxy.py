@@ -20,7 +20,7 @@ import attrs
 import pytest
 from anyio.streams.tls import TLSStream
 
-from egress_support import CA, DnsServer, start_origin
+from egress_support import CA, DnsServer, exchange, start_origin
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.egress import EgressVerdict
 from risoluto.kernel import Kernel
@@ -129,18 +129,6 @@ async def proxy_env(tmp_path, egress: dict[str, Any] | None = None) -> AsyncIter
 def auth(user: str = "sbx-a", secret: str = SECRET_A) -> str:
     return "Proxy-Authorization: Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode() + "\r\n"
 
-
-async def exchange(port: int, raw: bytes, source: str = "127.0.0.1", timeout: float = 10) -> bytes:
-    """Send ``raw`` to the proxy and read until it closes."""
-    with anyio.fail_after(timeout):
-        stream = await anyio.connect_tcp("127.0.0.1", port, local_host=source)
-        async with stream:
-            await stream.send(raw)
-            out = b""
-            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                while True:
-                    out += await stream.receive()
-            return out
 
 
 def status_of(response: bytes) -> tuple[int, str]:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from http_support import NetNS, _ip, free_port, netns_available
+from http_support import NetNS, free_port, netns_available
 from serve_util import RISOLUTO, operator_env, spawn, stop, wait_answering
 
 WRITE = "w-" + "o" * 40
@@ -28,35 +28,10 @@ READ = "r-" + "o" * 40
 HOST_IP, NS_IP = "10.231.78.1", "10.231.78.2"
 
 
-class OverlayNetNS(NetNS):
-    def __init__(self) -> None:
-        suffix = os.getpid() % 100000
-        self.name = f"rsl-ovl-{suffix}"
-        self.host_if, self.ns_if = f"rsoh{suffix}", f"rson{suffix}"
-
-    def create(self) -> OverlayNetNS:
-        self._remove_stale()
-        _ip("netns", "add", self.name)
-        _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-        _ip("link", "set", self.ns_if, "netns", self.name)
-        _ip("addr", "add", f"{HOST_IP}/30", "dev", self.host_if)
-        _ip("link", "set", self.host_if, "up")
-        self.exec_ip("addr", "add", f"{NS_IP}/30", "dev", self.ns_if)
-        self.exec_ip("link", "set", self.ns_if, "up")
-        self.exec_ip("link", "set", "lo", "up")
-        return self
-
-    def _remove_stale(self) -> None:
-        out = _ip("-o", "addr", "show", "to", f"{HOST_IP}/32", check=False).stdout
-        for line in out.splitlines():
-            _ip("link", "del", line.split()[1].split("@")[0], check=False)
-        _ip("netns", "del", self.name, check=False)
-
-
 @pytest.fixture(scope="module")
-def netns() -> Iterator[OverlayNetNS]:
+def netns() -> Iterator[NetNS]:
     netns_available()
-    ns = OverlayNetNS().create()
+    ns = NetNS("ovl", HOST_IP, NS_IP).create()
     try:
         yield ns
     finally:
