@@ -257,7 +257,7 @@ class FakeEngine:
         self.volumes: dict[str, dict] = {}
         self.containers: set[str] = set()
 
-    async def _api(self, call):
+    async def engine_call(self, call):
         return call(self)
 
     async def remove_objects(self, items):
