@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 
@@ -65,3 +65,19 @@ def wrk(url: str, seconds: int = 5, connections: int = 32, threads: int = 1) -> 
 
 
 PY = sys.executable
+
+
+def wait_port(port: int, proc: Any, what: str, timeout: float = 30.0) -> None:
+    """Until ``port`` on loopback accepts a connection; SystemExit if ``proc`` (a Popen or a
+    multiprocessing Process) exits first or ``timeout`` passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
+            if not alive:
+                raise SystemExit(f"{what} exited before listening") from None
+            time.sleep(0.05)
+    raise SystemExit(f"{what} did not listen on {port}")

@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from _servers import free_port  # bench/ is on sys.path when run as a script
+from _servers import free_port, wait_port  # bench/ is on sys.path when run as a script
 
 CRED_HOST, TUNNEL_HOST = "127.0.0.1", "127.0.0.2"
 SECRET = "bench-proxy-secret-" + "z" * 16
@@ -278,20 +278,6 @@ class Session:
 
     def close(self) -> None:
         self.tls.close()
-
-
-def wait_port(port: int, proc: mp.Process | subprocess.Popen, what: str) -> None:
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
-            if not alive:
-                raise SystemExit(f"{what} exited before listening") from None
-            time.sleep(0.05)
-    raise SystemExit(f"{what} did not listen on {port}")
 
 
 def keepalive_latency(makers: dict[str, callable], n: int) -> dict[str, list[float]]:

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _servers import free_port  # bench/ is on sys.path when run as a script
+from _servers import free_port, wait_port  # bench/ is on sys.path when run as a script
 
 HOST = "127.0.0.1"
 SECRET = "bench-secret-" + "z" * 16
@@ -158,20 +158,6 @@ def latency(paths: dict[str, tuple[tuple[str, int], str]], origin_port: int, n: 
     return times
 
 
-def wait_port(port: int, proc: mp.Process | subprocess.Popen, what: str) -> None:
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            socket.create_connection((HOST, port), timeout=0.2).close()
-            return
-        except OSError:
-            alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
-            if not alive:
-                raise SystemExit(f"{what} exited before listening") from None
-            time.sleep(0.05)
-    raise SystemExit(f"{what} did not listen on {port}")
-
-
 def start_tinyproxy(tmp: Path, origin_port: int) -> tuple[subprocess.Popen, int]:
     binary = shutil.which("tinyproxy")
     if binary is None:
@@ -184,7 +170,7 @@ def start_tinyproxy(tmp: Path, origin_port: int) -> tuple[subprocess.Popen, int]
         f"ConnectPort {origin_port}\n"
     )
     proc = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc, "tinyproxy")
+    wait_port(port, proc, "tinyproxy", timeout=15)
     return proc, port
 
 
@@ -207,15 +193,15 @@ def main() -> int:
         origin_port, proxy_port, quiet_port = free_port(), free_port(), free_port()
         origin = ctx.Process(target=run_origin, args=(origin_port, str(blob)), daemon=True)
         origin.start()
-        wait_port(origin_port, origin, "origin")
+        wait_port(origin_port, origin, "origin", timeout=15)
         (tmp / "audited").mkdir()
         (tmp / "quiet").mkdir()
         proxy = ctx.Process(target=run_proxy, args=(proxy_port, origin_port, str(tmp / "audited")), daemon=True)
         proxy.start()
         quiet = ctx.Process(target=run_proxy, args=(quiet_port, origin_port, str(tmp / "quiet"), False), daemon=True)
         quiet.start()
-        wait_port(proxy_port, proxy, "risoluto proxy")
-        wait_port(quiet_port, quiet, "risoluto proxy (no audit)")
+        wait_port(proxy_port, proxy, "risoluto proxy", timeout=15)
+        wait_port(quiet_port, quiet, "risoluto proxy (no audit)", timeout=15)
         tiny, tiny_port = start_tinyproxy(tmp, origin_port)
         try:
             paths = {
