@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from quart import Blueprint, g
@@ -231,3 +231,14 @@ def netns_available() -> None:
     """Skip when we cannot create namespaces and this is not CI (in CI: fail instead)."""
     if os.geteuid() != 0 and not os.environ.get("CI"):
         pytest.skip("network namespace tests need root (set CI=true to make this a failure)")
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[NetNS]:
+    """A namespace with the default tag and addresses for one test module, removed afterwards."""
+    netns_available()
+    ns = NetNS().create()
+    try:
+        yield ns
+    finally:
+        ns.remove()

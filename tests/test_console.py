@@ -27,7 +27,7 @@ import pytest
 
 from console_support import Bodies, PageServer, Served, chromium, chromium_in_netns, csrf_form
 from docker_util import TEST_IMAGE, docker_engine, sandbox_world  # noqa: F401
-from http_support import HOST_IP, NetNS, netns_available
+from http_support import HOST_IP, netns  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.anyio
 
@@ -196,16 +196,6 @@ async def test_a_cross_origin_form_post_to_the_loopback_console_is_refused(loopb
 
 
 # --- from afar: a browser inside a network namespace ------------------------------------------
-
-@pytest.fixture(scope="module")
-def netns():
-    netns_available()
-    ns = NetNS().create()
-    try:
-        yield ns
-    finally:
-        ns.remove()
-
 
 @pytest.fixture(scope="module")
 def remote_console(netns, tmp_path_factory):

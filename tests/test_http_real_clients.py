@@ -7,7 +7,7 @@ import socket
 import httpx
 import pytest
 
-from http_support import HOST_IP, NS_IP, WRITE_METHODS, EchoPlugin, NetNS, ServerThread, netns_available
+from http_support import HOST_IP, NS_IP, WRITE_METHODS, EchoPlugin, ServerThread, netns  # noqa: F401 (netns: a fixture)
 
 WRITE = "w-" + "k" * 40
 READ = "r-" + "q" * 40
@@ -39,16 +39,6 @@ def expected_read(config, where, bearer):
     if not tokens:
         return (403, "read_forbidden")
     return (200, None) if bearer in tokens else (401, "read_unauthorized")
-
-
-@pytest.fixture(scope="module")
-def netns():
-    netns_available()
-    ns = NetNS().create()
-    try:
-        yield ns
-    finally:
-        ns.remove()
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
