@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import os
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -92,16 +91,6 @@ local reset = (current + n + 1) * granule - now
 redis.call('PEXPIRE', KEYS[1], math.ceil(reset / 1000))
 return {1, limit - used - 1, string.format('%.17g', reset)}
 """
-
-
-def redis_url(environ: Any = None) -> str:
-    env = os.environ if environ is None else environ
-    return (env.get("RISOLUTO_REDIS_URL") or "").strip() or DEFAULT_URL
-
-
-def key_prefix(environ: Any = None) -> str:
-    env = os.environ if environ is None else environ
-    return (env.get("RISOLUTO_REDIS_PREFIX") or "").strip() or DEFAULT_PREFIX
 
 
 def redact_url(url: str) -> str:
