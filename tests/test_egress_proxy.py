@@ -45,15 +45,15 @@ def only_this_machine(monkeypatch):
 
     from risoluto.plugins.egress import _proxy as proxy_module
 
-    real, outside = proxy_module.open_connection, []
+    real, outside = proxy_module.connect_sync, []
 
-    async def loopback_only(host: str, port: int) -> Any:
+    def loopback_only(host: str, port: int, timeout: float) -> Any:
         if not ipaddress.ip_address(host).is_loopback:
             outside.append(f"{host}:{port}")
             raise ConnectionRefusedError(f"test refused to dial {host}:{port}, off this machine")
-        return await real(host, port)
+        return real(host, port, timeout)
 
-    monkeypatch.setattr(proxy_module, "open_connection", loopback_only)
+    monkeypatch.setattr(proxy_module, "connect_sync", loopback_only)
     yield
     assert outside == [], f"the proxy tried to connect off this machine: {outside}"
 SECRET_A = "s3cret-a-" + "x" * 20

@@ -1,6 +1,6 @@
-"""The tunnel relay on loopback: byte-exact bulk transfers on the zero-copy paths (splice on the
-event loop, then in a relay thread) and on the portable fallback; byte counts in the audit;
-idle bounds and cancellation reach a relay thread.
+"""The relays on loopback: byte-exact bulk transfers on the zero-copy paths (a tunnel spliced on
+its connection thread; a plain-HTTP answer spliced on the event loop, then in a relay thread) and
+on the portable fallback; byte counts in the audit; idle bounds and a server stop end a tunnel.
 
 The origin is a raw TCP server of this test on 127.0.0.1 sending random bytes; the sandbox's
 allowlist names its port explicitly, so the CONNECT tunnel carries it as is.
@@ -12,6 +12,8 @@ import base64
 import contextlib
 import hashlib
 import os
+import stat
+import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -105,62 +107,92 @@ def thread_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def spliced(monkeypatch):
+    """Bytes moved by splice(2) into a socket (from a pipe), wherever it was called."""
+    moved: list[int] = []
+    real = os.splice
+
+    def counted(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        n = real(src, dst, count, *args, **kwargs)
+        if stat.S_ISSOCK(os.fstat(dst).st_mode):
+            moved.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", counted)
+    return moved
+
+
+async def wait_for_allow(kernel: Kernel) -> Any:
+    with anyio.fail_after(5):
+        while not audit_for(kernel).recent(lambda d: d.verdict == "allow", 1):
+            await anyio.sleep(0.01)
+    return last_line(kernel)
+
+
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
-async def test_a_bulk_tunnel_is_byte_exact_through_the_relay_thread(tmp_path, thread_calls):
+async def test_a_bulk_tunnel_is_byte_exact_through_splice(tmp_path, spliced):
     async with relay_env(tmp_path) as (port, origin_port, kernel, _):
         got = await download(port, origin_port)
-        with anyio.fail_after(5):
-            while not audit_for(kernel).recent(lambda d: d.verdict == "allow", 1):
-                await anyio.sleep(0.01)
-        line = last_line(kernel)
+        line = await wait_for_allow(kernel)
     assert len(got) == SIZE and hashlib.sha256(got).digest() == hashlib.sha256(BLOB).digest()
-    assert thread_calls  # past BULK_BYTES the download direction moved to a relay thread
+    assert sum(spliced) >= SIZE  # every byte went socket -> pipe -> socket, none through Python
     assert (line.verdict, line.reason, line.bytes_down, line.bytes_up) == ("allow", "allowlist", SIZE, 2)
 
 
-async def test_the_portable_relay_is_byte_exact_too(tmp_path, monkeypatch, thread_calls):
+async def test_the_portable_relay_is_byte_exact_too(tmp_path, monkeypatch, spliced):
     monkeypatch.setattr(_relay, "_SPLICE", False)
     async with relay_env(tmp_path) as (port, origin_port, kernel, _):
         got = await download(port, origin_port)
-        with anyio.fail_after(5):
-            while not audit_for(kernel).recent(lambda d: d.verdict == "allow", 1):
-                await anyio.sleep(0.01)
-        line = last_line(kernel)
+        line = await wait_for_allow(kernel)
     assert hashlib.sha256(got).digest() == hashlib.sha256(BLOB).digest()
-    assert thread_calls == [] and line.bytes_down == SIZE
+    assert spliced == [] and (line.bytes_down, line.bytes_up) == (SIZE, 2)
 
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
-async def test_the_idle_bound_reaches_a_relay_thread(tmp_path, thread_calls):
+async def test_a_bulk_plain_http_answer_moves_to_a_relay_thread_byte_exact(tmp_path, thread_calls):
+    async with relay_env(tmp_path) as (port, origin_port, kernel, _):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        got = bytearray()
+        async with stream:
+            await stream.send(f"GET http://127.0.0.1:{origin_port}/blob HTTP/1.1\r\n"
+                              f"Host: 127.0.0.1:{origin_port}\r\n{AUTH}\r\n".encode())
+            with anyio.fail_after(60), contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    got += await stream.receive(1 << 20)
+        line = await wait_for_allow(kernel)
+    assert hashlib.sha256(bytes(got)).digest() == hashlib.sha256(BLOB).digest()  # the origin answers raw bytes
+    assert thread_calls  # past BULK_BYTES the answer moved to a relay thread
+    assert line.bytes_down == SIZE
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
+async def test_the_idle_bound_ends_a_tunnel(tmp_path, spliced):
     stall = 12 * 1024 * 1024
     async with relay_env(tmp_path, stall_after=stall) as (port, origin_port, kernel, _):
         started = time.monotonic()
         got = await download(port, origin_port)  # ends when the proxy closes the idle tunnel
         elapsed = time.monotonic() - started
-        with anyio.fail_after(5):
-            while not audit_for(kernel).recent(lambda d: d.verdict == "allow", 1):
-                await anyio.sleep(0.01)
-        line = last_line(kernel)
-    assert thread_calls and len(got) == stall
+        line = await wait_for_allow(kernel)
+    assert spliced and len(got) == stall
     assert 1.0 < elapsed < 6  # the 1.5 s idle bound, not the origin's 30 s stall
     assert line.bytes_down == stall
 
 
-@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
-async def test_stopping_the_proxy_ends_a_relay_thread_at_once(tmp_path, thread_calls):
+async def test_stopping_the_proxy_ends_a_tunnel_at_once(tmp_path):
     stall = 12 * 1024 * 1024
     async with relay_env(tmp_path, stall_after=stall) as (port, origin_port, kernel, tg):
         stream = await open_tunnel(port, origin_port)
         got = 0
         with anyio.fail_after(20):
-            while got < stall:  # the thread is relaying; the origin then stalls, keeping it open
+            while got < stall:  # the tunnel is relaying; the origin then stalls, keeping it open
                 got += len(await stream.receive(1 << 20))
-        assert thread_calls
         started = time.monotonic()
         tg.cancel_scope.cancel()  # the server stops
-    assert time.monotonic() - started < 1.0  # the thread was told to stop; nothing waited for the idle bound
+    assert time.monotonic() - started < 1.0  # its sockets were shut down; nothing waited for the idle bound
     with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
         with anyio.fail_after(2):
             while await stream.receive():
                 pass
     await stream.aclose()
+    assert not [t for t in threading.enumerate() if t.name == "risoluto-egress"]  # serve() joined its threads

@@ -19,6 +19,8 @@ import hmac
 import ipaddress
 import logging
 import socket
+import threading
+import time
 from typing import Any, Awaitable, Callable
 
 import anyio
@@ -37,15 +39,17 @@ from ._http import MAX_HEAD, BadRequest, RequestHead, Target, answer, body_frami
 from ._http import upstream_head
 from ._metrics import EgressMetrics
 from ._refusals import refusal_text
-from ._relay import Activity, Conn, IdleTimeout, Reader, open_connection, pump, relay_body
+from ._relay import Activity, Conn, IdleTimeout, Reader, connect_sync, pump, relay_body, tunnel_sync
 from ._hosts import Allowlist, HostError, IPAddress, Match, normalise_host, parse_entry
 from ._rules import EgressRules, rule_path
+from ._threads import ConnectionThreads
 
 log = logging.getLogger("risoluto.egress")
 
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 HEADER_TIMEOUT_S = 10.0  # whole request head / ClientHello; capped by egress.idleTimeoutS
 SERVER_FIRST_WAIT_S = 0.5  # raw (non-TLS) tunnels: how long to wait for a client-first byte
+SPARE_THREADS = 8  # connection threads kept waiting in accept(2) (see _threads)
 Decide = Callable[[EgressRequest, tuple[str, ...]], "EgressVerdict | None"]
 ASKABLE = frozenset({"host_not_allowed", "port_not_allowed", "ip_literal_not_allowed"})
 
@@ -123,6 +127,30 @@ async def _client_left(conn: Conn) -> None:
         await anyio.sleep_forever()  # it sent more bytes: still there; the answer or timeout decides
 
 
+def _judge_hello(reader: Reader, host: str | IPAddress, raw_ok: bool,
+                 ctx: dict[str, Any]) -> tuple[bytes, str] | None:
+    """The tunnel's first flight so far: None when more is needed, else (bytes to pass on,
+    refusal reason or "")."""
+    try:
+        message, complete = _tls.handshake_bytes(reader.buffer)
+    except _tls.HelloError:
+        return (reader.take_all(), "") if raw_ok else (b"", "not_tls")
+    if not complete:
+        return (b"", "malformed_hello") if len(reader.buffer) > _tls.MAX_HELLO else None
+    try:
+        hello = _tls.parse_client_hello(message)
+    except _tls.HelloError as exc:
+        return b"", str(exc)
+    ctx["sni"] = hello.server_name or ""
+    if hello.ech:
+        return b"", "ech_not_allowed"
+    if hello.server_name is None:
+        return (reader.take_all(), "") if not isinstance(host, str) else (b"", "sni_missing")
+    if hello.server_name != str(host):
+        return b"", "sni_mismatch"
+    return reader.take_all(), ""
+
+
 class _Policy:
     """What egress.* settings mean, rebuilt only when the settings object changes."""
 
@@ -150,6 +178,9 @@ class EgressProxy:
         self._policy: _Policy | None = None
         self._open = 0
         self._per_peer: dict[str, int] = {}
+        self._count_lock = threading.Lock()  # _open and _per_peer: connection threads update them
+        self._portal: anyio.from_thread.BlockingPortal | None = None  # the event loop, for the threads
+        self._threads: ConnectionThreads | None = None
         self.address: tuple[str, int] | None = None
         self.broker: Broker | None = None  # credential brokering (set by the enforcer when configured)
 
@@ -170,7 +201,8 @@ class EgressProxy:
     async def serve(
         self, host: str, port: int = 0, *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen on ``host:port`` (never a wildcard address) until cancelled."""
+        """Listen on ``host:port`` (never a wildcard address) until cancelled. Connections are
+        served on connection threads (``_threads``); the event loop serves their async steps."""
         addr = ipaddress.ip_address(host)
         if addr.is_unspecified:
             raise ValueError("the egress proxy never binds a wildcard address")
@@ -180,57 +212,71 @@ class EgressProxy:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((host, port))
             listener.listen(1024)
-            listener.setblocking(False)
             self.address = listener.getsockname()[:2]
-            task_status.started(self.address)
-            async with anyio.create_task_group() as tg:
-                while True:
-                    await anyio.wait_readable(listener)
-                    while True:  # accept everything queued, then wait again
-                        try:
-                            sock, peer = listener.accept()
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        except OSError as exc:  # EMFILE and friends: back off, keep serving
-                            log.error("egress proxy: accept failed: %s", exc.strerror)
-                            await anyio.sleep(0.1)
-                            break
-                        tg.start_soon(self._handle, Conn(sock), str(peer[0]))
+            async with anyio.from_thread.BlockingPortal() as portal:
+                threads = ConnectionThreads(listener, self._accepted, spare=SPARE_THREADS,
+                                            limit=lambda: self.policy().cfg.max_connections + SPARE_THREADS)
+                self._portal, self._threads = portal, threads
+                threads.start()
+                task_status.started(self.address)
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    threads.stop()
+                    with anyio.CancelScope(shield=True):
+                        await portal.stop(cancel_remaining=True)  # held approvals, forwards, broker exchanges
+                        await anyio.to_thread.run_sync(threads.join, 10.0)
 
-    async def _handle(self, conn: Conn, peer: str) -> None:
-        cfg = self.policy().cfg
-        per_peer_max = max(1, cfg.max_connections // 2)
+    def _call(self, func: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run ``func(*args)`` on the event loop from a connection thread and wait for it."""
+        assert self._portal is not None
+        return self._portal.call(func, *args)
+
+    # -- one connection, on its connection thread -----------------------------------------
+    def _accepted(self, sock: socket.socket, peer: str) -> None:
+        conn = Conn(sock)
         try:
-            if self._open >= cfg.max_connections or self._per_peer.get(peer, 0) >= per_peer_max:
-                ctx = {"peer": peer}
-                await self._refuse(conn, ctx, Refusal(503, "too_many_connections", "Too many connections."))
+            if not self._admit(peer):
+                self._refuse_sync(conn, {"peer": peer}, Refusal(503, "too_many_connections", "Too many connections."))
                 return
-            self._open += 1
-            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
             self.metrics.connections.inc()
             try:
-                await self._serve_one(conn, peer)
+                self._serve_one(conn, peer)
             except (anyio.EndOfStream, IdleTimeout, OSError):
                 pass  # the client or origin went away or went quiet; nothing to answer
-            except Exception:  # never let one connection take the listener down
-                log.exception("egress proxy: unexpected error (peer=%s)", peer)
+            except Exception:  # never let one connection take the proxy down
+                if not (self._threads and self._threads.stopping):  # the loop side was cancelled: stopping
+                    log.exception("egress proxy: unexpected error (peer=%s)", peer)
             finally:
-                self._open -= 1
+                self._release(peer)
                 self.metrics.connections.dec()
-                left = self._per_peer.pop(peer) - 1
-                if left:
-                    self._per_peer[peer] = left
         finally:
             conn.close()
 
-    async def _serve_one(self, conn: Conn, peer: str) -> None:
+    def _admit(self, peer: str) -> bool:
+        cfg = self.policy().cfg
+        with self._count_lock:
+            if self._open >= cfg.max_connections or self._per_peer.get(peer, 0) >= max(1, cfg.max_connections // 2):
+                return False
+            self._open += 1
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            return True
+
+    def _release(self, peer: str) -> None:
+        with self._count_lock:
+            self._open -= 1
+            left = self._per_peer.pop(peer) - 1
+            if left:
+                self._per_peer[peer] = left
+
+    def _serve_one(self, conn: Conn, peer: str) -> None:
         policy = self.policy()
-        ctx: dict[str, Any] = {"peer": peer, "started": anyio.current_time()}
+        ctx: dict[str, Any] = {"peer": peer, "started": time.monotonic()}
         try:
             reader = Reader(conn)
-            head = await self._read_head(reader, policy)
+            head = self._read_head(reader, policy)
             ctx["method"] = head.method
-            client = await self._authenticate(head, peer)
+            client = self._authenticate(head, peer)
             ctx.update(sandbox=client.sandbox, issue=client.issue)
             target = parse_target(head)
             try:
@@ -240,38 +286,42 @@ class EgressProxy:
             ctx.update(host=str(host), port=target.port, path=target.path)
             framing = body_framing(head) if head.method != "CONNECT" else ("none", 0)
             match = self._decide_one(policy, client, head, target, host, ctx)
-            addresses = await self._resolve(policy, host, target.port, ctx)
+            addresses = self._resolve(policy, host, target.port, ctx)
             if not match.allowed:  # unlisted under onUnlisted: ask, and its addresses passed
-                match = await self._ask(conn, policy, client, head.method, host, target.port, ctx)
-            upstream = await self._dial(policy, addresses, host, target.port, ctx)
+                match = self._call(self._ask, conn, policy, client, head.method, host, target.port, ctx)
+            upstream = self._dial(policy, addresses, host, target.port, ctx)
         except BadRequest as exc:
-            await self._refuse(conn, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
+            self._refuse_sync(conn, ctx, Refusal(exc.status, str(exc), "Malformed proxy request."))
             return
         except Refusal as refusal:
-            await self._refuse(conn, ctx, refusal)
+            self._refuse_sync(conn, ctx, refusal)
             return
         try:
+            assert self._threads is not None
+            self._threads.track(upstream.sock)
             # credentialed hosts (and any plain request carrying a placeholder) go to the broker
-            if self.broker is not None and await self.broker.takes(
-                    self, conn, reader, upstream, head, host, target.port, client, ctx):
-                return
+            if self.broker is not None and (head.method != "CONNECT" or self.broker.credentialed(host, target.port)):
+                if self._call(self.broker.takes, self, conn, reader, upstream, head, host, target.port, client, ctx):
+                    return
             if head.method == "CONNECT":
-                await self._tunnel(conn, reader, upstream, policy, host, match, ctx)
+                self._tunnel(conn, reader, upstream, policy, host, match, ctx)
             else:
-                await self._forward(conn, reader, upstream, head, target, framing, policy, match, ctx)
+                self._call(self._forward, conn, reader, upstream, head, target, framing, policy, match, ctx)
         finally:
+            if self._threads is not None:
+                self._threads.untrack(upstream.sock)
             upstream.close()
 
-    async def _read_head(self, reader: Reader, policy: _Policy) -> RequestHead:
-        with anyio.move_on_after(policy.head_timeout) as scope:
-            raw = await reader.read_until(b"\r\n\r\n", MAX_HEAD)
-        if scope.cancelled_caught:
-            raise Refusal(408, "header_timeout", "The request head did not arrive in time.")
+    def _read_head(self, reader: Reader, policy: _Policy) -> RequestHead:
+        try:
+            raw = reader.read_until_sync(b"\r\n\r\n", MAX_HEAD, Activity(policy.head_timeout))
+        except IdleTimeout:
+            raise Refusal(408, "header_timeout", "The request head did not arrive in time.") from None
         if raw is None:
             raise Refusal(431, "headers_too_large", f"The request head is larger than {MAX_HEAD} bytes.")
         return parse_head(raw)
 
-    async def _authenticate(self, head: RequestHead, peer: str) -> Client:
+    def _authenticate(self, head: RequestHead, peer: str) -> Client:
         values = head.get("proxy-authorization")
         if not values:
             raise Refusal(407, "credential_missing", "This proxy needs the sandbox's credential.")
@@ -283,7 +333,7 @@ class EgressProxy:
             raise Refusal(407, "credential_invalid", "The credential is not valid.")
         if client.addresses is None and client.locate is not None:
             try:
-                client.addresses = frozenset(await client.locate())
+                client.addresses = frozenset(self._call(client.locate))
             except Exception:
                 raise Refusal(503, "sandbox_lookup_failed", "The sandbox's address could not be checked.") from None
         if client.addresses is None or peer not in client.addresses:
@@ -374,11 +424,11 @@ class EgressProxy:
             while self._held:
                 await anyio.sleep(0.01)
 
-    async def _resolve(self, policy: _Policy, host: str | IPAddress, port: int,
-                       ctx: dict[str, Any]) -> list[IPAddress]:
+    def _resolve(self, policy: _Policy, host: str | IPAddress, port: int,
+                 ctx: dict[str, Any]) -> list[IPAddress]:
         if isinstance(host, str):
             try:
-                addresses = await policy.resolver.resolve(host, port)
+                addresses = self._call(policy.resolver.resolve, host, port)
             except ResolveError as exc:
                 raise Refusal(502, "resolve_failed", f"{host} does not resolve.", str(exc)) from None
         else:
@@ -390,24 +440,24 @@ class EgressProxy:
                 raise Refusal(403, "private_address", f"{host} resolves to a {why}; refused.")
         return addresses
 
-    async def _dial(self, policy: _Policy, addresses: list[IPAddress], host: str | IPAddress, port: int,
-                    ctx: dict[str, Any]) -> Any:
+    def _dial(self, policy: _Policy, addresses: list[IPAddress], host: str | IPAddress, port: int,
+              ctx: dict[str, Any]) -> Conn:
         last = "connect_failed"
         for addr in addresses:
             ctx["address"] = str(addr)
-            with anyio.move_on_after(policy.cfg.connect_timeout_s):
-                try:
-                    return await open_connection(str(addr), port)  # the address we checked, no new lookup
-                except OSError:
-                    continue
-            last = "connect_timeout"
+            try:
+                return connect_sync(str(addr), port, policy.cfg.connect_timeout_s)  # the address we checked
+            except IdleTimeout:
+                last = "connect_timeout"
+            except OSError:
+                continue
         raise Refusal(502 if last == "connect_failed" else 504, last, f"Could not connect to {host}:{port}.")
 
-    async def _tunnel(self, conn: Conn, reader: Reader, upstream: Conn, policy: _Policy,
-                      host: str | IPAddress, match: Match, ctx: dict[str, Any]) -> None:
-        await conn.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    def _tunnel(self, conn: Conn, reader: Reader, upstream: Conn, policy: _Policy,
+                host: str | IPAddress, match: Match, ctx: dict[str, Any]) -> None:
+        conn.send_sync(b"HTTP/1.1 200 Connection established\r\n\r\n", Activity(policy.head_timeout))
         raw_ok = match.rule is not None and match.rule.port is not None and match.rule.port != 443
-        first, why = await self._client_hello(reader, policy, host, raw_ok, ctx)
+        first, why = self._client_hello_sync(reader, policy, host, raw_ok, ctx)
         if why:
             self._log(ctx, "deny", why)
             return  # already said 200: closing the tunnel is the refusal
@@ -417,20 +467,32 @@ class EgressProxy:
         try:
             activity = Activity(policy.cfg.idle_timeout_s)
             if first:
-                await upstream.send(first, activity)
+                upstream.send_sync(first, activity)
                 up.inc(len(first))
-            async with anyio.create_task_group() as tg:
-                async def both_ways(src: Conn, dst: Conn, counter: Any) -> None:
-                    try:
-                        await pump(src, dst, activity, counter)
-                    except (IdleTimeout, OSError):
-                        tg.cancel_scope.cancel()  # idle or reset: the whole tunnel ends
-
-                tg.start_soon(both_ways, conn, upstream, up)
-                await both_ways(upstream, conn, down)
+            tunnel_sync(conn, upstream, activity, up, down)
+        except (IdleTimeout, OSError):
+            pass  # idle or reset: the whole tunnel ends
         finally:
             self.metrics.tunnels.dec()
             self._log(ctx, "allow", match.reason)  # audited once it ends: with its byte counts
+
+    def _client_hello_sync(self, reader: Reader, policy: _Policy, host: str | IPAddress,
+                           raw_ok: bool, ctx: dict[str, Any]) -> tuple[bytes, str]:
+        """``_client_hello`` on a connection thread."""
+        if raw_ok and not reader.buffer:
+            try:
+                reader.fill_sync(Activity(SERVER_FIRST_WAIT_S))
+            except IdleTimeout:
+                return b"", ""  # a server-speaks-first protocol on an explicitly listed port
+        deadline = Activity(policy.head_timeout)
+        while True:
+            verdict = _judge_hello(reader, host, raw_ok, ctx)
+            if verdict is not None:
+                return verdict
+            try:
+                reader.fill_sync(deadline)
+            except IdleTimeout:
+                return b"", "hello_timeout"
 
     async def _client_hello(self, reader: Reader, policy: _Policy, host: str | IPAddress,
                             raw_ok: bool, ctx: dict[str, Any]) -> tuple[bytes, str]:
@@ -440,31 +502,13 @@ class EgressProxy:
                 await reader.fill()
             if not reader.buffer:
                 return b"", ""  # a server-speaks-first protocol on an explicitly listed port
-        with anyio.move_on_after(policy.head_timeout) as scope:
+        with anyio.move_on_after(policy.head_timeout):
             while True:
-                try:
-                    message, complete = _tls.handshake_bytes(reader.buffer)
-                except _tls.HelloError:
-                    return (reader.take_all(), "") if raw_ok else (b"", "not_tls")
-                if complete:
-                    break
-                if len(reader.buffer) > _tls.MAX_HELLO:
-                    return b"", "malformed_hello"
+                verdict = _judge_hello(reader, host, raw_ok, ctx)
+                if verdict is not None:
+                    return verdict
                 await reader.fill()
-        if scope.cancelled_caught:
-            return b"", "hello_timeout"
-        try:
-            hello = _tls.parse_client_hello(message)
-        except _tls.HelloError as exc:
-            return b"", str(exc)
-        ctx["sni"] = hello.server_name or ""
-        if hello.ech:
-            return b"", "ech_not_allowed"
-        if hello.server_name is None:
-            return (reader.take_all(), "") if not isinstance(host, str) else (b"", "sni_missing")
-        if hello.server_name != str(host):
-            return b"", "sni_mismatch"
-        return reader.take_all(), ""
+        return b"", "hello_timeout"
 
     async def _forward(self, conn: Conn, reader: Reader, upstream: Conn, head: RequestHead, target: Target,
                        framing: tuple[str, int], policy: _Policy, match: Match, ctx: dict[str, Any]) -> None:
@@ -495,6 +539,22 @@ class EgressProxy:
 
     # -- answers and the decision log ----------------------------------------------------
     async def _refuse(self, conn: Conn, ctx: dict[str, Any], refusal: Refusal) -> None:
+        data = self._refusal_answer(ctx, refusal)
+        with anyio.move_on_after(1):
+            try:
+                await conn.send(data)
+            except OSError:
+                pass
+
+    def _refuse_sync(self, conn: Conn, ctx: dict[str, Any], refusal: Refusal) -> None:
+        data = self._refusal_answer(ctx, refusal)
+        try:
+            conn.send_sync(data, Activity(1.0))
+        except (IdleTimeout, OSError):
+            pass
+
+    def _refusal_answer(self, ctx: dict[str, Any], refusal: Refusal) -> bytes:
+        """Log and audit the refusal; the answer's bytes."""
         self._log(ctx, "deny", refusal.reason, refusal.detail)
         message = refusal.message
         if refusal.status == 403:  # written for the agent: what, not another route, how to ask
@@ -502,11 +562,7 @@ class EgressProxy:
             message = refusal_text(refusal.reason, ctx.get("host", ""), ctx.get("port", 0),
                                    ctx.get("method", "") if plain else "", ctx.get("path", "") if plain else "",
                                    refusal.detail)
-        with anyio.move_on_after(1):
-            try:
-                await conn.send(answer(refusal.status, refusal.reason, message))
-            except OSError:
-                pass
+        return answer(refusal.status, refusal.reason, message)
 
     def _log(self, ctx: dict[str, Any], verdict: str, reason: str, detail: str = "") -> None:
         plain = ctx.get("method") != "CONNECT"
@@ -518,7 +574,7 @@ class EgressProxy:
             rule=ctx.get("rule", ""), credential=ctx.get("credential", ""), bytes_up=up, bytes_down=down,
             approval=ctx.get("approval", ""),
             principal=ctx.get("principal", ""),
-            duration_ms=int((anyio.current_time() - ctx["started"]) * 1000) if "started" in ctx else 0,
+            duration_ms=int((time.monotonic() - ctx["started"]) * 1000) if "started" in ctx else 0,
         ))
         log.info(
             "egress %s reason=%s sandbox=%s peer=%s method=%s host=%s port=%s address=%s%s",

@@ -101,6 +101,27 @@ class Conn:
             except BlockingIOError:
                 await self.wait(False, activity)
 
+    # -- the same on a proxy thread: poll(2) with the idle bound, no event loop ----------
+    def wait_sync(self, readable: bool, activity: Activity) -> None:
+        left = activity.left()
+        if left <= 0 or not _ready_now(self.fd, select.POLLIN if readable else select.POLLOUT, left):
+            raise IdleTimeout
+
+    def recv_sync(self, activity: Activity, n: int = BUF) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(n)
+            except BlockingIOError:
+                self.wait_sync(True, activity)
+
+    def send_sync(self, data: bytes, activity: Activity) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                self.wait_sync(False, activity)
+
     def send_eof(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -111,11 +132,11 @@ class Conn:
         self.sock.close()
 
 
-def _ready_now(fd: int, events: int) -> bool:
-    """Whether ``fd`` is ready without waiting (one poll(2), no event loop round trip)."""
+def _ready_now(fd: int, events: int, wait: float = 0.0) -> bool:
+    """Whether ``fd`` is ready within ``wait`` seconds (one poll(2), no event loop round trip)."""
     poller = select.poll()
     poller.register(fd, events)
-    return bool(poller.poll(0))
+    return bool(poller.poll(wait * 1000))
 
 
 async def open_connection(host: str, port: int) -> Conn:
@@ -130,6 +151,27 @@ async def open_connection(host: str, port: int) -> Conn:
         except BlockingIOError:
             if not _ready_now(sock.fileno(), select.POLLOUT):  # a near origin is often connected already
                 await anyio.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err)) from None
+        return Conn(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def connect_sync(host: str, port: int, timeout: float) -> Conn:
+    """``open_connection`` for a proxy thread; IdleTimeout when not connected within ``timeout``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            if not _ready_now(sock.fileno(), select.POLLOUT, timeout):
+                raise IdleTimeout from None
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err)) from None
@@ -156,14 +198,36 @@ class Reader:
         """Bytes before ``sep`` (consumed with it), or None once more than ``limit`` arrive without it."""
         start = 0
         while True:
-            idx = self.buffer.find(sep, start)
-            if 0 <= idx <= limit:
-                out, self.buffer = self.buffer[:idx], self.buffer[idx + len(sep):]
+            done, out, start = self._cut(sep, limit, start)
+            if done:
                 return out
-            if len(self.buffer) > limit:
-                return None
-            start = max(0, len(self.buffer) - len(sep) + 1)
             await self.fill()
+
+    def fill_sync(self, activity: Activity) -> None:
+        """``fill`` for a proxy thread; IdleTimeout once ``activity`` runs out."""
+        data = self.conn.recv_sync(activity)
+        if not data:
+            raise anyio.EndOfStream
+        self.buffer += data
+
+    def read_until_sync(self, sep: bytes, limit: int, activity: Activity) -> bytes | None:
+        """``read_until`` for a proxy thread."""
+        start = 0
+        while True:
+            done, out, start = self._cut(sep, limit, start)
+            if done:
+                return out
+            self.fill_sync(activity)
+
+    def _cut(self, sep: bytes, limit: int, start: int) -> tuple[bool, bytes | None, int]:
+        """(finished, bytes before ``sep`` or None when over ``limit``, where the next search starts)."""
+        idx = self.buffer.find(sep, start)
+        if 0 <= idx <= limit:
+            out, self.buffer = self.buffer[:idx], self.buffer[idx + len(sep):]
+            return True, out, 0
+        if len(self.buffer) > limit:
+            return True, None, 0
+        return False, None, max(0, len(self.buffer) - len(sep) + 1)
 
     def take(self, n: int) -> bytes:
         out, self.buffer = self.buffer[:n], self.buffer[n:]
@@ -317,6 +381,97 @@ def _splice_thread(src: int, dst: int, rpipe: int, wpipe: int, stop: int, activi
                 continue
             n -= moved
             counter.inc(moved)
+
+
+class _Way:
+    """One direction of a tunnel relayed on a proxy thread: ``src`` -> pipe -> ``dst`` with
+    splice(2) (the bytes never enter Python), or through a buffer without splice."""
+
+    def __init__(self, src: Conn, dst: Conn, counter: Any):
+        self.src, self.dst, self.counter = src, dst, counter
+        self.pipe = _take_pipe() if _SPLICE else None
+        self.pending = 0  # bytes read from src and not yet written to dst
+        self.buffer = b""  # the same without splice
+        self.done = False
+
+    def interest(self) -> tuple[int, int]:
+        """(fd, poll event) this direction waits for; (-1, 0) once finished."""
+        if self.done:
+            return -1, 0
+        return (self.dst.fd, select.POLLOUT) if self.pending else (self.src.fd, select.POLLIN)
+
+    def step(self, activity: Activity) -> None:
+        """Move what can move now without blocking; OSError on a reset."""
+        if self.done:
+            return
+        if self.pending and not self._flush():
+            return
+        try:
+            if self.pipe is not None:
+                n = os.splice(self.src.fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            else:
+                self.buffer = self.src.sock.recv(BUF)
+                n = len(self.buffer)
+        except BlockingIOError:
+            return
+        if n == 0:  # EOF: pass the half-close on, the other direction goes on
+            self.done = True
+            self.dst.send_eof()
+            return
+        activity.touch()
+        self.pending = n
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Write what is pending; True when nothing is left."""
+        while self.pending:
+            try:
+                if self.pipe is not None:
+                    moved = os.splice(self.pipe[0], self.dst.fd, self.pending, flags=_SPLICE_FLAGS)
+                else:
+                    moved = self.dst.sock.send(self.buffer[-self.pending:])
+            except BlockingIOError:
+                return False
+            self.pending -= moved
+            self.counter.inc(moved)
+        return True
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            _give_pipe(self.pipe, self.pending == 0)
+            self.pipe = None
+
+
+def tunnel_sync(client: Conn, upstream: Conn, activity: Activity, up: Any, down: Any) -> None:
+    """Relay an established tunnel both ways on the calling proxy thread until both sides have
+    closed. One poll(2) waits for whichever direction can move; nothing goes through the event
+    loop. IdleTimeout when nothing moved for the idle bound, OSError on a reset; a server stop
+    shuts the sockets down, which ends it at once."""
+    ways = (_Way(client, upstream, up), _Way(upstream, client, down))
+    poller = select.poll()
+    registered: dict[int, int] = {}
+    try:
+        while not (ways[0].done and ways[1].done):
+            wanted: dict[int, int] = {}
+            for way in ways:
+                fd, event = way.interest()
+                if fd >= 0:
+                    wanted[fd] = wanted.get(fd, 0) | event
+            for fd in registered.keys() - wanted.keys():
+                poller.unregister(fd)  # a finished side: its hang-up must not wake the loop
+            for fd, events in wanted.items():
+                if registered.get(fd) != events:
+                    poller.register(fd, events)  # registers or modifies
+            registered = wanted
+            left = activity.left()
+            if left <= 0:
+                raise IdleTimeout
+            if poller.poll(left * 1000):
+                for way in ways:
+                    way.step(activity)
+    finally:
+        for way in ways:
+            way.close()
 
 
 async def relay_body(reader: Reader, dst: Conn, framing: tuple[str, int], activity: Activity,
