@@ -40,6 +40,7 @@ _SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)) if _SPLICE else 0
 BULK_BYTES = 4 * 1024 * 1024  # a direction that moved this much continues in a relay thread
 RELAY_THREADS = 64
+STEP_ROUNDS = 16  # reads per direction per wake-up of a tunnel's poll: poll(2) only when a side would block
 POOLED_PIPES = 64  # empty pipes kept for the next exchanges (2 descriptors each)
 _PIPES: list[tuple[int, int]] = []
 _THREADS: RunVar[anyio.CapacityLimiter] = RunVar("risoluto_egress_relay_threads")
@@ -401,26 +402,26 @@ class _Way:
         return (self.dst.fd, select.POLLOUT) if self.pending else (self.src.fd, select.POLLIN)
 
     def step(self, activity: Activity) -> None:
-        """Move what can move now without blocking; OSError on a reset."""
-        if self.done:
-            return
-        if self.pending and not self._flush():
-            return
-        try:
-            if self.pipe is not None:
-                n = os.splice(self.src.fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
-            else:
-                self.buffer = self.src.sock.recv(BUF)
-                n = len(self.buffer)
-        except BlockingIOError:
-            return
-        if n == 0:  # EOF: pass the half-close on, the other direction goes on
-            self.done = True
-            self.dst.send_eof()
-            return
-        activity.touch()
-        self.pending = n
-        self._flush()
+        """Move what can move now without blocking (a bounded number of rounds, so the other
+        direction gets its turn); OSError on a reset."""
+        for _ in range(STEP_ROUNDS):
+            if self.done or (self.pending and not self._flush()):
+                return
+            try:
+                if self.pipe is not None:
+                    n = os.splice(self.src.fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                else:
+                    self.buffer = self.src.sock.recv(BUF)
+                    n = len(self.buffer)
+            except BlockingIOError:
+                return
+            if n == 0:  # EOF: pass the half-close on, the other direction goes on
+                self.done = True
+                self.dst.send_eof()
+                return
+            activity.touch()
+            self.pending = n
+            self._flush()
 
     def _flush(self) -> bool:
         """Write what is pending; True when nothing is left."""
