@@ -1,6 +1,6 @@
 """Request checks shared by the guards and the console (a kernel library, not a plugin): the
-client address, loopback names and origins, single headers, and the constant-time bearer
-comparison every guard uses."""
+client address, loopback names and origins, single headers, the bearer token and the
+constant-time comparison every guard uses (the write/read guards, the sessions, the data plane)."""
 
 from __future__ import annotations
 
@@ -127,20 +127,34 @@ def _as_bytes(text: str) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
-def tokens_equal(given: str | None, expected: str) -> bool:
-    """Constant-time comparison over bytes that never raises.
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a token's bytes as they were sent: what a guard that keeps only the digest of
+    its secret (the data plane) compares with :func:`digest_matches`."""
+    return hashlib.sha256(_as_bytes(token)).digest()
 
-    Both sides are hashed first, so neither the content nor the length of the
-    configured token leaks through timing. An empty configured token never matches.
+
+def digest_matches(given: str | None, digest: bytes | None) -> bool:
+    """Constant-time comparison of a sent token with a secret's digest; never raises.
+
+    Both sides are digests, so neither the content nor the length of the secret leaks
+    through timing. No token or no digest never matches.
     """
-    if not expected or not given:
+    if not given or not digest:
         return False
     try:
-        a = hashlib.sha256(_as_bytes(given)).digest()
-        b = hashlib.sha256(expected.encode("utf-8")).digest()
+        return hmac.compare_digest(token_digest(given), digest)
     except Exception:  # defensive: odd input is a mismatch, never an error
         return False
-    return hmac.compare_digest(a, b)
+
+
+def tokens_equal(given: str | None, expected: str) -> bool:
+    """:func:`digest_matches` against a configured token. An empty configured token never matches."""
+    if not expected:
+        return False
+    try:
+        return digest_matches(given, hashlib.sha256(expected.encode("utf-8")).digest())
+    except Exception:  # a configured token that is not encodable matches nothing
+        return False
 
 
 def matches_any(given: str | None, *expected: str) -> bool:

@@ -30,10 +30,11 @@ class PluginInfo:
 # private modules (``_name.py``), and a name in ``plugins.disable`` is never imported.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "console.audit_api", "console.page", "console.stats",
+    "data_plane.server",
     "egress.allowlist", "egress.broker_probes", "egress.credentials", "egress.decisions", "egress.enforcer",
     "egress.host_firewall", "egress.network", "egress.probes",
     "http.client_address", "http.metrics", "http.rate_limit", "http.read_guard", "http.write_guard",
-    "sandbox.api", "sandbox.cap_drop", "sandbox.cli", "sandbox.codex_home", "sandbox.data_plane",
+    "sandbox.api", "sandbox.cap_drop", "sandbox.cli", "sandbox.codex_home",
     "sandbox.docker_runtime", "sandbox.gvisor", "sandbox.image_check", "sandbox.network",
     "sandbox.no_new_privileges", "sandbox.policy_guard", "sandbox.remote_runtime", "sandbox.resources",
     "sandbox.seccomp", "sandbox.user", "sandbox.workspace",

@@ -17,7 +17,7 @@ from . import docker_transport
 from .errors import StartupError
 
 ROLE = "data-plane"
-NAME = "sandbox.data_plane"
+NAME = "data_plane.server"
 KEEP = frozenset({"http.client_address", "http.rate_limit", "http.metrics", "sandbox.docker_runtime",
                   "sandbox.image_check", NAME})
 PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
@@ -43,8 +43,7 @@ def data_plane_settings(settings: Any, environ: Mapping[str, str]) -> Any:
         raise StartupError("a data plane runs sandboxes itself: sandbox.runtime must be docker, "
                            f"not {sandbox.runtime!r}")
     if set(settings.plugins.disable) & {NAME, "sandbox.docker_runtime"}:
-        raise StartupError("plugins.disable names sandbox.data_plane or sandbox.docker_runtime, "
-                           "which a data plane needs")
+        raise StartupError(f"plugins.disable names {NAME} or sandbox.docker_runtime, which a data plane needs")
     check_secret(environ)
     bind = resolve_bind(settings.server.bind, environ)
     disable = sorted(set(settings.plugins.disable) | (set(default_plugin_names()) - KEEP))

@@ -79,6 +79,13 @@ async def test_every_request_without_the_secret_is_401(data_plane, headers, meth
     assert (await response.get_json())["error"]["code"] == "data_plane_unauthorized"
 
 
+@pytest.mark.parametrize("value", [f"bearer {SECRET}", f"BEARER   {SECRET} ", f" Bearer {SECRET}"])
+async def test_the_secret_is_read_as_every_guard_reads_a_bearer_token(data_plane, value):
+    # one parser (http_checks.bearer_token): scheme case-insensitive, surrounding blanks ignored
+    response = await data_plane.get("/dp/v1/ping", headers={"Authorization": value})
+    assert response.status_code == 200, await response.get_data()
+
+
 async def test_two_authorization_headers_are_refused(data_plane):
     from werkzeug.datastructures import Headers
 

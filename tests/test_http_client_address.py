@@ -4,7 +4,7 @@ import pytest
 from werkzeug.datastructures import Headers
 
 from http_support import EchoPlugin
-from risoluto.http_checks import host_is_loopback, origin_is_loopback, tokens_equal
+from risoluto.http_checks import digest_matches, host_is_loopback, origin_is_loopback, token_digest, tokens_equal
 from risoluto.plugins.http.client_address import decide
 
 pytestmark = pytest.mark.anyio
@@ -103,6 +103,18 @@ def test_tokens_equal_matches_and_empty_config_never_matches():
     assert tokens_equal("secret-token", "secret-token")
     assert not tokens_equal("", "")
     assert not tokens_equal("anything", "")
+
+
+@pytest.mark.parametrize("given", ["", "x", "\u00e9" * 10, "\udcff", "a" * 1_000_000, "\x00", None])
+def test_digest_matches_never_raises(given):
+    assert digest_matches(given, token_digest("secret-token")) is False
+
+
+def test_digest_matches_the_sent_bytes_and_no_digest_never_matches():
+    assert digest_matches("secret-token", token_digest("secret-token"))
+    # ASGI gives header bytes latin-1 decoded: the data plane compares the bytes that were sent
+    assert digest_matches("\u00c3\u00a9", token_digest("\u00c3\u00a9")) and token_digest("\u00c3\u00a9") != token_digest("\u00e9")
+    assert not digest_matches("secret-token", None) and not digest_matches("secret-token", b"")
 
 
 @pytest.mark.parametrize("proxies,status", [

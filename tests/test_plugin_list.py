@@ -35,11 +35,13 @@ def test_a_disabled_default_plugin_is_never_imported(tmp_path):
     code = (
         "import sys\n"
         "from risoluto.manager import build_plugin_manager\n"
-        "build_plugin_manager(['http.metrics'])\n"
-        "print('risoluto.plugins.http.metrics' in sys.modules, 'risoluto.plugins.http.write_guard' in sys.modules)\n"
+        "build_plugin_manager(['http.metrics', 'data_plane.server'])\n"
+        "print('risoluto.plugins.http.metrics' in sys.modules, 'risoluto.plugins.http.write_guard' in sys.modules,\n"
+        "      [m for m in sys.modules if m.startswith('risoluto.plugins.data_plane.')])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.split() == ["False", "True"], out.stderr
+    # the data plane is a package of its own: disabled, not even its private helpers load
+    assert out.stdout.split() == ["False", "True", "[]"], out.stderr
 
 
 def test_a_check_that_edits_the_spec_refuses_the_launch(risoluto_spec):

@@ -87,7 +87,7 @@ def risoluto_checklist_provides(kernel: Kernel) -> list[str]:
     loaded provider: a default plugin may be disabled (``plugins.disable``,
     ``RISOLUTO_DISABLE_PLUGINS``) only when a loaded replacement declares its items, otherwise the
     kernel refuses to start naming the plugin and the item. Declare an item only if your plugin
-    enforces it; ``kernel.settings`` may decide (``sandbox.data_plane`` declares the guards only in
+    enforces it; ``kernel.settings`` may decide (``data_plane.server`` declares the guards only in
     the data-plane role). The list of items is in docs/plugins.md ("Checklist items").
 
     Example::

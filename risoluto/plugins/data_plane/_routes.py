@@ -1,4 +1,4 @@
-"""The routes and the runtime service of a data plane (not a plugin itself; see ``data_plane``).
+"""The routes and the runtime service of a data plane (not a plugin itself; see ``server``).
 
 ``/dp/v1/`` mirrors the SandboxRuntime protocol. The data plane does not trust its control
 plane: a received spec goes through the same policy guard as on the control plane, judged
@@ -23,12 +23,14 @@ from quart import Blueprint, Response, request
 from ...errors import ApiError, StartupError
 from ...openapi import api
 from ...requests import json_object
-from ._guard import check_spec, refuse
-from ._runtime_service import close_runtime, install_runtime, remove_leftovers
-from ._naming import LABEL_ISSUE, checked_id, validate_issue, workspace_root
-from ._wire import PREFIX, spec_from_wire, timeout_from_wire
+# The sandbox package's private helpers, never its plugin modules: the data plane runs the same
+# policy guard, runtime life cycle and names as an in-process runtime (tests/test_plugin_list.py).
+from ..sandbox._guard import check_spec, refuse
+from ..sandbox._naming import LABEL_ISSUE, checked_id, validate_issue, workspace_root
+from ..sandbox._runtime_service import close_runtime, install_runtime, remove_leftovers
+from ..sandbox._wire import PREFIX, spec_from_wire, timeout_from_wire
 
-STATE = "sandbox.data_plane"
+STATE = "data_plane"
 MAX_POLL_S = 25.0
 HEARTBEAT_S = 10.0
 _TAGS = ("data plane",)
@@ -71,7 +73,7 @@ class DataPlaneState:
 class DataPlaneService:
     """Selects the docker runtime for the data plane, relays its events to the event log."""
 
-    name = "sandbox.data_plane"
+    name = "data_plane"
 
     def __init__(self, kernel: Any, keep: frozenset[str]):
         self.kernel, self.keep = kernel, keep

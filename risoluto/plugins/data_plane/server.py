@@ -1,8 +1,10 @@
 """The data-plane role (docs/data-plane.md): ``risoluto serve --data-plane``.
 
 A data plane is the same kernel app with a role. It holds the Docker socket and serves only
-the sandbox runtime operations under ``/dp/v1/`` (routes in ``_dp_routes``) to its control
-plane; the control plane serves the public API and needs no Docker access.
+the sandbox runtime operations under ``/dp/v1/`` (routes in ``_routes``) to its control
+plane; the control plane serves the public API and needs no Docker access (its side of the
+link is the sandbox package's ``remote_runtime``; the spec's JSON form, ``sandbox._wire``, is
+shared by both sides).
 
 - Plugins: only :data:`KEEP` of the default plugins load (client address, rate limit,
   metrics, the docker runtime, the image check and this one). The secrets API and store,
@@ -19,48 +21,26 @@ plane; the control plane serves the public API and needs no Docker access.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 from datetime import datetime, timezone
 from typing import Any
 
-
 from ...errors import ApiError, StartupError
-from ...roles import HINT, KEEP, MIN_SECRET, ROLE, SECRET_ENV, check_secret, header_safe, resolve_bind
 from ...fsutil import append_line
 from ...hookspecs import hookimpl
 from ...hookspecs.doctor import FAIL, PASS, CheckResult
 from ...hookspecs.ratelimit import RateRule
-from ._dp_routes import STATE, DataPlaneService, blueprint
-from ._wire import PREFIX
+from ...http_checks import bearer_token, digest_matches, token_digest
+from ...roles import HINT, KEEP, MIN_SECRET, ROLE, SECRET_ENV, check_secret, header_safe, resolve_bind
+from ..sandbox._wire import PREFIX
+from ._routes import STATE, DataPlaneService, DataPlaneState, blueprint
 
 log = logging.getLogger("risoluto.data_plane")
 _SERVED = (PREFIX + "/", "/metrics")
 
 
 # --- the guard: every request needs the secret ------------------------------------------
-def _bearer(headers: Any) -> bytes | None:
-    values = headers.getlist("Authorization")
-    if len(values) != 1:
-        return None
-    scheme, _, token = values[0].strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    try:  # ASGI header values are latin-1 decoded: this gives the sent bytes back
-        return token.strip().encode("latin-1")
-    except UnicodeEncodeError:
-        return token.strip().encode("utf-8", "surrogatepass")
-
-
-def secret_matches(given: bytes | None, digest: bytes | None) -> bool:
-    """Constant-time over bytes (both sides hashed: no length leak); never raises."""
-    if not given or not digest:
-        return False
-    return hmac.compare_digest(hashlib.sha256(given).digest(), digest)
-
-
 @hookimpl(tryfirst=True)
 def risoluto_request_authorize(kernel: Any, info: Any, settings: Any) -> ApiError | None:
     if settings.sandbox.role != ROLE:
@@ -68,7 +48,7 @@ def risoluto_request_authorize(kernel: Any, info: Any, settings: Any) -> ApiErro
     state = kernel.state.get(STATE)
     if state is None:  # the app was created as a control plane: the role cannot change later
         return None
-    if not secret_matches(_bearer(info.headers), state.digest):
+    if not digest_matches(bearer_token(info.headers), state.digest):
         return ApiError(401, "data_plane_unauthorized", f"A data plane needs Authorization: Bearer <{SECRET_ENV}>.",
                         {"WWW-Authenticate": 'Bearer realm="risoluto-data-plane"'})
     if info.route is not None and not info.route.startswith(_SERVED):
@@ -108,11 +88,9 @@ def risoluto_ratelimit_rules(settings: Any) -> list[RateRule]:
 def risoluto_app_blueprints(kernel: Any) -> list[Any]:
     if kernel.settings.sandbox.role != ROLE:
         return []
-    from ._dp_routes import DataPlaneState
-
     secret = (kernel.environ.get(SECRET_ENV) or "").strip()
     ok = len(secret) >= MIN_SECRET and header_safe(secret)
-    digest = hashlib.sha256(secret.encode("ascii")).digest() if ok else None
+    digest = token_digest(secret) if ok else None  # only the digest is kept
     kernel.state[STATE] = DataPlaneState(digest=digest)
     return [blueprint(kernel)]
 
@@ -151,5 +129,5 @@ def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
 @hookimpl
 def risoluto_checklist_provides(kernel: Any) -> list[str]:
     # a data plane's secret guards every request (reads and writes), and its received specs go
-    # through the same policy guard as on the control plane (``_dp_routes.enforce``)
+    # through the same policy guard as on the control plane (``_routes.enforce``)
     return ["write guard", "read guard", "sandbox policy check"] if kernel.settings.sandbox.role == ROLE else []
