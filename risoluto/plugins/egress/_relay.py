@@ -443,6 +443,19 @@ class _Way:
             self.pipe = None
 
 
+def _reregister(poller: Any, registered: dict[int, int], interests: list[tuple[int, int]]) -> dict[int, int]:
+    wanted: dict[int, int] = {}
+    for fd, event in interests:
+        if fd >= 0:
+            wanted[fd] = wanted.get(fd, 0) | event
+    for fd in registered.keys() - wanted.keys():
+        poller.unregister(fd)  # a finished side: its hang-up must not wake the loop
+    for fd, events in wanted.items():
+        if registered.get(fd) != events:
+            poller.register(fd, events)  # registers or modifies
+    return wanted
+
+
 def tunnel_sync(client: Conn, upstream: Conn, activity: Activity, up: Any, down: Any) -> None:
     """Relay an established tunnel both ways on the calling proxy thread until both sides have
     closed. One poll(2) waits for whichever direction can move; nothing goes through the event
@@ -451,24 +464,19 @@ def tunnel_sync(client: Conn, upstream: Conn, activity: Activity, up: Any, down:
     ways = (_Way(client, upstream, up), _Way(upstream, client, down))
     poller = select.poll()
     registered: dict[int, int] = {}
+    interests: list[tuple[int, int]] = []
     try:
         while not (ways[0].done and ways[1].done):
-            wanted: dict[int, int] = {}
-            for way in ways:
-                fd, event = way.interest()
-                if fd >= 0:
-                    wanted[fd] = wanted.get(fd, 0) | event
-            for fd in registered.keys() - wanted.keys():
-                poller.unregister(fd)  # a finished side: its hang-up must not wake the loop
-            for fd, events in wanted.items():
-                if registered.get(fd) != events:
-                    poller.register(fd, events)  # registers or modifies
-            registered = wanted
+            now = [way.interest() for way in ways]
+            if now != interests:  # re-register only when a direction starts waiting for something else
+                interests = now
+                registered = _reregister(poller, registered, now)
             left = activity.left()
             if left <= 0:
                 raise IdleTimeout
-            if poller.poll(left * 1000):
-                for way in ways:
+            ready = {fd for fd, _ in poller.poll(left * 1000)}
+            for way, (fd, _) in zip(ways, interests):
+                if fd in ready:  # a hang-up or error shows here too, and the step's splice reports it
                     way.step(activity)
     finally:
         for way in ways:
