@@ -1,21 +1,19 @@
 """Byte moving for the egress proxy: non-blocking sockets, idle bounds, zero-copy relaying.
 
-The proxy drives plain non-blocking sockets with ``anyio.wait_readable`` /
-``anyio.wait_writable`` instead of anyio's stream transports: once a request is judged,
-the bytes of a tunnel or a response are moved kernel-to-kernel with ``splice(2)``
-through a pipe (Linux), never copied into Python. Elsewhere ``recv``/``send`` are used.
+Once a request is judged, the bytes of a tunnel or a response are moved kernel-to-kernel with
+``splice(2)`` through a pipe (Linux), never copied into Python; elsewhere ``recv``/``send``.
 
-Two ways of driving splice, chosen per direction:
+- A tunnel is relayed on its connection thread (``tunnel_sync``, see ``_threads``): one poll(2)
+  over both sockets, then a bounded number of splice rounds for each direction that is ready.
+- A plain-HTTP answer is moved on the event loop (``pump``: splice, then wait for readiness),
+  and once it has moved ``BULK_BYTES`` it continues in a relay thread of its own, a poll(2) +
+  splice(2) loop that spares the loop a wakeup per chunk. At most ``RELAY_THREADS`` directions
+  are in threads at once; beyond that they stay on the loop. Such a thread is told to stop
+  through a pipe of its own, so cancelling the exchange ends it promptly and before its sockets
+  close.
 
-- on the event loop, waiting for readiness between calls: no thread hand-off, so a short
-  exchange (an API call, a small download) costs no more than its few syscalls;
-- in a relay thread of its own, once the direction has moved ``BULK_BYTES``: a bulk transfer
-  then runs poll(2) + splice(2) loops outside the event loop (the GIL is released in both
-  calls), instead of paying the event loop's per-wakeup work (epoll registration, a future,
-  a task step) for every chunk, and leaves the loop free for new connections. At most
-  ``RELAY_THREADS`` directions are in threads at once; beyond that they stay on the loop.
-  A thread is told to stop through a pipe of its own, so cancelling the tunnel (idle bound,
-  reset of the other direction, server stop) ends it promptly and before its sockets close.
+``Conn`` and ``Reader`` have both forms: ``recv``/``fill``/``read_until`` for the event loop,
+``recv_sync``/``fill_sync``/``read_until_sync`` for connection threads (poll(2) with the bound).
 """
 
 from __future__ import annotations
