@@ -234,6 +234,8 @@ class EgressProxy:
 
     # -- one connection, on its connection thread -----------------------------------------
     def _accepted(self, sock: socket.socket, peer: str) -> None:
+        # the proxy writes whole messages and relays what it read at once: never hold a segment back
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock)
         try:
             if not self._admit(peer):
