@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 import anyio
 import pytest
 
+from backend_support import lock_store, use_store
 from broker_support import serve_upstream
 from docker_util import docker_engine, logs, run, sandbox_world, wait_for_log  # noqa: F401
 from egress_support import CA, TargetNamespace
