@@ -209,6 +209,20 @@ async def test_without_a_key_the_store_is_locked_with_the_reason(tmp_path):
         SecretsBackend(store=FakeStore(), locked_reason="locked")  # both
 
 
+async def test_a_data_plane_with_a_key_and_an_allowlist_wants_neither_store_nor_enforcer(risoluto_client, tmp_path):
+    # its secret store and egress plugins are not loaded: not wanted there, so not missing either
+    from risoluto.manager import default_plugin_names
+    from risoluto.roles import KEEP, SECRET_ENV
+
+    config = {"sandbox": {"role": "data-plane"}, "plugins": {"disable": sorted(set(default_plugin_names()) - KEEP)},
+              "codex": {"sandbox": {"egressAllowlist": ["allowed.test"]}}}
+    client = await risoluto_client(config, env={"MASTER_KEY": KEY, SECRET_ENV: "s" * 40,
+                                                "DOCKER_HOST": f"unix://{tmp_path}/no-such-docker.sock"})
+    backends = client.app.extensions["risoluto"].backends
+    assert backends.secrets.store is None and "data plane" in backends.secrets.locked_reason
+    assert backends.egress is None and backends.runtime is not None and backends.limiter is not None
+
+
 async def test_an_engine_that_is_down_is_not_a_missing_backend(tmp_path):
     # the docker runtime answers; its engine does not exist: the app starts, sandbox routes answer 503
     kernel = kernel_for(tmp_path, env={"DOCKER_HOST": f"unix://{tmp_path}/no-such-docker.sock"})
@@ -270,8 +284,9 @@ KERNELISH = re.compile(r"((^|\.)(kernel|k|_kernel)|kernel_of\(.*\))(\.backends|\
 
 
 def kernel_writes(source: str) -> list[str]:
-    """``<kernel>.<slot> = ...`` (also augmented, annotated, tuple targets) and ``setattr(<kernel>,
-    ...)``, where <kernel> is a name or attribute ending in ``kernel`` (or ``k``)."""
+    """``<kernel>.<slot> = ...`` (also augmented, annotated, tuple targets), ``setattr(<kernel>,
+    ...)``, and ``getattr(<kernel>, "<old slot>", default)``, where <kernel> is a name or attribute
+    ending in ``kernel`` (or ``k``)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         targets: list[ast.expr] = []
@@ -281,6 +296,12 @@ def kernel_writes(source: str) -> list[str]:
             targets = [node.target]
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
             if node.args and KERNELISH.search(ast.unparse(node.args[0])):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+            continue
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr":
+            # a read of a slot the kernel no longer has, hidden by a default (always the default)
+            if (len(node.args) >= 2 and KERNELISH.search(ast.unparse(node.args[0]))
+                    and isinstance(node.args[1], ast.Constant) and node.args[1].value in SLOTS - {"backends"}):
                 found.append(f"line {node.lineno}: {ast.unparse(node)}")
             continue
         flat = [e for t in targets for e in (t.elts if isinstance(t, (ast.Tuple, ast.List)) else [t])]
@@ -295,6 +316,7 @@ def test_the_scanner_finds_kernel_writes():
     assert kernel_writes("a, self.kernel.limiter = 1, None") and kernel_writes("k.rate_rules += []")
     assert kernel_writes("setattr(kernel, 'egress_enforcer', e)") and kernel_writes("kernel._backends.current = b")
     assert kernel_writes("kernel.backends.runtime = r") and kernel_writes("kernel_of(app).limiter = None")
+    assert kernel_writes("store = getattr(self._kernel, 'secret_store', None)")
     assert not kernel_writes("self.runtime = runtime") and not kernel_writes("x = kernel.backends.runtime")
 
 
