@@ -23,6 +23,7 @@ from .hookspecs.ratelimit import RateLimiter, RateRule
 from .hookspecs.sandbox import SandboxRuntime
 from .hookspecs.secrets import SecretStore
 from .roles import ROLE as DATA_PLANE
+from .secret_store import CountingStore, open_store, operations_counter
 
 if TYPE_CHECKING:
     from .hooks import Hooks
@@ -126,12 +127,11 @@ def select(hooks: Hooks, kind: Kind, settings: Settings, *extra: Any) -> Any:
 
 # --- the life of each kind -----------------------------------------------------------------
 # A start returns the fields it fills, or None when the settings call for no backend of that
-# kind yet (an empty egress allowlist): the kind is then tried again by ``start_missing``.
+# kind yet (an empty egress allowlist): the kind is tried again at the next ``BackendRunner.start``
+# (``Kernel.start_new_services``, after an overlay).
 
 
 async def _start_secrets(kernel: Kernel) -> dict[str, Any] | None:
-    from .secret_store import CountingStore, open_store, operations_counter
-
     if kernel.settings.sandbox.role == DATA_PLANE:
         return {"secrets": SecretsBackend.locked(NO_SECRETS_ON_A_DATA_PLANE)}
     opened = await open_store(kernel.settings, kernel.hooks)
