@@ -169,7 +169,9 @@ def run_proxy(port: int, origin_port: int, tmp: str) -> None:
     import logging
 
     import anyio
+    import attrs
 
+    from risoluto.backends import SecretsBackend
     from risoluto.kernel import Kernel
     from risoluto.plugins.egress._broker_launch import make_broker
     from risoluto.plugins.egress._metrics import metrics_for
@@ -189,7 +191,8 @@ def run_proxy(port: int, origin_port: int, tmp: str) -> None:
         async def get(self, name: str) -> str | None:
             return REAL
 
-    kernel.secret_store = Store()
+    # the bench's fake store, put where only the kernel writes (tests/backend_support.py does the same)
+    kernel._backends.current = attrs.evolve(kernel.backends, secrets=SecretsBackend.opened(Store(), "bench"))
     proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel))
     proxy.broker = make_broker(kernel)
     proxy.register(Client(username="sbx-bench", secret=SECRET.encode(), sandbox="sbx-bench",

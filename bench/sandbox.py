@@ -88,7 +88,7 @@ def docker_run_argv(tmp: Path, network: str, gvisor: bool) -> list[str]:
 
 async def settle(kernel: Any) -> None:
     """Let background work of the previous run end, so it never overlaps the next measurement."""
-    await kernel.runtime.settled()
+    await kernel.backends.runtime.settled()
     await anyio.sleep(GAP_S)
 
 
@@ -96,7 +96,7 @@ def floor_kwargs(kernel: Any, request: LaunchRequest) -> dict[str, Any]:
     """The runtime's own create arguments for this launch (CODEX_HOME stays an anonymous
     volume: only a launch claims a prepared one)."""
     spec = build_spec(kernel, request, {})
-    return engine.create_kwargs(spec, {**spec.labels, LABEL_INSTANCE: kernel.runtime.instance})
+    return engine.create_kwargs(spec, {**spec.labels, LABEL_INSTANCE: kernel.backends.runtime.instance})
 
 
 def sdk_floor(client: Any, kwargs: dict[str, Any], pool: ThreadPoolExecutor) -> float:
@@ -147,7 +147,7 @@ async def compare(tmp: Path, gvisor: bool, rounds: int) -> tuple[float, float, f
             floor.append(sdk_floor(sdk, kwargs, pool))
         pool.shutdown()
         sdk.close()
-        instance = kernel.runtime.instance
+        instance = kernel.backends.runtime.instance
     client = docker.from_env().api
     client.remove_volume("risoluto-home-BENCH-1", force=True)  # the baseline's HOME volume
     for vol in client.volumes(filters={"label": [f"risoluto.instance={instance}"]}).get("Volumes") or []:

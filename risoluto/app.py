@@ -188,7 +188,7 @@ def _completed(kernel: Kernel, info: RequestInfo, status: int) -> None:
 
 
 async def _rate_limit(kernel: Kernel, info: RequestInfo) -> ApiError | None:
-    limiter = kernel.limiter
+    limiter = kernel.backends.limiter
     if limiter is None:
         return None
     rule = _rule_for(kernel, info)
@@ -221,13 +221,14 @@ def _rule_for(kernel: Kernel, info: RequestInfo) -> Any:
     """The first rule matching the request; cached per matched route (a finite set)."""
     path = info.norm_path
     if info.route is None:
-        return next((r for r in kernel.rate_rules if r.matches(path)), None)
+        return next((r for r in kernel.backends.rate_rules if r.matches(path)), None)
     rules, cache = kernel.state.get("kernel.rate_rule_cache", (None, {}))
-    if rules is not kernel.rate_rules:  # rules replaced (a restart of the limiter service)
+    current = kernel.backends.rate_rules
+    if rules is not current:  # rules replaced (an overlay, a restart of the limiter)
         cache = {}
-        kernel.state["kernel.rate_rule_cache"] = (kernel.rate_rules, cache)
+        kernel.state["kernel.rate_rule_cache"] = (current, cache)
     if path not in cache:
-        cache[path] = next((r for r in kernel.rate_rules if r.matches(path)), None)
+        cache[path] = next((r for r in current if r.matches(path)), None)
     return cache[path]
 
 

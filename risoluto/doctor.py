@@ -152,9 +152,11 @@ async def run_probes(kernel: Kernel, timeout_s: float = 180.0) -> list[CheckResu
     if not probes:
         return [CheckResult(item="probe", status=FAIL, reason="no plugin contributes a probe",
                             fix="enable the default sandbox plugins")]
-    if kernel.launch_sandbox is None or kernel.runtime is None:
-        return [CheckResult(item="probe", status=FAIL, reason="no sandbox runtime: the canary cannot launch",
-                            fix="start Docker (see the Docker item) and check sandbox.runtime")]
+    launch, runtime = kernel.hooks.sandbox_launcher(), kernel.backends.runtime
+    if launch is None or runtime is None:
+        return [CheckResult(item="probe", status=FAIL, reason="no sandbox runtime or launcher: the canary "
+                            "cannot launch", fix="start Docker (see the Docker item), check sandbox.runtime "
+                            "and that the sandbox.api plugin is enabled")]
     env: dict[str, str] = {f"RISOLUTO_PROBE_{i}": p.script for i, p in enumerate(probes)}
     broken: dict[int, str] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -167,15 +169,15 @@ async def run_probes(kernel: Kernel, timeout_s: float = 180.0) -> list[CheckResu
         request = LaunchRequest(issue=PROBE_ISSUE, command=("sh", "-c", _canary_script(len(probes))),
                                 env=env, timeout_s=timeout_s)
         try:
-            record = await kernel.launch_sandbox(request, True)
+            record = await launch(request, True)
         except ApiError as err:
             return [CheckResult(item="probe", status=FAIL, reason=f"the canary did not run: {err.message}",
                                 fix="fix the launch error above, then re-run the probe")]
         try:
-            output = await kernel.runtime.logs(record["id"])
+            output = await runtime.logs(record["id"])
         finally:
             with contextlib.suppress(Exception):
-                await kernel.runtime.remove(record["id"])
+                await runtime.remove(record["id"])
     results = _judge_all(probes, _split_output(output, len(probes)))
     for i, why in broken.items():
         results[i] = CheckResult(item=probes[i].item, status=FAIL, reason=why[:300],

@@ -13,7 +13,7 @@ from .hookspecs.cli import CliCommand
 from .hookspecs.doctor import CheckResult, Probe
 from .hookspecs.egress import EgressApproval, EgressEnforcer, EgressRequest, EgressVerdict
 from .hookspecs.ratelimit import RateLimiter, RateRule
-from .hookspecs.sandbox import ContainerSpec, LaunchRequest, SandboxEvent, SandboxRuntime
+from .hookspecs.sandbox import ContainerSpec, LaunchRequest, Launcher, SandboxEvent, SandboxRuntime
 from .hookspecs.secrets import SecretEvent, SecretStore
 from .hookspecs.webhooks import WebhookDelivery, WebhookProvider
 
@@ -93,6 +93,9 @@ class Hooks:
     # sandbox
     def sandbox_runtime(self, settings: Settings) -> SandboxRuntime | None:
         return self._hook.risoluto_sandbox_runtime(kernel=self._kernel, settings=settings)
+
+    def sandbox_launcher(self) -> Launcher | None:
+        return self._hook.risoluto_sandbox_launcher(kernel=self._kernel)
 
     def sandbox_spec(self, spec: ContainerSpec, request: LaunchRequest, settings: Settings) -> None:
         """The edit phase: the default plugins' edits, then everyone else's, so a third party's

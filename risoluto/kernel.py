@@ -5,17 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 import pluggy
 from prometheus_client import CollectorRegistry
 
+from .backends import BackendRunner, Backends
 from .checklist import check_providers
 from .hooks import Hooks
-from .hookspecs.egress import EgressEnforcer
-from .hookspecs.ratelimit import RateLimiter, RateRule
-from .hookspecs.sandbox import LaunchRequest, SandboxRuntime
-from .hookspecs.secrets import SecretStore
 from .errors import ConfigError, StartupError
 from .manager import PluginInfo, build_plugin_manager
 from .settings import Settings
@@ -27,6 +24,9 @@ class Kernel:
     """One per app. Plugins keep their per-app state here, never in module globals.
 
     ``settings`` may be replaced at run time by the config overlay API; read it per use.
+    ``backends`` (read-only, ``risoluto.backends.Backends``) is what the kernel chose and started
+    behind the plugins: the secret store, the rate limiter, the sandbox runtime, the egress
+    enforcer; read it per use too (it is replaced whole as backends start and stop).
     """
 
     def __init__(
@@ -45,32 +45,29 @@ class Kernel:
         self.hooks.settings_validate(settings)  # ConfigError names the key path
         check_providers(self)  # a disabled plugin needs a loaded replacement for its checklist items
         self.metrics_registry = CollectorRegistry(auto_describe=True)
-        self.secret_store: SecretStore | None = None
-        self.secrets_locked_reason = "no master key: set MASTER_KEY or create <DATA_DIR>/master.key"
-        self.limiter: RateLimiter | None = None
-        self.rate_rules: list[RateRule] = []
-        self.runtime: SandboxRuntime | None = None
-        # the running egress enforcer (set by the egress service under an allowlist); the launcher
-        # attaches it to every spec between the edit and the check phase
-        self.egress_enforcer: EgressEnforcer | None = None
-        # set by the sandbox API plugin: (LaunchRequest, wait) -> record; used by doctor --probe
-        self.launch_sandbox: Callable[[LaunchRequest, bool], Awaitable[dict[str, Any]]] | None = None
+        self._backends = BackendRunner(self)
         self.state: dict[str, Any] = {}
         self._started: list[Any] = []
         self._running = False
+
+    @property
+    def backends(self) -> Backends:
+        """The backends as of now (frozen; docs/plugins.md, "Backends"). Plugins read it, per use."""
+        return self._backends.current
 
     def apply_settings(self, settings: Settings) -> None:
         """Replace the live settings (the config overlay API): what the kernel derived from them
         follows at once, so nothing the overlay may hold waits for a restart."""
         self.settings = settings
-        if self.limiter is not None:  # the rate rules were read when the limiter started
-            self.rate_rules = self.hooks.ratelimit_rules(settings)
+        self._backends.settings_changed(settings)  # the rate rules
 
     async def start_new_services(self) -> None:
-        """Start the services the current settings call for that are not running yet (by name), so
-        an overlay that, say, sets an egress allowlist over an empty one is enforced at once."""
+        """Start the backends and services the current settings call for that are not running yet
+        (services by name), so an overlay that, say, sets an egress allowlist over an empty one is
+        enforced at once."""
         if not self._running:
             return
+        await self._backends.start()
         running = {getattr(s, "name", None) for s in self._started}
         for service in self.hooks.app_services(self):
             if getattr(service, "name", None) in running:
@@ -79,7 +76,8 @@ class Kernel:
             self._started.append(service)
 
     async def start(self) -> None:
-        """Start every plugin service in load order; a failure stops what started and raises.
+        """Start the backends (``risoluto.backends``), then every plugin service in load order; a
+        failure stops what started and raises.
 
         Idempotent: ``risoluto serve`` starts the kernel before hypercorn (so a startup error is
         one clean line), then Quart's ``before_serving`` calls this again.
@@ -87,6 +85,11 @@ class Kernel:
         if self._running:
             return
         self._running = True
+        try:
+            await self._backends.start()  # StartupError naming the backend or the setting
+        except Exception:
+            await self.stop()
+            raise
         for service in self.hooks.app_services(self):
             try:
                 await service.start()
@@ -99,7 +102,8 @@ class Kernel:
             self._started.append(service)
 
     async def stop(self) -> None:
-        """Stop started services in reverse order; one failing stop does not skip the rest."""
+        """Stop started services in reverse order, then the backends; one failing stop does not
+        skip the rest."""
         self._running = False
         while self._started:
             service = self._started.pop()
@@ -107,6 +111,7 @@ class Kernel:
                 await service.stop()
             except Exception:
                 log.exception("service %r failed to stop", getattr(service, "name", service))
+        await self._backends.stop()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Kernel]:

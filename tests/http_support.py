@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import pytest
 from quart import Blueprint, g
 
+from backend_support import lock_store, use_store
 from risoluto import hookimpl
 from risoluto.app import create_app
 from risoluto.settings import build_settings
@@ -69,7 +70,7 @@ class MemorySecrets:
 
 
 class SecretStorePlugin:
-    """Installs ``store`` as ``kernel.secret_store`` when the app starts."""
+    """Puts ``store`` in ``kernel.backends.secrets`` when the app starts (None: locked)."""
 
     def __init__(self, store: MemorySecrets | None):
         self.store = store
@@ -82,10 +83,13 @@ class SecretStorePlugin:
             name = "test.secret_store"
 
             async def start(self) -> None:
-                kernel.secret_store = plugin.store
+                if plugin.store is None:
+                    lock_store(kernel)
+                else:
+                    use_store(kernel, plugin.store)
 
             async def stop(self) -> None:
-                kernel.secret_store = None
+                lock_store(kernel, "stopped")
 
         return [Install()]
 

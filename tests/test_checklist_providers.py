@@ -164,6 +164,7 @@ def _facade_calls(hooks: Hooks, kernel: Any) -> dict[str, Any]:
         "secret_changed": lambda: hooks.secret_changed(object(), s),  # type: ignore[arg-type]
         "secret_changing": lambda: hooks.secret_changing(object(), s),  # type: ignore[arg-type]
         "sandbox_runtime": lambda: hooks.sandbox_runtime(s),
+        "sandbox_launcher": lambda: hooks.sandbox_launcher(),
         "sandbox_spec": lambda: hooks.sandbox_spec(object(), object(), s),  # type: ignore[arg-type]
         "sandbox_spec_check": lambda: hooks.sandbox_spec_check(ContainerSpec(name="x", image="i"),
                                                                LaunchRequest(issue="i"), s),

@@ -23,6 +23,7 @@ import h11
 import pytest
 from anyio.streams.tls import TLSStream
 
+from backend_support import lock_store, use_store
 from broker_support import Upstream, start_upstream
 from egress_support import CA
 from risoluto.errors import ConfigError
@@ -120,7 +121,7 @@ async def broker_env(tmp_path: Any, egress: Any = None, audit: EgressAudit | Non
         extra = egress(uport) if egress else {}
         settings = build_settings(egress_config(tmp_path, ca, uport, **extra), None, {"DATA_DIR": str(tmp_path)})
         kernel = Kernel(settings)
-        kernel.secret_store = Store({"API_TOKEN": REAL, "KEY_HEADER": "key-" + "k" * 20})
+        use_store(kernel, Store({"API_TOKEN": REAL, "KEY_HEADER": "key-" + "k" * 20}))
         proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
                             audit=audit or audit_for(kernel))
         broker = make_broker(kernel)
@@ -321,14 +322,15 @@ async def test_rotation_locked_store_and_sse(tmp_path):
         auth = [("Authorization", f"Bearer {ph}")]
         async with session(env) as s:
             assert (await s.request("GET", "/v1/a", auth))[0] == 200
-            env.kernel.secret_store.values["API_TOKEN"] = ROTATED  # rotated: the next request uses it
+            env.kernel.backends.secrets.store.values["API_TOKEN"] = ROTATED  # rotated: the next request uses it
             status, _, body, _ = await s.request("GET", "/v1/b", auth)
             assert status == 200 and json.loads(body)["headers"]["authorization"] == f"Bearer {ROTATED}"
             # server-sent events arrive one by one, not at the end
             status, got, body, times = await s.request("GET", "/sse", auth)
             assert status == 200 and body.count(b"data: event") == 3
             assert len(times) >= 3 and times[-1] - times[0] >= 0.6, times
-        locked_store, env.kernel.secret_store = env.kernel.secret_store, None
+        locked_store = env.kernel.backends.secrets.store
+        lock_store(env.kernel)
         async with session(env) as s:
             status, got, _, _ = await s.request("GET", "/v1/c", auth)
         assert (status, got.get("x-risoluto-egress")) == (503, "secrets_locked")
@@ -480,7 +482,7 @@ async def test_doctor_lists_brokered_and_names_raw_secrets(tmp_path):
     config = egress_config(tmp_path, ca, 8443)
     config["codex"]["authDir"] = str(auth_dir)
     kernel = Kernel(build_settings(config, None, {"DATA_DIR": str(tmp_path)}))
-    kernel.secret_store = Store({"API_TOKEN": REAL, "KEY_HEADER": "k" * 20, "DEPLOY_KEY": "d" * 20})
+    use_store(kernel, Store({"API_TOKEN": REAL, "KEY_HEADER": "k" * 20, "DEPLOY_KEY": "d" * 20}))
     rows = await anyio.to_thread.run_sync(credentials.risoluto_doctor_checks, kernel)
     by_item = {r.item: r for r in rows}
     listed = by_item["egress credentials"]

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 import anyio
 import pytest
 
+from backend_support import lock_store, use_store
 from broker_support import serve_upstream
 from docker_util import docker_engine, logs, run, sandbox_world, wait_for_log  # noqa: F401
 from egress_support import CA, TargetNamespace
@@ -148,7 +149,7 @@ def results(text: str) -> dict[str, str]:
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
 async def test_brokered_secret_never_reaches_the_worker(sandbox_world: Any, runtime: str) -> None:  # noqa: F811
     async with broker_world(sandbox_world, runtime) as (client, kernel, upstream, ca):
-        broker = kernel.egress_enforcer.proxy.broker
+        broker = kernel.backends.egress.proxy.broker
         sleeper = {"issue": "BRK-B", "command": ["sh", "-c", "echo ph=$API_TOKEN; sleep 100"], "secrets": ["API_TOKEN"]}
         other = await run(client, {**sleeper, "wait": False})
         other_ph = results(await wait_for_log(client, other["id"], "ph=", timeout=120))["ph"]
@@ -165,11 +166,12 @@ async def test_brokered_secret_never_reaches_the_worker(sandbox_world: Any, runt
         response = await client.put("/api/v1/secrets/API_TOKEN", json={"value": ROTATED})
         assert response.status_code == 204
         text = await wait_for_log(client, box["id"], "phase2=done", timeout=60)
-        store, kernel.secret_store = kernel.secret_store, None  # the store locked
+        store = kernel.backends.secrets.store
+        lock_store(kernel)  # the store locked
         try:
             text = await wait_for_log(client, box["id"], "done=1", timeout=60)
         finally:
-            kernel.secret_store = store
+            use_store(kernel, store)
         await client.delete(f"/api/v1/sandboxes/{other['id']}")
         registry = kernel.metrics_registry
         seen = list(upstream.requests)

@@ -198,7 +198,7 @@ async def test_approvals_from_real_workers(sandbox_world: Any, runtime: str) -> 
         # the server stops while a request is held: it is denied, and the old id means nothing
         restart = await env.launch("DEC-R", script(env, "c held http://unlisted.test/held"))
         waiting = await pending(env, "unlisted.test", restart["id"])
-        await env.kernel.egress_enforcer.stop()
+        await env.kernel.backends.egress.stop()
         restart_out = await env.output(restart, "done=1")
         assert await answer(env, waiting, "allow-once") == 404
 

@@ -105,7 +105,7 @@ async def egress_env(world: Any, runtime: str, egress: Any = None) -> AsyncItera
         file_list = {"codex": {"sandbox": {"egressAllowlist": [*ALLOW, "other.test"]}}}
         config_file.write_text(json.dumps(world.config(deep_merge(overrides, file_list))))
         client, kernel = await world.app(overrides, env={"RISOLUTO_CONFIG": str(config_file)})
-        gateway = kernel.egress_enforcer.status()["bind"].rsplit(":", 1)[0]
+        gateway = kernel.backends.egress.status()["bind"].rsplit(":", 1)[0]
         hits: list[str] = []
         service = await anyio.create_tcp_listener(local_host=gateway, local_port=0)
 

@@ -59,7 +59,7 @@ def checks(kernel: Kernel) -> dict[str, tuple[str, str]]:
 async def test_service_builds_network_binds_gateway_and_guards_host(tmp_path, docker_engine):  # noqa: F811
     kernel = kernel_with(tmp_path, ["allowed.test"])
     async with kernel.running():
-        status = kernel.egress_enforcer.status()
+        status = kernel.backends.egress.status()
         gateway, port = status["bind"].rsplit(":", 1)
         (network,) = [docker_engine.inspect_network(n["Id"]) for n in docker_engine.networks(names=[NETWORK])
                       if n["Name"] == NETWORK]
@@ -94,7 +94,7 @@ async def test_service_builds_network_binds_gateway_and_guards_host(tmp_path, do
         assert "NO_PROXY" in specs[0].env and specs[0].cap_add == []
     # stopped: this proxy's rule is gone and the port is closed
     assert f"--dport {port} -j ACCEPT" not in iptables_rules()
-    assert kernel.egress_enforcer is None
+    assert kernel.backends.egress is None
 
 
 async def test_launch_fails_closed_without_a_running_enforcer(tmp_path):

@@ -32,7 +32,7 @@ def freeze(client):
     in one sub-window, whatever the machine's speed."""
     kernel = client.app.extensions["risoluto"]
     clock = Clock(time.monotonic())
-    kernel.limiter.clock = clock
+    kernel.backends.limiter.clock = clock
     return clock
 
 

@@ -307,7 +307,7 @@ async def test_many_log_followers_do_not_starve_other_engine_calls(sandbox_world
     seen: list[bytes] = []
 
     async def follow() -> None:
-        async for chunk in kernel.runtime.stream_logs(created["id"]):
+        async for chunk in kernel.backends.runtime.stream_logs(created["id"]):
             seen.append(chunk)
 
     async with anyio.create_task_group() as tg:
@@ -348,7 +348,7 @@ async def test_a_follower_that_goes_away_frees_its_thread_while_the_sandbox_stay
     await wait_for_log(client, created["id"], "started")
 
     async def follow_once() -> None:
-        stream = kernel.runtime.stream_logs(created["id"])
+        stream = kernel.backends.runtime.stream_logs(created["id"])
         assert b"started" in await stream.__anext__()
         await stream.aclose()  # the reader leaves; the container stays quiet
 
@@ -358,7 +358,7 @@ async def test_a_follower_that_goes_away_frees_its_thread_while_the_sandbox_stay
     with anyio.fail_after(5):
         while _threads_in("pump"):
             await anyio.sleep(0.05)
-    assert kernel.runtime._follows.borrowed_tokens == 0
+    assert kernel.backends.runtime._follows.borrowed_tokens == 0
     await client.delete(f"/api/v1/sandboxes/{created['id']}")
 
 

@@ -70,7 +70,7 @@ async def filled_pool(world, client, kernel) -> tuple[dict, str]:
     first = await facts(client, "PREP-1")
     assert pooled(world) == []  # files seen once: nothing prepared yet
     assert await facts(client, "PREP-2") == first
-    await kernel.runtime.settled()
+    await kernel.backends.runtime.settled()
     names = pooled(world)
     assert len(names) == 1, names
     return first, names[0]
@@ -100,7 +100,7 @@ async def test_prepared_codex_home_is_what_a_direct_put_gives(sandbox_world):
     assert json.loads((await logs(client, record["id"])).strip().splitlines()[0]) == direct
     assert not volume_exists(sandbox_world, name)
     # the label is a keyed digest: it does not reveal (or let anyone confirm) auth.json
-    await kernel.runtime.settled()
+    await kernel.backends.runtime.settled()
     labels = [sandbox_world.docker.inspect_volume(n)["Labels"][LABEL_PREPARED] for n in pooled(sandbox_world)]
     assert labels and all(hashlib.sha256(b'{"tokens": "pool-token"}').hexdigest()[:32] != v for v in labels)
 
@@ -126,7 +126,7 @@ async def test_a_vanished_or_forged_pool_volume_never_yields_an_empty_codex_home
     # name at create; the launch must notice and put the files itself.
     sandbox_world.docker.remove_volume(name, force=True)
     assert await facts(client, "PREP-3") == direct
-    await kernel.runtime.settled()
+    await kernel.backends.runtime.settled()
     [name] = pooled(sandbox_world)
     # Someone swaps it for an empty volume of the same name with the instance's labels but no
     # (or a wrong) digest: refused the same way, and removed.
@@ -166,7 +166,7 @@ async def test_an_image_that_declares_volumes_leaves_no_volume_behind(sandbox_wo
         client, kernel = await sandbox_world.app({"codex": {"sandbox": {"image": image}}})
         await filled_pool(sandbox_world, client, kernel)
         await facts(client, "PREP-3")  # takes the prepared volume
-        await kernel.runtime.settled()
+        await kernel.backends.runtime.settled()
         await sandbox_world.stack.aclose()
         assert unlabelled() - before == set()
     finally:

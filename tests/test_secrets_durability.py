@@ -32,7 +32,7 @@ WRITER = """
 import sys, anyio
 from risoluto.kernel import Kernel
 from risoluto.settings import load_settings
-from risoluto.plugins.secrets._access import open_store
+from risoluto.secret_store import open_store
 
 async def main():
     settings = load_settings()

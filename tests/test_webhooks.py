@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from backend_support import lock_store
 from http_support import MemorySecrets, SecretStorePlugin, linear_body, linear_signature
 from risoluto import hookimpl
 from risoluto.errors import ApiError
@@ -465,7 +466,7 @@ async def test_doctor(risoluto_client):
     memory.values["GITHUB_WEBHOOK_SECRET"] = "y"
     (result,) = [r for r in await anyio.to_thread.run_sync(run_checks, kernel) if r.item == "Webhook secrets"]
     assert result.status == "PASS"
-    kernel.secret_store = None
+    lock_store(kernel)
     (result,) = [r for r in await anyio.to_thread.run_sync(run_checks, kernel) if r.item == "Webhook secrets"]
     assert result.status == "WARN"
 

@@ -2,7 +2,7 @@
 
 When ``codex.sandbox.egressAllowlist`` is non-empty, the kernel asks
 ``risoluto_egress_enforcer`` for an enforcer, starts it with the app (a failing start
-stops startup), and calls its ``attach`` for every sandbox launch (after every other
+stops startup), and the launcher calls its ``attach`` for every sandbox launch (after every other
 ``risoluto_sandbox_spec`` contribution). A launch that no enforcer attached to is
 refused: an allowlist is never silently ignored.
 
@@ -91,8 +91,10 @@ class EgressEnforcer(Protocol):
 
 @hookspec(firstresult=True)
 def risoluto_egress_enforcer(kernel: Kernel, settings: Settings) -> EgressEnforcer | None:
-    """Return the egress enforcer. Called once at startup, only when the allowlist is non-empty;
-    firstresult.
+    """Return the egress enforcer. Called once at startup by the kernel, only when the allowlist
+    is non-empty (or when an overlay sets one); firstresult. The kernel starts it, holds it as
+    ``kernel.backends.egress`` and stops it at shutdown; no plugin answering is a startup error
+    naming ``codex.sandbox.egressAllowlist``.
 
     Example::
 

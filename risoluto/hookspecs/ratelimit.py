@@ -106,8 +106,9 @@ def risoluto_ratelimit_rules(kernel: Kernel, settings: Settings) -> list[RateRul
 def risoluto_ratelimit_backend(kernel: Kernel, settings: Settings) -> RateLimiter | None:
     """Return the rate-limit backend named by ``rateLimit.backend``, or None if it is not yours.
 
-    Called once at app creation; firstresult. If no plugin answers, startup fails
-    with a message naming the backend.
+    Called once at startup by the kernel, which holds the answer as ``kernel.backends.limiter``
+    and closes it at shutdown; firstresult. If no plugin answers, startup fails with a message
+    naming ``rateLimit.backend``.
 
     Example::
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import attrs
 
@@ -125,16 +125,39 @@ class SandboxRuntime(Protocol):
 def risoluto_sandbox_runtime(kernel: Kernel, settings: Settings) -> SandboxRuntime | None:
     """Return the runtime backend named by ``sandbox.runtime`` (``docker``, ``remote``), or None.
 
-    Called once at startup by the ``sandbox.api`` service, which sets ``kernel.runtime``, calls
-    the runtime's ``attach(kernel, observer)`` if it has one (live settings, events, metrics)
-    and ``cleanup_orphans()``; firstresult. Construct without connecting: the app must start
-    when the engine is down (routes then answer 503 ``sandbox_runtime_unavailable``).
+    Called once at startup by the kernel, which holds the answer as ``kernel.backends.runtime``
+    and closes it at shutdown; firstresult. No plugin answering is a startup error naming
+    ``sandbox.runtime``. The ``sandbox.api`` service then calls the runtime's
+    ``attach(kernel, observer)`` if it has one (live settings, events, metrics) and
+    ``cleanup_orphans()``. Construct without connecting: the app must start when the engine is
+    down (routes then answer 503 ``sandbox_runtime_unavailable``).
 
     Example::
 
         @hookimpl
         def risoluto_sandbox_runtime(settings):
             return PodmanRuntime(settings) if settings.sandbox.runtime == "podman" else None
+    """
+
+
+Launcher = Callable[[LaunchRequest, bool], Awaitable[dict[str, Any]]]
+"""``(request, wait) -> record``: a launch through the whole launch path (secrets, both spec
+phases, the egress enforcer, the runtime), as ``POST /api/v1/sandboxes`` launches."""
+
+
+@hookspec(firstresult=True)
+def risoluto_sandbox_launcher(kernel: Kernel) -> Launcher | None:
+    """Return how to launch a sandbox the way the sandbox API does, or None; firstresult.
+
+    ``risoluto doctor --probe`` launches its canary with it (waiting for the end), so the probes
+    judge the live policy. The ``sandbox.api`` plugin answers; without an answer the probe is a
+    FAIL, never a launch by another path.
+
+    Example::
+
+        @hookimpl
+        def risoluto_sandbox_launcher(kernel):
+            return functools.partial(my_launch, kernel)
     """
 
 

@@ -88,7 +88,8 @@ def risoluto_secret_store(kernel: Kernel, settings: Settings, master_key: str) -
     """Return the store for ``secrets.backend``, or None if it is not yours.
 
     Called at startup when a master key is available (from ``MASTER_KEY`` or
-    ``<DATA_DIR>/master.key``); firstresult. The kernel then awaits ``open()``. Without a
+    ``<DATA_DIR>/master.key``); firstresult. The kernel then awaits ``open()``, holds the store
+    as ``kernel.backends.secrets.store`` and closes it at shutdown. Without a
     master key this hook is not called and secret routes answer 503 ``secrets_locked``.
     ``risoluto secrets`` (CLI) and the doctor call it too: building the store must do no
     I/O. No plugin returning a store for ``secrets.backend`` is a startup error naming it.

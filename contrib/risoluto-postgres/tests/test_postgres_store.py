@@ -117,18 +117,18 @@ def test_a_bad_dsn_setting_stops_startup_naming_the_key(tmp_path):
 async def test_two_instances_see_each_others_secrets(tmp_path, pg_env, db):
     async with running_app(settings_for(tmp_path, "a")) as a, running_app(settings_for(tmp_path, "b")) as b:
         ca, cb = a.test_client(), b.test_client()
-        assert kernel_of(a.app).secret_store.backend == "postgres"
+        assert kernel_of(a.app).backends.secrets.store.backend == "postgres"
         response = await ca.post("/api/v1/secrets/LINEAR_WEBHOOK_SECRET", json={"value": "s3cret-from-a"})
         assert response.status_code == 204
         assert (await cb.put("/api/v1/secrets/GITHUB_WEBHOOK_SECRET", json={"value": "from-b"})).status_code == 204
         for client in (ca, cb):
             listed = await client.get("/api/v1/secrets")
             assert (await listed.get_json()) == {"keys": ["GITHUB_WEBHOOK_SECRET", "LINEAR_WEBHOOK_SECRET"]}
-        assert await kernel_of(b.app).secret_store.get("LINEAR_WEBHOOK_SECRET") == "s3cret-from-a"
-        assert await kernel_of(a.app).secret_store.get("GITHUB_WEBHOOK_SECRET") == "from-b"
+        assert await kernel_of(b.app).backends.secrets.store.get("LINEAR_WEBHOOK_SECRET") == "s3cret-from-a"
+        assert await kernel_of(a.app).backends.secrets.store.get("GITHUB_WEBHOOK_SECRET") == "from-b"
         assert (await cb.delete("/api/v1/secrets/LINEAR_WEBHOOK_SECRET")).status_code == 204
         assert (await ca.delete("/api/v1/secrets/LINEAR_WEBHOOK_SECRET")).status_code == 404
-        assert await kernel_of(a.app).secret_store.get("LINEAR_WEBHOOK_SECRET") is None
+        assert await kernel_of(a.app).backends.secrets.store.get("LINEAR_WEBHOOK_SECRET") is None
     # the values live only in PostgreSQL, encrypted: not in either DATA_DIR, not in clear in the table
     for name in ("a", "b"):
         assert not (tmp_path / name / "secrets.enc").exists()
@@ -208,7 +208,7 @@ async def test_tampered_and_swapped_rows_are_rejected(tmp_path, pg_env, db):
     db.execute("UPDATE encrypted_secrets b SET ciphertext = g.ciphertext, iv = g.iv, auth_tag = g.auth_tag "
                "FROM encrypted_secrets g WHERE b.key = 'BETA' AND g.key = 'GAMMA'")
     async with running_app(settings_for(tmp_path, "a")) as app:
-        live = kernel_of(app.app).secret_store
+        live = kernel_of(app.app).backends.secrets.store
         assert set(live.damaged) == {"ALPHA", "BETA"}
         for name in ("ALPHA", "BETA"):
             with pytest.raises(SecretIntegrityError) as err:

@@ -62,10 +62,10 @@ def test_found_through_its_entry_point(tmp_path):
 
 async def test_selected_by_configuration_only(tmp_path, redis_env):
     async with running_app(settings_for(tmp_path, "r")) as app:
-        assert isinstance(kernel_of(app.app).limiter, RedisLimiter)
+        assert isinstance(kernel_of(app.app).backends.limiter, RedisLimiter)
     memory = build_settings({}, None, {"DATA_DIR": str(tmp_path / "m")})
     async with running_app(memory) as app:
-        assert not isinstance(kernel_of(app.app).limiter, RedisLimiter)
+        assert not isinstance(kernel_of(app.app).backends.limiter, RedisLimiter)
 
 
 # -- shared limits ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ...requests import json_object
 # policy guard, runtime life cycle and names as an in-process runtime (tests/test_plugin_list.py).
 from ..sandbox._guard import check_spec, refuse
 from ..sandbox._naming import LABEL_ISSUE, checked_id, validate_issue, workspace_root
-from ..sandbox._runtime_service import close_runtime, install_runtime, remove_leftovers
+from ..sandbox._runtime_service import install_runtime, release_runtime, remove_leftovers
 from ..sandbox._wire import PREFIX, spec_from_wire, timeout_from_wire
 
 STATE = "data_plane"
@@ -71,7 +71,7 @@ class DataPlaneState:
 
 
 class DataPlaneService:
-    """Selects the docker runtime for the data plane, relays its events to the event log."""
+    """Relays the events of the runtime the kernel chose (docker) to the event log."""
 
     name = "data_plane"
 
@@ -86,7 +86,7 @@ class DataPlaneService:
         if extra:
             raise StartupError(f"a data plane must not load {', '.join(extra)}; start it with "
                                "`risoluto serve --data-plane`")
-        runtime = kernel.hooks.sandbox_runtime(kernel.settings)
+        runtime = kernel.backends.runtime  # the kernel chose it (risoluto.backends)
         if runtime is None or kernel.settings.sandbox.runtime != "docker":
             raise StartupError("a data plane needs sandbox.runtime: docker")
         state.events = EventLog()
@@ -94,7 +94,7 @@ class DataPlaneService:
         await remove_leftovers(runtime)  # without Docker: routes answer 503 until it is back
 
     async def stop(self) -> None:
-        await close_runtime(self.kernel)
+        release_runtime(self.kernel)
 
 
 def enforce(spec: Any, kernel: Any) -> None:
@@ -128,9 +128,9 @@ def blueprint(kernel: Any) -> Blueprint:
     bp = Blueprint("risoluto_data_plane", __name__)
 
     def runtime() -> Any:
-        if kernel.runtime is None:
+        if kernel.backends.runtime is None:
             raise ApiError(503, "sandbox_runtime_unavailable", "The data plane has no sandbox runtime yet.")
-        return kernel.runtime
+        return kernel.backends.runtime
 
     @bp.get(PREFIX + "/ping")
     @api("Data plane identity (needs the data-plane secret)", tags=_TAGS)

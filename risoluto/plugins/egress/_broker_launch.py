@@ -149,7 +149,7 @@ def make_broker(kernel: Any) -> Broker | None:
         return None
 
     async def read_secret(name: str) -> str | None:
-        store = kernel.secret_store  # read per request: a rotated secret applies at once
+        store = kernel.backends.secrets.store  # read per request: a rotated secret applies at once
         if store is None:
             raise SecretsLocked
         return await store.get(name)

@@ -209,7 +209,7 @@ async def _make_outside(targets: Targets) -> tuple[OutsideNamespace | None, list
 def make_context(targets: Targets, extra_env: dict[str, str]) -> Callable[[Kernel], Any]:
     @contextlib.asynccontextmanager
     async def context(kernel: Kernel) -> AsyncIterator[dict[str, str]]:
-        enforcer = kernel.egress_enforcer
+        enforcer = kernel.backends.egress
         status = enforcer.status() if enforcer is not None else {}
         targets.enforcer = getattr(enforcer, "name", "")
         gateway = str(status.get("bind", "")).rsplit(":", 1)[0].strip("[]")

@@ -107,7 +107,7 @@ def risoluto_doctor_probes(kernel: Kernel) -> list[Probe]:
 
     @contextlib.asynccontextmanager
     async def context(kernel: Kernel) -> AsyncIterator[dict[str, str]]:
-        store = kernel.secret_store
+        store = kernel.backends.secrets.store
         for name in names:  # held in the kernel's memory only, to search the canary's output
             values[name] = await store.get(name) if store is not None else None
         yield {"RISOLUTO_PROBE_BROKERED": " ".join(names),

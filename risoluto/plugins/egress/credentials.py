@@ -29,7 +29,7 @@ def risoluto_settings_validate(settings: Settings) -> None:
 
 
 def _store_names(kernel: Kernel) -> list[str] | None:
-    store = kernel.secret_store
+    store = kernel.backends.secrets.store
     if store is None:
         return None
     import anyio

@@ -19,7 +19,7 @@ def risoluto_doctor_checks(kernel: Kernel) -> list[CheckResult]:
     item = "egress host protection"
     if not kernel.settings.codex.sandbox.egress_allowlist:
         return [CheckResult(item=item, status=PASS, reason="no allowlist: no egress network to protect the host from")]
-    enforcer = kernel.egress_enforcer
+    enforcer = kernel.backends.egress
     if enforcer is not None:  # a running kernel: report what is in force
         protection = enforcer.status().get("host_protection", "")
         ok = protection.startswith("firewall")

@@ -1,6 +1,6 @@
 """Rate limiting (docs/http-security.md, "Rate limiting"): the ``api`` and ``webhooks`` buckets,
-the in-memory backend, and the service that installs ``kernel.limiter`` / ``kernel.rate_rules``
-at startup.
+the in-memory backend (the kernel selects the backend and holds it, with the rules, as
+``kernel.backends.limiter`` / ``rate_rules``), and its tracked-clients gauge.
 
 The in-memory backend is a sliding window of sub-window counters. A window W is cut into
 ``SUBWINDOWS`` (10) sub-windows of g = W/10 seconds, aligned to the bucket's creation. Per
@@ -37,7 +37,6 @@ import logging
 import time
 from typing import Any
 
-from risoluto.errors import StartupError
 from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.doctor import FAIL, PASS, WARN, CheckResult
 from risoluto.hookspecs.ratelimit import RateDecision, RateRule, client_group
@@ -209,7 +208,8 @@ def risoluto_ratelimit_backend(settings: Settings) -> MemoryLimiter | None:
 
 
 class RateLimitService:
-    """Installs the backend and the rules on the kernel for the app's lifetime."""
+    """Exports the in-memory limiter's tracked clients; the kernel chose the limiter and the rules
+    (``kernel.backends.limiter`` / ``rate_rules``) and closes it."""
 
     name = "http.rate_limit"
 
@@ -217,22 +217,12 @@ class RateLimitService:
         self.kernel = kernel
 
     async def start(self) -> None:
-        k = self.kernel
-        backend = k.hooks.ratelimit_backend(k.settings)
-        if backend is None:
-            raise StartupError(
-                f"rateLimit.backend {k.settings.rate_limit.backend!r}: no plugin provides this backend "
-                "(built in: memory; install the plugin that provides it, e.g. risoluto-redis)"
-            )
-        k.rate_rules = k.hooks.ratelimit_rules(k.settings)
-        k.limiter = backend
-        if isinstance(backend, MemoryLimiter):
-            _tracked_gauge(k).set_function(backend.tracked)
+        limiter = self.kernel.backends.limiter
+        if isinstance(limiter, MemoryLimiter):
+            _tracked_gauge(self.kernel).set_function(limiter.tracked)
 
     async def stop(self) -> None:
-        limiter, self.kernel.limiter = self.kernel.limiter, None
-        if limiter is not None:
-            await limiter.close()
+        pass
 
 
 def _tracked_gauge(kernel: Any) -> Any:
@@ -260,7 +250,8 @@ def _per_minute(limit: int, window: float) -> float:
 def risoluto_doctor_checks(kernel: Any) -> list[CheckResult]:
     item = "Rate limiting"
     rl = kernel.settings.rate_limit
-    if kernel.limiter is None and rl.backend != "memory" and kernel.hooks.ratelimit_backend(kernel.settings) is None:
+    if (kernel.backends.limiter is None and rl.backend != "memory"
+            and kernel.hooks.ratelimit_backend(kernel.settings) is None):
         return [CheckResult(item=item, status=FAIL, reason=f"no plugin provides rateLimit.backend {rl.backend!r}",
                             fix="set rateLimit.backend: memory, or install the backend's plugin")]
     summary = (f"api {rl.api.limit}/{rl.api.window_seconds:g}s, webhooks {rl.webhooks.limit}/"

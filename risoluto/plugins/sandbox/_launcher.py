@@ -76,9 +76,10 @@ def parse_launch(data: dict[str, Any]) -> tuple[LaunchRequest, bool]:
 async def resolve_secrets(kernel: Any, names: tuple[str, ...]) -> dict[str, str]:
     if not names:
         return {}
-    store = kernel.secret_store
+    secrets = kernel.backends.secrets
+    store = secrets.store
     if store is None:
-        raise ApiError(503, "secrets_locked", f"The secret store is locked: {kernel.secrets_locked_reason}.")
+        raise ApiError(503, "secrets_locked", f"The secret store is locked: {secrets.locked_reason}.")
     values: dict[str, str] = {}
     for name in names:
         value = await store.get(name)
@@ -121,7 +122,7 @@ def attach_egress(kernel: Any, spec: ContainerSpec, request: LaunchRequest) -> N
     """Under an allowlist the running enforcer takes the spec over (network, proxy environment,
     lifecycle callbacks) after every edit, so no edit can route around it; without a running
     enforcer the check phase refuses the spec (``egress.allowlist``)."""
-    enforcer = kernel.egress_enforcer
+    enforcer = kernel.backends.egress
     if enforcer is not None and kernel.settings.codex.sandbox.egress_allowlist:
         enforcer.attach(spec, request, kernel.settings)
         spec.labels[EGRESS_LABEL] = enforcer.name
@@ -158,7 +159,7 @@ def effective_policy(kernel: Any) -> dict[str, Any]:
 
 
 async def launch(kernel: Any, request: LaunchRequest, wait: bool = False) -> dict[str, Any]:
-    runtime = kernel.runtime
+    runtime = kernel.backends.runtime
     if runtime is None:
         raise ApiError(503, "sandbox_runtime_unavailable",
                        f"No sandbox runtime {kernel.settings.sandbox.runtime!r} is loaded; check sandbox.runtime "

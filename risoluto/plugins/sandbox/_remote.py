@@ -87,7 +87,7 @@ class RemoteRuntime:
 
     async def _secret(self) -> str:
         secret = (self._environ.get(SECRET_ENV) or "").strip()
-        store = getattr(self._kernel, "secret_store", None)
+        store = self._kernel.backends.secrets.store if self._kernel is not None else None
         if not secret and store is not None:
             secret = ((await store.get(SECRET_ENV)) or "").strip()
         if not secret or not header_safe(secret):

@@ -33,9 +33,9 @@ def docker_access(environ: Mapping[str, str]) -> list[str]:
 
 def _doctor_secret(kernel: Any) -> str:
     secret = (kernel.environ.get(SECRET_ENV) or "").strip()
-    if not secret and kernel.secret_store is not None:
+    if not secret and kernel.backends.secrets.store is not None:
         try:  # inside GET /api/v1/hardening the checks run in a worker thread of the event loop
-            secret = (anyio.from_thread.run(kernel.secret_store.get, SECRET_ENV) or "").strip()
+            secret = (anyio.from_thread.run(kernel.backends.secrets.store.get, SECRET_ENV) or "").strip()
         except Exception:
             secret = ""
     return secret

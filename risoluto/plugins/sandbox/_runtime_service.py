@@ -1,17 +1,16 @@
-"""The sandbox runtime's life in a kernel: select it (``risoluto_sandbox_runtime``), install it as
-``kernel.runtime`` with its event observer, clean up what a crashed run of this DATA_DIR left, and
-close it at shutdown. A private library of the sandbox plugins (the API's service, the data plane,
-the CLI share it)."""
+"""The sandbox runtime's life in a kernel, around what the kernel does (``risoluto.backends``
+chooses the runtime, holds it as ``kernel.backends.runtime`` and closes it at shutdown): attach
+the event observer, hold this DATA_DIR's owner lock, clean up what a crashed run of this DATA_DIR
+left. A private library of the sandbox plugins (the API's service, the data plane, the CLI
+share it)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Callable
 
 from ...errors import ApiError
 from . import _owner
-from ._launcher import launch
 from ._metrics import metrics_for
 
 log = logging.getLogger("risoluto.sandbox")
@@ -19,7 +18,7 @@ SKIP_CLEANUP = "sandbox.skip_orphan_cleanup"
 
 
 def install_runtime(kernel: Any, runtime: Any, relay: Callable[[Any], None] | None = None) -> None:
-    """Make ``runtime`` the kernel's; its events go to the sandbox metrics, then ``relay`` (if
+    """Wire the kernel's ``runtime``: its events go to the sandbox metrics, then ``relay`` (if
     given), then the ``risoluto_sandbox_event`` hook."""
     metrics = metrics_for(kernel)
 
@@ -31,7 +30,6 @@ def install_runtime(kernel: Any, runtime: Any, relay: Callable[[Any], None] | No
 
     if hasattr(runtime, "attach"):
         runtime.attach(kernel, observe)
-    kernel.runtime = runtime
     _owner.hold(kernel)  # while held, the doctor knows these sandboxes have a live owner
 
 
@@ -44,18 +42,14 @@ async def remove_leftovers(runtime: Any) -> None:
                     "engine answers)", err.message)
 
 
-async def close_runtime(kernel: Any) -> None:
-    runtime, kernel.runtime = kernel.runtime, None
-    try:
-        if runtime is not None:
-            await runtime.close()
-    finally:
-        _owner.release(kernel)
+def release_runtime(kernel: Any) -> None:
+    """At stop; the kernel closes the runtime after the services stopped."""
+    _owner.release(kernel)
 
 
 class SandboxService:
-    """Chooses the runtime (``risoluto_sandbox_runtime``), sets ``kernel.runtime``, cleans up
-    what a crashed run of this DATA_DIR left behind, and stops running sandboxes on shutdown."""
+    """Wires the runtime the kernel chose (``kernel.backends.runtime``) and cleans up what a
+    crashed run of this DATA_DIR left behind."""
 
     name = "sandbox.runtime"
 
@@ -64,17 +58,12 @@ class SandboxService:
 
     async def start(self) -> None:
         kernel = self.kernel
-        runtime = kernel.hooks.sandbox_runtime(kernel.settings)
-        if runtime is None:
-            log.warning("no sandbox runtime for sandbox.runtime=%r; sandbox routes answer 503",
-                        kernel.settings.sandbox.runtime)
+        runtime = kernel.backends.runtime
+        if runtime is None:  # the kernel fails startup first; only a kernel that is not running
             return
         install_runtime(kernel, runtime)
-        # What `doctor --probe` launches its canary with: the same path as the API.
-        kernel.launch_sandbox = functools.partial(launch, kernel)
         if not kernel.state.get(SKIP_CLEANUP):
             await remove_leftovers(runtime)
 
     async def stop(self) -> None:
-        self.kernel.launch_sandbox = None
-        await close_runtime(self.kernel)
+        release_runtime(self.kernel)

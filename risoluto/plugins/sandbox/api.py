@@ -9,6 +9,7 @@ app startup when Docker is absent: sandbox routes then answer 503
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -52,10 +53,11 @@ POLICY = {"type": "object", "required": ["launchable"],
 
 
 def _runtime(kernel: Any) -> Any:
-    if kernel.runtime is None:
+    runtime = kernel.backends.runtime
+    if runtime is None:
         raise ApiError(503, "sandbox_runtime_unavailable",
                        "No sandbox runtime is available; start Docker and check sandbox.runtime.")
-    return kernel.runtime
+    return runtime
 
 
 def blueprint(kernel: Any) -> Blueprint:
@@ -108,3 +110,9 @@ def risoluto_app_blueprints(kernel: Any) -> list[Any]:
 @hookimpl
 def risoluto_app_services(kernel: Any) -> list[Any]:
     return [SandboxService(kernel)]
+
+
+@hookimpl
+def risoluto_sandbox_launcher(kernel: Any) -> Any:
+    # what `doctor --probe` launches its canary with: the same path as POST /api/v1/sandboxes
+    return functools.partial(launch, kernel)

@@ -69,7 +69,7 @@ async def _run(args: Any) -> int:
     await app.startup()
     try:
         record = await launch(kernel, request)  # raises 503 when no runtime is loaded
-        runtime = kernel.runtime
+        runtime = kernel.backends.runtime
         assert runtime is not None
         out = sys.stdout.buffer
         try:

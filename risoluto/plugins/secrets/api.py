@@ -57,9 +57,10 @@ def _checked_name(key: str) -> None:
 
 
 def _store(kernel: Kernel) -> SecretStore:
-    if kernel.secret_store is None:
-        raise ApiError(503, "secrets_locked", f"Secrets are locked ({kernel.secrets_locked_reason}).")
-    return kernel.secret_store
+    secrets = kernel.backends.secrets
+    if secrets.store is None:
+        raise ApiError(503, "secrets_locked", f"Secrets are locked ({secrets.locked_reason}).")
+    return secrets.store
 
 
 @contextlib.asynccontextmanager
@@ -92,7 +93,7 @@ def _unavailable() -> ApiError:
 
 def _event(kernel: Kernel, operation: str, key: str) -> SecretEvent:
     info = g.get("info")
-    store = kernel.secret_store
+    store = kernel.backends.secrets.store
     return SecretEvent(
         operation=operation, key=key, backend=getattr(store, "backend", kernel.settings.secrets.backend),
         principal=getattr(info, "principal", "") or "", remote=getattr(info, "client", "") or "",

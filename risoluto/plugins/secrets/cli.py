@@ -4,7 +4,7 @@ Values and keys are read from stdin when it is not a terminal (one trailing newl
 dropped: ``echo`` adds it), else from a hidden prompt (asked twice for a new master key);
 never from argv, where ``ps`` and shell history would show them. A new master key from stdin
 is its first line; a second line, if any, must repeat it (the prompt's confirmation, piped). The store is opened
-exactly as the server opens it (``service.open_store``), and every change is announced
+exactly as the server opens it (``risoluto.secret_store.open_store``), and every change is announced
 through ``risoluto_secret_changed`` (audit) with principal ``cli:<user>``.
 """
 
@@ -23,9 +23,11 @@ from risoluto.hookspecs import hookimpl
 from risoluto.hookspecs.cli import CliCommand
 from risoluto.hookspecs.secrets import AuditUnavailable, SecretEvent, SecretStoreError, StorageFull, WrongMasterKey
 
+from risoluto.backends import NO_KEY
 from risoluto.keys import commit_new_key, key_path, key_problem, stage_new_key
+from risoluto.secret_store import OpenedStore, build_store, open_store
 
-from ._access import OpenedStore, announce, audited, build_store, open_store
+from ._access import announce, audited
 from ._names import MAX_VALUE_BYTES, check_name, check_value
 
 
@@ -62,7 +64,7 @@ async def _main(args: Any) -> int:
     opened = await open_store(args.settings, args.kernel.hooks,  # StartupError -> exit 2 in risoluto.cli
                               allow_unprintable_key=action == "rotate-key")
     if opened is None:
-        raise CliError(f"secrets are locked: {args.kernel.secrets_locked_reason}")
+        raise CliError(f"secrets are locked: {NO_KEY}")
     try:
         handler = {"list": _list, "set": _set, "delete": _delete, "rotate-key": _rotate, "migrate": _migrate}[action]
         return await handler(args, opened)

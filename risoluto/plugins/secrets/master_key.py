@@ -70,7 +70,7 @@ def _backend_check(kernel: Kernel) -> CheckResult:
     if backend in BUILTIN_BACKENDS:
         where = "secrets.enc" if backend == "file" else "risoluto.db table encrypted_secrets"
         return CheckResult(item=item, status=PASS, reason=f"{backend} backend ({where})")
-    if kernel.secret_store is not None:
+    if kernel.backends.secrets.store is not None:
         return CheckResult(item=item, status=PASS, reason=f"{backend} backend (provided by a plugin)")
     try:
         mk = resolve_master_key(kernel.settings)

@@ -1,5 +1,6 @@
-"""Unlock the secret store at startup: the app service that sets ``kernel.secret_store``
-(``_access.open_store`` does the work; the CLI shares it)."""
+"""Say at startup what state the secret store is in. The kernel opens it (``risoluto.backends``:
+key -> ``risoluto_secret_store`` -> ``open()``) and holds it as ``kernel.backends.secrets``; this
+service only reports: locked and why, or damaged entries (served as errors, never as values)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from risoluto.hookspecs import hookimpl
-
-from ._access import open_store
-from ._metrics import CountingStore, operations_counter
 
 if TYPE_CHECKING:
     from risoluto.kernel import Kernel
@@ -24,23 +22,16 @@ class SecretsService:
         self.kernel = kernel
 
     async def start(self) -> None:
-        kernel = self.kernel
-        state: dict[str, Any] = kernel.state.setdefault("secrets", {})
-        opened = await open_store(kernel.settings, kernel.hooks)
-        if opened is None:
-            state["status"] = "locked"
-            log.warning("secrets are locked: %s", kernel.secrets_locked_reason)
+        secrets = self.kernel.backends.secrets
+        if secrets.store is None:
+            log.warning("secrets are locked: %s", secrets.locked_reason)
             return
-        damaged = getattr(opened.store, "damaged", {})
-        if damaged:  # served as errors, never as values; the doctor lists them too
-            log.error("secret(s) failing authentication in %s: %s", opened.store.location, ", ".join(sorted(damaged)))
-        kernel.secret_store = CountingStore(opened.store, operations_counter(kernel))
-        state.update(status="open", backend=opened.store.backend, key_source=opened.master_key.source)
+        damaged = getattr(secrets.store, "damaged", {})
+        if damaged:  # the doctor lists them too
+            log.error("secret(s) failing authentication in %s: %s", secrets.store.location, ", ".join(sorted(damaged)))
 
     async def stop(self) -> None:
-        store, self.kernel.secret_store = self.kernel.secret_store, None
-        if store is not None:
-            await store.close()
+        pass  # the kernel closes the store
 
 
 @hookimpl

@@ -51,7 +51,7 @@ class WebhookState:
 
     async def secret(self, name: str) -> str | None:
         """The SecretReader handed to providers: the live store, read per request."""
-        store = self.kernel.secret_store
+        store = self.kernel.backends.secrets.store
         if store is None:
             raise ApiError(503, "webhook_not_configured",
                            "Webhook secrets are unavailable: the secret store is locked (no master key).")
@@ -202,7 +202,7 @@ def _stored_names(kernel: Any) -> set[str] | None:
 
     import anyio.from_thread
 
-    store = kernel.secret_store
+    store = kernel.backends.secrets.store
     try:
         if store is not None:
             return set(anyio.from_thread.run(store.list))
