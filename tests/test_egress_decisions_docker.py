@@ -225,7 +225,8 @@ async def test_approvals_from_real_workers(sandbox_world: Any, runtime: str) -> 
     assert rss_growth < 64 * 1024 * 1024, rss_growth
     flood_reasons = [x["reason"] for x in lines if x["sandbox"] == flood["id"]]
     flood_hosts = {x["host"] for x in lines if x["sandbox"] == flood["id"]}
-    assert len(flood_hosts) > 100, collections.Counter((str(x["sandbox"])[:6], x["reason"]) for x in lines)  # many distinct hosts tried
+    seen = collections.Counter((str(x["sandbox"])[:6], x["reason"]) for x in lines)
+    assert len(flood_hosts) > 100, seen  # many distinct hosts tried
     assert "approval_queue_full" in flood_reasons or "too_many_connections" in flood_reasons
     assert metrics.get_sample_value("risoluto_egress_pending_approvals", {}) == 0
     # the restart

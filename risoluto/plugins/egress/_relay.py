@@ -473,7 +473,7 @@ def tunnel_sync(client: Conn, upstream: Conn, activity: Activity, up: Any, down:
             if left <= 0:
                 raise IdleTimeout
             ready = {fd for fd, _ in poller.poll(left * 1000)}
-            for way, (fd, _) in zip(ways, interests):
+            for way, (fd, _) in zip(ways, interests, strict=True):
                 if fd in ready:  # a hang-up or error shows here too, and the step's splice reports it
                     way.step(activity)
     finally:
