@@ -138,8 +138,9 @@ def _ready_now(fd: int, events: int, wait: float = 0.0) -> bool:
     return bool(poller.poll(wait * 1000))
 
 
-async def open_connection(host: str, port: int) -> Conn:
-    """Connect to exactly ``host`` (an IP address, never a name: no lookup happens here)."""
+def _start_connect(host: str, port: int) -> tuple[socket.socket, bool]:
+    """A non-blocking TCP socket to exactly ``host`` (an IP address, never a name: no lookup
+    happens here) with its connect started; True when it connected at once (a near origin)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -148,12 +149,27 @@ async def open_connection(host: str, port: int) -> Conn:
         try:
             sock.connect((host, port))
         except BlockingIOError:
-            if not _ready_now(sock.fileno(), select.POLLOUT):  # a near origin is often connected already
-                await anyio.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err)) from None
-        return Conn(sock)
+            return sock, False
+        return sock, True
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connected(sock: socket.socket) -> Conn:
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return Conn(sock)
+
+
+async def open_connection(host: str, port: int) -> Conn:
+    """Connect to exactly ``host`` (an IP address)."""
+    sock, done = _start_connect(host, port)
+    try:
+        if not done and not _ready_now(sock.fileno(), select.POLLOUT):  # often connected already
+            await anyio.wait_writable(sock)
+        return _connected(sock)
     except BaseException:
         sock.close()
         raise
@@ -161,20 +177,11 @@ async def open_connection(host: str, port: int) -> Conn:
 
 def connect_sync(host: str, port: int, timeout: float) -> Conn:
     """``open_connection`` for a proxy thread; IdleTimeout when not connected within ``timeout``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock, done = _start_connect(host, port)
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            sock.connect((host, port))
-        except BlockingIOError:
-            if not _ready_now(sock.fileno(), select.POLLOUT, timeout):
-                raise IdleTimeout from None
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err)) from None
-        return Conn(sock)
+        if not done and not _ready_now(sock.fileno(), select.POLLOUT, timeout):
+            raise IdleTimeout
+        return _connected(sock)
     except BaseException:
         sock.close()
         raise
