@@ -234,7 +234,9 @@ async def test_approvals_from_real_workers(sandbox_world: Any, runtime: str) -> 
     assert [x["reason"] for x in lines if x["sandbox"] == restart["id"]] == ["approval_pending", "approval_cancelled"]
 
 
-# 1000 CONNECTs to distinct unlisted hosts, 100 open at a time; prints how many got an answer (a
+# 1000 CONNECTs to distinct unlisted hosts, 18 open at a time: below the per-sandbox connection cap
+# (egress.maxConnections 40 / 2), so every one reaches a decision (16 held, the rest refused as the
+# approval queue is full) instead of racing for a free connection; prints how many got an answer (a
 # refusal) or were closed.
 FLOOD_PY = r"""
 import base64, os, socket, concurrent.futures
@@ -250,6 +252,6 @@ def one(i):
     except OSError:
         pass
     return 1
-with concurrent.futures.ThreadPoolExecutor(100) as pool:
+with concurrent.futures.ThreadPoolExecutor(18) as pool:
     print(f"flood={sum(pool.map(one, range(1000)))}", flush=True)
 """
