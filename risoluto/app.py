@@ -150,8 +150,10 @@ class _KernelQuart(Quart):
     As registered before/after/teardown functions, Quart would resolve each through
     ``ensure_async`` and the ``request``/``g`` proxies on every request (measured in
     bench/http_overhead.py). Built in, the steps run where those functions ran: the pipeline
-    before every other before_request function, the response headers and completion hooks after
-    every after_request function, the "client left" record at teardown.
+    first (before any url_value_preprocessor or before_request function of the app or a
+    blueprint), the response headers and completion hooks after every after_request function,
+    the "client left" record at teardown. The RequestInfo travels in the ASGI scope
+    (``INFO_KEY``); ``g.info`` is set for the routes.
     """
 
     kernel: Kernel
