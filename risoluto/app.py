@@ -169,7 +169,7 @@ class _KernelQuart(Quart):
     async def process_response(self, response: Any, request_context: RequestContext | None = None) -> Any:
         ctx = request_context or request_ctx._get_current_object()  # type: ignore[attr-defined]
         response = await super().process_response(response, ctx)
-        _finish(self.kernel, ctx.request.scope.get(INFO_KEY), response)
+        _finish(self.kernel, _scope(ctx).get(INFO_KEY), response)
         return response
 
     async def do_teardown_request(self, exc: BaseException | None,
@@ -178,12 +178,16 @@ class _KernelQuart(Quart):
         try:
             await super().do_teardown_request(exc, ctx)
         finally:
-            _left(self.kernel, ctx.request.scope)
+            _left(self.kernel, _scope(ctx))
+
+
+def _scope(ctx: RequestContext) -> dict[str, Any]:
+    return ctx.request.scope  # type: ignore[return-value]  # a TypedDict to mypy; the kernel adds its keys
 
 
 async def _pipeline(kernel: Kernel, ctx: RequestContext) -> Response | None:
     req = ctx.request
-    scope = req.scope
+    scope = _scope(ctx)
     sent = _sent_request_id(scope)
     peer = (scope.get("client") or ("", 0))[0] or ""
     url_rule = req.url_rule
