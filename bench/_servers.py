@@ -29,8 +29,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(argv: list[str], port: int, env: dict[str, str] | None = None, path: str = "/") -> Iterator[None]:
-    """Run a server process until the block ends; wait until ``path`` answers."""
+def server(argv: list[str], port: int, env: dict[str, str] | None = None,
+           path: str = "/") -> Iterator[subprocess.Popen[str]]:
+    """Run a server process until the block ends; wait until ``path`` answers. Yields the process."""
     proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -45,7 +46,7 @@ def server(argv: list[str], port: int, env: dict[str, str] | None = None, path: 
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server {argv} did not answer") from None
                 time.sleep(0.1)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -54,17 +55,24 @@ def server(argv: list[str], port: int, env: dict[str, str] | None = None, path: 
             proc.kill()
 
 
-def wrk(url: str, seconds: int = 5, connections: int = 32, threads: int = 1) -> float:
-    """Requests per second measured by wrk in its own process."""
+PY = sys.executable
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, seconds: int = 5, connections: int = 32, threads: int = 1) -> tuple[float, int]:
+    """(requests per second, requests completed) measured by wrk in its own process."""
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", url],
                          capture_output=True, text=True, check=True).stdout
-    match = re.search(r"Requests/sec:\s+([0-9.]+)", out)
-    if not match:
+    rate = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    count = re.search(r"([0-9]+) requests in", out)
+    if not rate or not count:
         raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    return float(match.group(1))
-
-
-PY = sys.executable
+    return float(rate.group(1)), int(count.group(1))
 
 
 def wait_port(port: int, proc: Any, what: str, timeout: float = 30.0) -> None:

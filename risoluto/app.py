@@ -16,7 +16,9 @@ import re
 import time
 from typing import Any, Mapping
 
-from quart import Quart, Response, g, request
+from quart import Quart, Request, Response, g, request
+from quart.ctx import RequestContext
+from quart.globals import request_ctx
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
@@ -74,7 +76,8 @@ def create_app(
 ) -> Quart:
     """Build the app and ITS OWN plugin manager. ``plugins`` adds (name, plugin) pairs."""
     kernel = Kernel(settings, plugins, environ)
-    app = Quart("risoluto")
+    app = _KernelQuart("risoluto")
+    app.kernel = kernel
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.config["BODY_TIMEOUT"] = settings.server.body_timeout_seconds  # BodyDeadline below comes first
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
@@ -83,7 +86,6 @@ def create_app(
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = True
     app.extensions["risoluto"] = kernel
-    _install_pipeline(app, kernel)
     _install_error_handlers(app)
     app.register_blueprint(_core_blueprint(kernel))
     app.register_blueprint(overlay_blueprint(kernel))
@@ -120,60 +122,116 @@ def _sent_request_id(scope: dict[str, Any]) -> str:
     return ""
 
 
-def _install_pipeline(app: Quart, kernel: Kernel) -> None:
-    # The pipeline runs on every request: the request proxy is resolved once, and state is one
-    # attribute on ``g`` (RequestInfo) rather than several.
-    @app.before_request
-    async def _pipeline() -> Response | None:
-        req = request._get_current_object()  # type: ignore[attr-defined]
-        headers = req.headers
-        sent = _sent_request_id(req.scope)
-        peer = (req.scope.get("client") or ("", 0))[0] or ""
-        url_rule = req.url_rule
-        rule = url_rule.rule if url_rule is not None else None
-        path = req.path
-        info = RequestInfo(
-            method=req.method, path=path, route=rule, headers=headers, peer=peer,
-            request_id=sent if _REQUEST_ID.match(sent) else _new_request_id(),
-            norm_path=rule if rule is not None else normalise_path(path), started=time.perf_counter(),
-        )
-        g.info = info
-        req.scope[INFO_KEY] = info  # for BodyDeadline's 408 (request id, rate-limit headers)
-        length = req.content_length
-        settings = kernel.settings
-        if length is not None and length > settings.server.max_body_bytes:
-            return error_response(ApiError(413, "payload_too_large", "The request body is larger than 1 MiB."))
-        decided = kernel.hooks.client_address(info, settings)
-        info.client, info.via_proxy = decided if decided is not None else (peer, False)
-        refusal = await _rate_limit(kernel, info)
-        if refusal is None:
-            refusal = kernel.hooks.request_authorize(info, settings)
-            if refusal is not None:
-                info.refused = refusal.code  # guard denials by code (metrics)
-        return error_response(refusal) if refusal is not None else None
+@functools.lru_cache(maxsize=1024)
+def _blueprints_of(endpoint: str) -> tuple[str, ...]:
+    """``a.b.view`` -> ``("a.b", "a")``: Quart's Request.blueprints, per endpoint (a finite set)."""
+    name = endpoint.rpartition(".")[0]
+    names: list[str] = []
+    while name:
+        names.append(name)
+        name = name.rpartition(".")[0]
+    return tuple(names)
 
-    @app.after_request
-    async def _finish(response: Response) -> Response:
-        info = g.get("info")
-        out = response.headers
-        if info is None:  # failed before the pipeline ran (e.g. a malformed request line)
-            out["X-Request-ID"] = _new_request_id()
-            return response
-        out["X-Request-ID"] = info.request_id
-        if info.rate_headers:
-            out.extend(info.rate_headers)
-        _completed(kernel, info, response.status_code)
+
+class _KernelRequest(Request):
+    """Quart's Request, with ``blueprints`` looked up per endpoint rather than re-split from it:
+    Quart reads it three times per request (before, after, teardown), and every kernel route
+    lives in a blueprint."""
+
+    @property
+    def blueprints(self) -> list[str]:
+        rule = self.url_rule
+        return list(_blueprints_of(rule.endpoint)) if rule is not None else []
+
+
+class _KernelQuart(Quart):
+    """Quart with the kernel's request pipeline built into its request steps.
+
+    As registered before/after/teardown functions, Quart would resolve each through
+    ``ensure_async`` and the ``request``/``g`` proxies on every request (measured in
+    bench/http_overhead.py). Built in, the steps run where those functions ran: the pipeline
+    first (before any url_value_preprocessor or before_request function of the app or a
+    blueprint), the response headers and completion hooks after every after_request function,
+    the "client left" record at teardown. The RequestInfo travels in the ASGI scope
+    (``INFO_KEY``); ``g.info`` is set for the routes.
+    """
+
+    kernel: Kernel
+    request_class = _KernelRequest
+
+    async def preprocess_request(self, request_context: RequestContext | None = None) -> Any:
+        ctx = request_context or request_ctx._get_current_object()  # type: ignore[attr-defined]
+        refusal = await _pipeline(self.kernel, ctx)
+        if refusal is not None:
+            return refusal
+        return await super().preprocess_request(ctx)
+
+    async def process_response(self, response: Any, request_context: RequestContext | None = None) -> Any:
+        ctx = request_context or request_ctx._get_current_object()  # type: ignore[attr-defined]
+        response = await super().process_response(response, ctx)
+        _finish(self.kernel, _scope(ctx).get(INFO_KEY), response)
         return response
 
-    @app.teardown_request
-    async def _left(_exc: BaseException | None) -> None:
-        info = g.get("info")
-        if info is not None and not info.completed:
-            # no response went out: the client left and Quart cancelled the handler. Observers
-            # (the write audit among them) still hear of the request, as nginx's 499 (or as
-            # the 408 BodyDeadline sent when the body was too slow).
-            timed_out = request.scope.get(TIMED_OUT_KEY)  # BodyDeadline answered 408 instead
-            _completed(kernel, info, 408 if timed_out else CLIENT_CLOSED_REQUEST)
+    async def do_teardown_request(self, exc: BaseException | None,
+                                  request_context: RequestContext | None = None) -> None:
+        ctx = request_context or request_ctx._get_current_object()  # type: ignore[attr-defined]
+        try:
+            await super().do_teardown_request(exc, ctx)
+        finally:
+            _left(self.kernel, _scope(ctx))
+
+
+def _scope(ctx: RequestContext) -> dict[str, Any]:
+    return ctx.request.scope  # type: ignore[return-value]  # a TypedDict to mypy; the kernel adds its keys
+
+
+async def _pipeline(kernel: Kernel, ctx: RequestContext) -> Response | None:
+    req = ctx.request
+    scope = _scope(ctx)
+    sent = _sent_request_id(scope)
+    peer = (scope.get("client") or ("", 0))[0] or ""
+    url_rule = req.url_rule
+    rule = url_rule.rule if url_rule is not None else None
+    path = req.path
+    info = RequestInfo(
+        method=req.method, path=path, route=rule, headers=req.headers, peer=peer,
+        request_id=sent if _REQUEST_ID.match(sent) else _new_request_id(),
+        norm_path=rule if rule is not None else normalise_path(path), started=time.perf_counter(),
+    )
+    g._get_current_object().info = info  # type: ignore[attr-defined]  # routes read g.info
+    scope[INFO_KEY] = info  # for _finish, _left and BodyDeadline's 408 (request id, rate-limit headers)
+    length = req.content_length
+    settings = kernel.settings
+    if length is not None and length > settings.server.max_body_bytes:
+        return error_response(ApiError(413, "payload_too_large", "The request body is larger than 1 MiB."))
+    decided = kernel.hooks.client_address(info, settings)
+    info.client, info.via_proxy = decided if decided is not None else (peer, False)
+    refusal = await _rate_limit(kernel, info)
+    if refusal is None:
+        refusal = kernel.hooks.request_authorize(info, settings)
+        if refusal is not None:
+            info.refused = refusal.code  # guard denials by code (metrics)
+    return error_response(refusal) if refusal is not None else None
+
+
+def _finish(kernel: Kernel, info: RequestInfo | None, response: Response) -> None:
+    out = response.headers
+    if info is None:  # failed before the pipeline ran (e.g. a malformed request line)
+        out["X-Request-ID"] = _new_request_id()
+        return
+    out["X-Request-ID"] = info.request_id
+    for name, value in info.rate_headers:  # add() each: extend() walks them through a generator
+        out.add(name, value)
+    _completed(kernel, info, response.status_code)
+
+
+def _left(kernel: Kernel, scope: dict[str, Any]) -> None:
+    info = scope.get(INFO_KEY)
+    if info is not None and not info.completed:
+        # no response went out: the client left and Quart cancelled the handler. Observers
+        # (the write audit among them) still hear of the request, as nginx's 499 (or as
+        # the 408 BodyDeadline sent when the body was too slow).
+        _completed(kernel, info, 408 if scope.get(TIMED_OUT_KEY) else CLIENT_CLOSED_REQUEST)
 
 
 CLIENT_CLOSED_REQUEST = 499

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 import yaml
-from quart import Blueprint
+from quart import Blueprint, g
 
 from risoluto.hookspecs import hookimpl
 
@@ -77,6 +77,59 @@ async def test_request_id_is_echoed_only_when_well_formed(risoluto_client):
     assert len(r.headers["X-Request-ID"]) == 32 and "Evil" not in r.headers["X-Request-ID"]
     r = await client.get("/nope", headers={"X-Request-ID": "x" * 500})
     assert len(r.headers["X-Request-ID"]) == 32
+
+
+class Nested:
+    """A nested blueprint with its own before/after/teardown functions (Quart keys them by the
+    blueprint's dotted name, found from the matched endpoint)."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def risoluto_app_blueprints(self, kernel):
+        outer, inner = Blueprint("outer", __name__), Blueprint("inner", __name__)
+
+        @inner.get("/api/v1/nested")
+        async def nested():
+            return {"principal": g.info.principal}
+
+        @outer.before_request
+        async def outer_before():
+            self.seen.append(("outer", g.info.client))
+
+        @inner.before_request
+        async def inner_before():
+            self.seen.append(("inner", g.info.client))
+
+        @inner.after_request
+        async def inner_after(response):
+            self.seen.append(("after", "X-Request-ID" in response.headers, g.info.completed))
+            return response
+
+        @inner.teardown_request
+        async def inner_teardown(_exc):
+            self.seen.append(("teardown", g.info.completed))
+
+        outer.register_blueprint(inner)
+        return [outer]
+
+
+async def test_blueprint_request_functions_run_inside_the_kernel_pipeline(risoluto_client):
+    plugin = Nested()
+    client = await risoluto_client(plugins=(("nested", plugin),))
+    r = await client.get("/api/v1/nested", scope_base={"client": ("127.0.0.1", 40000)})
+    assert r.status_code == 200 and (await r.get_json()) == {"principal": "loopback"}
+    assert r.headers["X-Request-ID"]
+    # the guards ran first (g.info.client decided), the blueprint's after_request before the
+    # kernel's headers and completion hooks, its teardown after them
+    assert plugin.seen == [("outer", "127.0.0.1"), ("inner", "127.0.0.1"), ("after", False, False),
+                           ("teardown", True)]
+    plugin.seen.clear()
+    r = await client.get("/api/v1/nested", scope_base={"client": ("203.0.113.9", 40000)})
+    assert r.status_code == 403 and r.headers["X-Request-ID"]  # a remote read with no token configured
+    # refused by the guard: no before_request function ran; the refusal is a response like any other
+    assert plugin.seen == [("after", False, False), ("teardown", True)]
 
 
 async def test_runtime_lists_plugins_with_versions(risoluto_client):
