@@ -110,33 +110,31 @@ def test_stalled_body_is_cut_within_the_timeout(server, request_line):
     assert headers["connection"] == "close"
 
 
-def test_a_trickled_body_cannot_stretch_the_deadline(server):
-    """One byte every 0.2 s would keep a per-read timeout happy forever; the deadline is absolute."""
-    port, _ = server
+def trickle(port: int, framing: str, piece: bytes) -> tuple[float, bytes]:
+    """Send the head, then ``piece`` every 0.2 s until the server closes: (seconds it took, answer)."""
     with connect(port) as sock:
-        sock.sendall(head(*WEBHOOK, "Content-Length: 100"))
+        sock.sendall(head(*WEBHOOK, framing))
         start = time.monotonic()
         with pytest.raises(OSError):  # the server closes while we are still trickling
             while time.monotonic() - start < TIMEOUT + SLACK + 3:
-                sock.sendall(b" ")
+                sock.sendall(piece)
                 time.sleep(0.2)
         elapsed = time.monotonic() - start
         raw, _ = read_until_closed(sock, 1.0)
+    return elapsed, raw
+
+
+def test_a_trickled_body_cannot_stretch_the_deadline(server):
+    """One byte every 0.2 s would keep a per-read timeout happy forever; the deadline is absolute."""
+    port, _ = server
+    elapsed, raw = trickle(port, "Content-Length: 100", b" ")
     assert elapsed < TIMEOUT + SLACK + 0.5
     assert_408(raw)
 
 
 def test_chunked_encoding_cannot_dodge_the_deadline(server):
     port, _ = server
-    with connect(port) as sock:
-        sock.sendall(head(*WEBHOOK, "Transfer-Encoding: chunked"))
-        start = time.monotonic()
-        with pytest.raises(OSError):
-            while time.monotonic() - start < TIMEOUT + SLACK + 3:
-                sock.sendall(b"1\r\n \r\n")  # a valid one-byte chunk, never the last one
-                time.sleep(0.2)
-        elapsed = time.monotonic() - start
-        raw, _ = read_until_closed(sock, 1.0)
+    elapsed, raw = trickle(port, "Transfer-Encoding: chunked", b"1\r\n \r\n")  # a valid one-byte chunk, never the last
     assert elapsed < TIMEOUT + SLACK + 0.5
     assert_408(raw)
 
