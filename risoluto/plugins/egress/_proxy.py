@@ -298,9 +298,10 @@ class EgressProxy:
         except Refusal as refusal:
             self._refuse_sync(conn, ctx, refusal)
             return
+        threads = self._threads
+        assert threads is not None  # serve() sets it before any connection thread runs
         try:
-            assert self._threads is not None
-            self._threads.track(upstream.sock)
+            threads.track(upstream.sock)
             # credentialed hosts (and any plain request carrying a placeholder) go to the broker
             if self.broker is not None and (head.method != "CONNECT" or self.broker.credentialed(host, target.port)):
                 if self._call(self.broker.takes, self, conn, reader, upstream, head, host, target.port, client, ctx):
@@ -310,8 +311,7 @@ class EgressProxy:
             else:
                 self._call(self._forward, conn, reader, upstream, head, target, framing, policy, match, ctx)
         finally:
-            if self._threads is not None:
-                self._threads.untrack(upstream.sock)
+            threads.untrack(upstream.sock)
             upstream.close()
 
     def _read_head(self, reader: Reader, policy: _Policy) -> RequestHead:
