@@ -77,7 +77,6 @@ def create_app(
     """Build the app and ITS OWN plugin manager. ``plugins`` adds (name, plugin) pairs."""
     kernel = Kernel(settings, plugins, environ)
     app = _KernelQuart("risoluto")
-    app.kernel = kernel
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.config["BODY_TIMEOUT"] = settings.server.body_timeout_seconds  # BodyDeadline below comes first
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
@@ -156,8 +155,11 @@ class _KernelQuart(Quart):
     (``INFO_KEY``); ``g.info`` is set for the routes.
     """
 
-    kernel: Kernel
     request_class = _KernelRequest
+
+    @property
+    def kernel(self) -> Kernel:
+        return self.extensions["risoluto"]  # type: ignore[no-any-return]  # the one place it is kept
 
     async def preprocess_request(self, request_context: RequestContext | None = None) -> Any:
         ctx = request_context or request_ctx._get_current_object()  # type: ignore[attr-defined]
