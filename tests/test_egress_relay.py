@@ -1,6 +1,7 @@
-"""The relays on loopback: byte-exact bulk transfers on the zero-copy paths (a tunnel spliced on
-its connection thread; a plain-HTTP answer spliced on the event loop, then in a relay thread) and
-on the portable fallback; byte counts in the audit; idle bounds and a server stop end a tunnel.
+"""The relays on loopback: byte-exact bulk transfers on the zero-copy paths (a tunnel spliced
+both ways on its connection thread; a plain-HTTP answer spliced one way, a request body sent up
+on a second thread) and on the portable fallback; byte counts in the audit; idle bounds and a
+server stop end a tunnel.
 
 The origin is a raw TCP server of this test on 127.0.0.1 sending random bytes; the sandbox's
 allowlist names its port explicitly, so the CONNECT tunnel carries it as is.
@@ -95,19 +96,6 @@ def last_line(kernel: Kernel) -> Any:
 
 
 @pytest.fixture
-def thread_calls(monkeypatch):
-    calls: list[int] = []
-    real = _relay._splice_thread
-
-    def counted(*args: Any) -> None:
-        calls.append(1)
-        real(*args)
-
-    monkeypatch.setattr(_relay, "_splice_thread", counted)
-    return calls
-
-
-@pytest.fixture
 def spliced(monkeypatch):
     """Bytes moved by splice(2) into a socket (from a pipe), wherever it was called."""
     moved: list[int] = []
@@ -150,7 +138,7 @@ async def test_the_portable_relay_is_byte_exact_too(tmp_path, monkeypatch, splic
 
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
-async def test_a_bulk_plain_http_answer_moves_to_a_relay_thread_byte_exact(tmp_path, thread_calls):
+async def test_a_bulk_plain_http_answer_is_spliced_byte_exact(tmp_path, spliced):
     async with relay_env(tmp_path) as (port, origin_port, kernel, _):
         stream = await anyio.connect_tcp("127.0.0.1", port)
         got = bytearray()
@@ -162,8 +150,115 @@ async def test_a_bulk_plain_http_answer_moves_to_a_relay_thread_byte_exact(tmp_p
                     got += await stream.receive(1 << 20)
         line = await wait_for_allow(kernel)
     assert hashlib.sha256(bytes(got)).digest() == hashlib.sha256(BLOB).digest()  # the origin answers raw bytes
-    assert thread_calls  # past BULK_BYTES the answer moved to a relay thread
+    assert sum(spliced) >= SIZE  # the answer went socket -> pipe -> socket
     assert line.bytes_down == SIZE
+
+
+@contextlib.asynccontextmanager
+async def digest_env(tmp_path) -> AsyncIterator[tuple[int, int, Kernel, list[bytes]]]:
+    """(proxy port, origin port, kernel, heads seen): the origin reads a request with a body
+    (Content-Length or chunked, read to its end as the origin's own parser sees it) and answers
+    the sha256 of the body; a request to /early is answered 413 at once, body unread."""
+    heads: list[bytes] = []
+
+    async def serve(stream: Any) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            head, _, data = data.partition(b"\r\n\r\n")
+            heads.append(head)
+            if b" /early " in head:
+                await stream.send(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            digest = hashlib.sha256()
+            if b"chunked" in head.lower():
+                while True:
+                    while b"\r\n" not in data:
+                        data += await stream.receive()
+                    size_line, _, data = data.partition(b"\r\n")
+                    size = int(size_line, 16)
+                    while len(data) < size + 2:
+                        data += await stream.receive()
+                    digest.update(data[:size])
+                    data = data[size + 2:]
+                    if size == 0:
+                        break
+            else:
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(data) < length:
+                    data += await stream.receive(1 << 20)
+                digest.update(data[:length])
+            body = digest.hexdigest().encode()
+            await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    origin_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    settings = build_settings({"egress": {"allowPrivateNetworks": ["127.0.0.0/8"], "idleTimeoutS": 5}}, None,
+                              {"DATA_DIR": str(tmp_path)})
+    kernel = Kernel(settings)
+    proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
+                        audit=audit_for(kernel))
+    proxy.register(Client(username="sbx-r", secret=SECRET.encode(), sandbox="sbx-r", addresses=frozenset({"127.0.0.1"}),
+                          allowlist=Allowlist([f"127.0.0.1:{origin_port}"])))
+    async with anyio.create_task_group() as tg:
+        async def serve_origin() -> None:
+            async with listener:
+                await listener.serve(serve)
+
+        tg.start_soon(serve_origin)
+        _, port = await tg.start(proxy.serve, "127.0.0.1")
+        yield port, origin_port, kernel, heads
+        tg.cancel_scope.cancel()
+
+
+async def post(port: int, head: str, body_parts: list[bytes]) -> bytes:
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    got = b""
+    async with stream:
+        await stream.send(head.encode())
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                async def send_body() -> None:
+                    with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                        for part in body_parts:
+                            await stream.send(part)
+
+                tg.start_soon(send_body)
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    while True:
+                        got += await stream.receive(1 << 20)
+                tg.cancel_scope.cancel()
+    return got
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_bulk_request_body_goes_up_byte_exact_while_the_answer_comes_down(tmp_path, chunked):
+    parts = [BLOB[i:i + (1 << 20)] for i in range(0, SIZE, 1 << 20)]
+    async with digest_env(tmp_path) as (port, origin_port, kernel, _):
+        head = f"POST http://127.0.0.1:{origin_port}/up HTTP/1.1\r\n{AUTH}"
+        if chunked:
+            body = [b"%x\r\n%s\r\n" % (len(p), p) for p in parts] + [b"0\r\n\r\n"]
+            head += "Transfer-Encoding: chunked\r\n\r\n"
+        else:
+            body = parts
+            head += f"Content-Length: {SIZE}\r\n\r\n"
+        got = await post(port, head, body + [b"GET /smuggled HTTP/1.1\r\n\r\n"])
+        line = await wait_for_allow(kernel)
+    assert got.startswith(b"HTTP/1.1 200 OK")
+    assert got.endswith(hashlib.sha256(BLOB).hexdigest().encode())  # every byte of the body, in order
+    assert line.bytes_up == SIZE and line.bytes_down == len(got)  # the body counted; the smuggled tail never sent
+
+
+async def test_an_answer_before_the_body_ends_the_exchange_promptly(tmp_path):
+    async with digest_env(tmp_path) as (port, origin_port, kernel, _):
+        started = time.monotonic()
+        head = f"POST http://127.0.0.1:{origin_port}/early HTTP/1.1\r\n{AUTH}Content-Length: {SIZE}\r\n\r\n"
+        got = await post(port, head, [b"x" * 1024])  # the client then stalls: the body never completes
+        line = await wait_for_allow(kernel)
+    assert got.startswith(b"HTTP/1.1 413")
+    assert time.monotonic() - started < 4  # the body's thread was woken, not left to the 5 s idle bound
+    assert not [t for t in threading.enumerate() if t.name == "risoluto-egress-body"]
 
 
 @pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")

@@ -247,32 +247,31 @@ class Broker:
         return any(c.covers_host(host, port) for c in self.credentials)
 
     # -- the proxy's hand-off -------------------------------------------------------------
-    async def takes(self, proxy: Any, conn: Conn, reader: Reader, upstream: Conn, head: Any,
-                    host: str | IPAddress, port: int, client: Any, ctx: dict[str, Any]) -> bool:
-        """Serve the request when it is the broker's (True), else leave it to the proxy (False)."""
-        if head.method != "CONNECT":
-            if any(mentions_placeholder(v) for _, v in head.headers) or mentions_placeholder(head.target):
-                refusal = Refused(403, "credential_not_allowed",
-                                  "A credential placeholder may be used only over HTTPS to the host it is bound to.",
-                                  "plain_http")
-                self.metrics.requests.labels(outcome=refusal.reason).inc()
-                # the proxy's audit line: no query string, no placeholder, the names it carried
-                path = str(ctx.get("path", "")).split("?", 1)[0]
-                ctx["path"] = "" if mentions_placeholder(path) else path
-                ctx["credential"] = self._names([v for _, v in head.headers] + [head.target])
-                await proxy._refuse(conn, ctx, _proxy_refusal(refusal))  # its decision line is the one log line
-                return True
-            return False
-        if not self.credentialed(host, port):
-            return False
+    def plain_refusal(self, head: Any, ctx: dict[str, Any]) -> Any:
+        """The refusal of a plain-HTTP request that carries a credential placeholder, else None
+        (placeholders are replaced only inside TLS the proxy terminates)."""
+        if not (any(mentions_placeholder(v) for _, v in head.headers) or mentions_placeholder(head.target)):
+            return None
+        refusal = Refused(403, "credential_not_allowed",
+                          "A credential placeholder may be used only over HTTPS to the host it is bound to.",
+                          "plain_http")
+        self.metrics.requests.labels(outcome=refusal.reason).inc()
+        # the proxy's audit line: no query string, no placeholder, the names it carried
+        path = str(ctx.get("path", "")).split("?", 1)[0]
+        ctx["path"] = "" if mentions_placeholder(path) else path
+        ctx["credential"] = self._names([v for _, v in head.headers] + [head.target])
+        return _proxy_refusal(refusal)
+
+    async def takes(self, proxy: Any, conn: Conn, reader: Reader, upstream: Conn,
+                    host: str | IPAddress, port: int, client: Any, ctx: dict[str, Any]) -> None:
+        """Serve a CONNECT to a credentialed host: terminate its TLS and inject credentials."""
         state = self._sandboxes.get(client.username)
         if state is None:  # cannot happen for a sandbox launched by this kernel: fail closed
             from ._proxy import Refusal
 
             await proxy._refuse(conn, ctx, Refusal(503, "broker_unavailable", "This sandbox has no broker state."))
-            return True
+            return
         await self._terminate(proxy, conn, reader, upstream, host, port, state, ctx)
-        return True
 
     async def _terminate(self, proxy: Any, conn: Conn, reader: Reader, upstream: Conn, host: str | IPAddress,
                          port: int, state: SandboxState, ctx: dict[str, Any]) -> None:

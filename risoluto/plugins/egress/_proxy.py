@@ -39,7 +39,7 @@ from ._http import MAX_HEAD, BadRequest, RequestHead, Target, answer, body_frami
 from ._http import upstream_head
 from ._metrics import EgressMetrics
 from ._refusals import refusal_text
-from ._relay import Activity, Conn, IdleTimeout, Reader, connect_sync, pump, relay_body, tunnel_sync
+from ._relay import Activity, Conn, IdleTimeout, Reader, connect_sync, relay_body_sync, relay_sync, tunnel_sync
 from ._hosts import Allowlist, HostError, IPAddress, Match, normalise_host, parse_entry
 from ._rules import EgressRules, rule_path
 from ._threads import ConnectionThreads
@@ -125,6 +125,21 @@ async def _client_left(conn: Conn) -> None:
         if not data:
             return
         await anyio.sleep_forever()  # it sent more bytes: still there; the answer or timeout decides
+
+
+def _shutdown(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already closed by the peer
+
+
+def _upload(reader: Reader, upstream: Conn, framing: tuple[str, int], activity: Activity, counter: Tally) -> None:
+    """A plain request's body, on its own thread while the answer comes down."""
+    try:
+        relay_body_sync(reader, upstream, framing, activity, counter)
+    except (BadRequest, IdleTimeout, anyio.EndOfStream, OSError):
+        _shutdown(upstream.sock, socket.SHUT_RDWR)  # a broken body: drop the exchange, never guess
 
 
 def _judge_hello(reader: Reader, host: str | IPAddress, raw_ok: bool,
@@ -302,14 +317,16 @@ class EgressProxy:
         assert threads is not None  # serve() sets it before any connection thread runs
         try:
             threads.track(upstream.sock)
-            # credentialed hosts (and any plain request carrying a placeholder) go to the broker
-            if self.broker is not None and (head.method != "CONNECT" or self.broker.credentialed(host, target.port)):
-                if self._call(self.broker.takes, self, conn, reader, upstream, head, host, target.port, client, ctx):
-                    return
-            if head.method == "CONNECT":
-                self._tunnel(conn, reader, upstream, policy, host, match, ctx)
+            if head.method != "CONNECT":
+                refusal = self.broker.plain_refusal(head, ctx) if self.broker is not None else None
+                if refusal is not None:  # a credential placeholder in plain HTTP: never sent on
+                    self._refuse_sync(conn, ctx, refusal)
+                else:
+                    self._forward(conn, reader, upstream, head, target, framing, policy, match, ctx)
+            elif self.broker is not None and self.broker.credentialed(host, target.port):
+                self._call(self.broker.takes, self, conn, reader, upstream, host, target.port, client, ctx)
             else:
-                self._call(self._forward, conn, reader, upstream, head, target, framing, policy, match, ctx)
+                self._tunnel(conn, reader, upstream, policy, host, match, ctx)
         finally:
             threads.untrack(upstream.sock)
             upstream.close()
@@ -512,8 +529,10 @@ class EgressProxy:
                 await reader.fill()
         return b"", "hello_timeout"
 
-    async def _forward(self, conn: Conn, reader: Reader, upstream: Conn, head: RequestHead, target: Target,
-                       framing: tuple[str, int], policy: _Policy, match: Match, ctx: dict[str, Any]) -> None:
+    def _forward(self, conn: Conn, reader: Reader, upstream: Conn, head: RequestHead, target: Target,
+                 framing: tuple[str, int], policy: _Policy, match: Match, ctx: dict[str, Any]) -> None:
+        """One plain-HTTP exchange: our head up, the body (if any) on a thread of its own, the
+        answer down on this one."""
         host = ctx["host"]
         authority = f"[{host}]" if ":" in host else host
         if target.port != 80:
@@ -522,20 +541,19 @@ class EgressProxy:
         ctx["tallies"] = (up, down)
         try:
             activity = Activity(policy.cfg.idle_timeout_s)
-            await upstream.send(upstream_head(head, target, authority), activity)
+            upstream.send_sync(upstream_head(head, target, authority), activity)
             if framing[0] == "none":
-                await pump(upstream, conn, activity, down, eof=False)
+                relay_sync(upstream, conn, activity, down)
                 return
-            async with anyio.create_task_group() as tg:
-                async def upload() -> None:
-                    try:
-                        await relay_body(reader, upstream, framing, activity, up)
-                    except (BadRequest, IdleTimeout, anyio.EndOfStream, OSError):
-                        tg.cancel_scope.cancel()  # a broken body: drop the exchange, never guess
-
-                tg.start_soon(upload)
-                await pump(upstream, conn, activity, down, eof=False)
-                tg.cancel_scope.cancel()
+            body = threading.Thread(target=_upload, args=(reader, upstream, framing, activity, up),
+                                    name="risoluto-egress-body", daemon=True)
+            body.start()
+            try:
+                relay_sync(upstream, conn, activity, down)
+            finally:  # the answer ended: wake the body's thread, and let it end before the sockets close
+                _shutdown(conn.sock, socket.SHUT_RD)
+                _shutdown(upstream.sock, socket.SHUT_RDWR)
+                body.join()
         finally:
             self._log(ctx, "allow", match.reason)  # audited once it ends: with its byte counts
 

@@ -2,18 +2,16 @@
 
 Once a request is judged, the bytes of a tunnel or a response are moved kernel-to-kernel with
 ``splice(2)`` through a pipe (Linux), never copied into Python; elsewhere ``recv``/``send``.
+Everything here runs on the connection's own proxy thread (see ``_threads``): one poll(2) over
+the directions still open, then a bounded number of splice rounds for each one that is ready.
 
-- A tunnel is relayed on its connection thread (``tunnel_sync``, see ``_threads``): one poll(2)
-  over both sockets, then a bounded number of splice rounds for each direction that is ready.
-- A plain-HTTP answer is moved on the event loop (``pump``: splice, then wait for readiness),
-  and once it has moved ``BULK_BYTES`` it continues in a relay thread of its own, a poll(2) +
-  splice(2) loop that spares the loop a wakeup per chunk. At most ``RELAY_THREADS`` directions
-  are in threads at once; beyond that they stay on the loop. Such a thread is told to stop
-  through a pipe of its own, so cancelling the exchange ends it promptly and before its sockets
-  close.
+- A tunnel is relayed both ways (``tunnel_sync``) until both sides closed.
+- A plain-HTTP answer is relayed one way (``relay_sync``); a request body, when there is one,
+  goes up framed exactly as its head announced (``relay_body_sync``).
 
-``Conn`` and ``Reader`` have both forms: ``recv``/``fill``/``read_until`` for the event loop,
-``recv_sync``/``fill_sync``/``read_until_sync`` for connection threads (poll(2) with the bound).
+``Conn`` and ``Reader`` have both forms: ``recv``/``fill`` for the event loop (the credential
+broker's terminated connections), ``recv_sync``/``fill_sync``/``read_until_sync`` for proxy
+threads (poll(2) with the idle bound).
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import time
 from typing import Any
 
 import anyio
-from anyio.lowlevel import RunVar
 
 from ._http import BadRequest
 
@@ -36,12 +33,9 @@ PIPE_SIZE = 1024 * 1024
 _HEX = re.compile(rb"^[0-9a-fA-F]{1,15}\Z")
 _SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)) if _SPLICE else 0
-BULK_BYTES = 4 * 1024 * 1024  # a direction that moved this much continues in a relay thread
-RELAY_THREADS = 64
 STEP_ROUNDS = 16  # reads per direction per wake-up of a tunnel's poll: poll(2) only when a side would block
 POOLED_PIPES = 64  # empty pipes kept for the next exchanges (2 descriptors each)
 _PIPES: list[tuple[int, int]] = []
-_THREADS: RunVar[anyio.CapacityLimiter] = RunVar("risoluto_egress_relay_threads")
 
 
 class IdleTimeout(Exception):
@@ -200,15 +194,6 @@ class Reader:
             raise anyio.EndOfStream
         self.buffer += data
 
-    async def read_until(self, sep: bytes, limit: int) -> bytes | None:
-        """Bytes before ``sep`` (consumed with it), or None once more than ``limit`` arrive without it."""
-        start = 0
-        while True:
-            done, out, start = self._cut(sep, limit, start)
-            if done:
-                return out
-            await self.fill()
-
     def fill_sync(self, activity: Activity) -> None:
         """``fill`` for a proxy thread; IdleTimeout once ``activity`` runs out."""
         data = self.conn.recv_sync(activity)
@@ -243,22 +228,6 @@ class Reader:
         return self.take(len(self.buffer))
 
 
-async def pump(src: Conn, dst: Conn, activity: Activity, counter: Any, eof: bool = True) -> None:
-    """Move bytes ``src`` -> ``dst`` until EOF; half-close ``dst`` then when ``eof``.
-
-    Raises IdleTimeout when nothing moved (either way) for the idle bound, OSError on resets.
-    """
-    if _SPLICE:
-        await _splice_pump(src, dst, activity, counter)
-    else:  # pragma: no cover - non-Linux fallback
-        while data := await src.recv(BUF, activity):
-            activity.touch()
-            await dst.send(data, activity)
-            counter.inc(len(data))
-    if eof:
-        dst.send_eof()
-
-
 def _take_pipe() -> tuple[int, int]:
     """An empty pipe: from the pool, or a new one (made 1 MiB once, not per exchange)."""
     if _PIPES:
@@ -278,115 +247,6 @@ def _give_pipe(pipe: tuple[int, int], empty: bool) -> None:
     else:
         os.close(pipe[0])
         os.close(pipe[1])
-
-
-async def _splice_pump(src: Conn, dst: Conn, activity: Activity, counter: Any) -> None:
-    pipe = _take_pipe()
-    rpipe, wpipe = pipe
-    empty = False
-    try:
-        moved_here = 0
-        while True:
-            if moved_here >= BULK_BYTES and _thread_free():  # the pipe is empty here: hand over
-                await _splice_in_thread(src, dst, activity, counter, rpipe, wpipe)
-                return
-            try:
-                n = os.splice(src.fd, wpipe, PIPE_SIZE, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                await src.wait(True, activity)
-                continue
-            if n == 0:
-                empty = True
-                return
-            activity.touch()
-            while n:
-                try:
-                    moved = os.splice(rpipe, dst.fd, n, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    await dst.wait(False, activity)
-                    continue
-                n -= moved
-                moved_here += moved
-                counter.inc(moved)
-    finally:
-        _give_pipe(pipe, empty)
-
-
-def _threads() -> anyio.CapacityLimiter:
-    try:
-        return _THREADS.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(RELAY_THREADS)
-        _THREADS.set(limiter)
-        return limiter
-
-
-def _thread_free() -> bool:
-    return _threads().available_tokens >= 1
-
-
-async def _splice_in_thread(src: Conn, dst: Conn, activity: Activity, counter: Any, rpipe: int, wpipe: int) -> None:
-    """The rest of one direction in a relay thread; errors (IdleTimeout, OSError) come back here."""
-    stop_r, stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    failure: list[BaseException] = []
-    try:
-        async with anyio.create_task_group() as tg:
-            async def wake_thread_on_cancel() -> None:
-                try:
-                    await anyio.sleep_forever()
-                finally:
-                    os.write(stop_w, b"x")
-
-            tg.start_soon(wake_thread_on_cancel)
-            try:
-                # not abandoned on cancel: the thread always ends before the sockets are closed
-                await anyio.to_thread.run_sync(_splice_thread, src.fd, dst.fd, rpipe, wpipe, stop_r, activity,
-                                               counter, limiter=_threads())
-            except (IdleTimeout, OSError) as exc:
-                failure.append(exc)
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        os.close(stop_r)
-        os.close(stop_w)
-    if failure:
-        raise failure[0]
-
-
-def _splice_thread(src: int, dst: int, rpipe: int, wpipe: int, stop: int, activity: Activity, counter: Any) -> None:
-    """Blocking-style splice loop on non-blocking descriptors, in a relay thread (see above)."""
-    readable, writable = select.poll(), select.poll()
-    readable.register(src, select.POLLIN)
-    writable.register(dst, select.POLLOUT)
-    for poller in (readable, writable):
-        poller.register(stop, select.POLLIN)
-
-    def wait(poller: Any) -> bool:
-        """False when told to stop."""
-        left = activity.left()
-        if left <= 0:
-            raise IdleTimeout
-        return not any(fd == stop for fd, _ in poller.poll(left * 1000))
-
-    while True:
-        try:
-            n = os.splice(src, wpipe, PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            if not wait(readable):
-                return
-            continue
-        if n == 0:
-            return
-        activity.touch()
-        while n:
-            try:
-                moved = os.splice(rpipe, dst, n, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                if not wait(writable):
-                    return
-                continue
-            n -= moved
-            counter.inc(moved)
 
 
 class _Way:
@@ -463,15 +323,23 @@ def _reregister(poller: Any, registered: dict[int, int], interests: list[tuple[i
 
 def tunnel_sync(client: Conn, upstream: Conn, activity: Activity, up: Any, down: Any) -> None:
     """Relay an established tunnel both ways on the calling proxy thread until both sides have
-    closed. One poll(2) waits for whichever direction can move; nothing goes through the event
-    loop. IdleTimeout when nothing moved for the idle bound, OSError on a reset; a server stop
+    closed. IdleTimeout when nothing moved for the idle bound, OSError on a reset; a server stop
     shuts the sockets down, which ends it at once."""
-    ways = (_Way(client, upstream, up), _Way(upstream, client, down))
+    _relay((_Way(client, upstream, up), _Way(upstream, client, down)), activity)
+
+
+def relay_sync(src: Conn, dst: Conn, activity: Activity, counter: Any) -> None:
+    """Relay ``src`` -> ``dst`` until ``src`` ends (a plain-HTTP answer), as ``tunnel_sync``."""
+    _relay((_Way(src, dst, counter),), activity)
+
+
+def _relay(ways: tuple[_Way, ...], activity: Activity) -> None:
+    """One poll(2) waits for whichever direction can move; nothing goes through the event loop."""
     poller = select.poll()
     registered: dict[int, int] = {}
     interests: list[tuple[int, int]] = []
     try:
-        while not (ways[0].done and ways[1].done):
+        while not all(way.done for way in ways):
             now = [way.interest() for way in ways]
             if now != interests:  # re-register only when a direction starts waiting for something else
                 interests = now
@@ -488,45 +356,43 @@ def tunnel_sync(client: Conn, upstream: Conn, activity: Activity, up: Any, down:
             way.close()
 
 
-async def relay_body(reader: Reader, dst: Conn, framing: tuple[str, int], activity: Activity,
-                     counter: Any) -> None:
-    """Send exactly the request body the head announced; bytes after it are never relayed."""
+def relay_body_sync(reader: Reader, dst: Conn, framing: tuple[str, int], activity: Activity,
+                    counter: Any) -> None:
+    """Send exactly the request body the head announced; bytes after it are never relayed.
+    BadRequest for a malformed chunked body, IdleTimeout, EndOfStream or OSError otherwise."""
     kind, length = framing
     if kind == "length":
-        await _copy(reader, dst, length, activity, counter)
+        _copy_sync(reader, dst, length, activity, counter)
     elif kind == "chunked":
         while True:
-            line = await reader.read_until(b"\r\n", 4096)
+            line = reader.read_until_sync(b"\r\n", 4096, activity)
             size_text = (line or b"").split(b";", 1)[0].strip(b" \t")
             if line is None or not _HEX.match(size_text):
                 raise BadRequest("malformed_chunk")
             size = int(size_text, 16)
-            await dst.send(line + b"\r\n", activity)
+            dst.send_sync(line + b"\r\n", activity)
             if size == 0:
                 break
-            await _copy(reader, dst, size, activity, counter)
-            if await reader.read_until(b"\r\n", 0) is None:
+            _copy_sync(reader, dst, size, activity, counter)
+            if reader.read_until_sync(b"\r\n", 0, activity) is None:
                 raise BadRequest("malformed_chunk")
-            await dst.send(b"\r\n", activity)
+            dst.send_sync(b"\r\n", activity)
         for _ in range(64):  # trailer section, bounded
-            trailer = await reader.read_until(b"\r\n", 8192)
+            trailer = reader.read_until_sync(b"\r\n", 8192, activity)
             if trailer is None:
                 raise BadRequest("malformed_chunk")
-            await dst.send(trailer + b"\r\n", activity)
+            dst.send_sync(trailer + b"\r\n", activity)
             if not trailer:
                 return
         raise BadRequest("malformed_chunk")
 
 
-async def _copy(reader: Reader, dst: Conn, n: int, activity: Activity, counter: Any) -> None:
+def _copy_sync(reader: Reader, dst: Conn, n: int, activity: Activity, counter: Any) -> None:
     while n > 0:
         if not reader.buffer:
-            data = await reader.conn.recv(BUF, activity)
-            if not data:
-                raise anyio.EndOfStream
-            reader.buffer = data
+            reader.fill_sync(activity)
         data = reader.take(min(n, len(reader.buffer)))
         activity.touch()
-        await dst.send(data, activity)
+        dst.send_sync(data, activity)
         counter.inc(len(data))
         n -= len(data)

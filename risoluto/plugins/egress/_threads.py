@@ -6,7 +6,7 @@ wait costs a loop iteration, a future and a task step in Python, several times p
 connection. A thread blocked in accept(2), recv(2) or poll(2) is woken by the kernel directly,
 as in tinyproxy; the GIL is released while it waits, and the relay moves bytes with splice(2)
 without entering Python. What needs the event loop (a DNS lookup, an approval held for the
-operator, the credential broker, plain-HTTP forwarding) is called through the proxy's portal.
+operator, the credential broker's terminated connections) is called through the proxy's portal.
 
 The pool is elastic: ``spare`` threads wait in accept(2); a thread that takes a connection
 starts another when none is left waiting (up to ``limit()``), and a thread whose connection
