@@ -190,6 +190,7 @@ class IssueHosts:
         self._lock = threading.Lock()
         self._issues: dict[str, list[str]] = self._load()
         self._lists: dict[str, Allowlist] = {}
+        self.generation = 0  # bumped on every change: judgements that relied on the grants expire
 
     def _load(self) -> dict[str, list[str]]:
         try:
@@ -243,6 +244,7 @@ class IssueHosts:
         data = json.dumps({"issues": issues}, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8")
         atomic_write(self.path, data, 0o600)
         self._issues = issues  # only once it is on disk
+        self.generation += 1
 
 
 __all__ = ["ANSWERS", "Approvals", "IssueHosts", "Pending", "issue_entry"]

@@ -41,6 +41,7 @@ from ._metrics import EgressMetrics
 from ._refusals import refusal_text
 from ._relay import Activity, Conn, IdleTimeout, Reader, connect_sync, relay_body_sync, relay_sync, tunnel_sync
 from ._hosts import Allowlist, HostError, IPAddress, Match, normalise_host, parse_entry
+from ._judged import Judged, JudgedHeads
 from ._rules import EgressRules, rule_path
 from ._threads import ConnectionThreads
 
@@ -190,6 +191,7 @@ class EgressProxy:
         self._approve = approve  # the risoluto_egress_decide hook
         self._held = 0
         self._clients: dict[str, Client] = {}
+        self._judged = JudgedHeads()  # repeated CONNECT heads (see _judged)
         self._policy: _Policy | None = None
         self._open = 0
         self._per_peer: dict[str, int] = {}
@@ -205,6 +207,7 @@ class EgressProxy:
 
     def unregister(self, username: str) -> None:
         self._clients.pop(username, None)
+        self._judged.drop_client(username)
 
     def policy(self) -> _Policy:
         cfg = self._settings()
@@ -291,18 +294,8 @@ class EgressProxy:
         ctx: dict[str, Any] = {"peer": peer, "started": time.monotonic()}
         try:
             reader = Reader(conn)
-            head = self._read_head(reader, policy)
-            ctx["method"] = head.method
-            client = self._authenticate(head, peer)
-            ctx.update(sandbox=client.sandbox, issue=client.issue)
-            target = parse_target(head)
-            try:
-                host = normalise_host(target.host)
-            except HostError:
-                raise Refusal(400, "malformed_host", "The host is not a valid name or IP literal.") from None
-            ctx.update(host=str(host), port=target.port, path=target.path)
+            head, client, target, host, match = self._judge(self._read_head(reader, policy), peer, policy, ctx)
             framing = body_framing(head) if head.method != "CONNECT" else ("none", 0)
-            match = self._decide_one(policy, client, head, target, host, ctx)
             addresses = self._resolve(policy, host, target.port, ctx)
             if not match.allowed:  # unlisted under onUnlisted: ask, and its addresses passed
                 match = self._call(self._ask, conn, policy, client, head.method, host, target.port, ctx)
@@ -331,14 +324,56 @@ class EgressProxy:
             threads.untrack(upstream.sock)
             upstream.close()
 
-    def _read_head(self, reader: Reader, policy: _Policy) -> RequestHead:
+    def _read_head(self, reader: Reader, policy: _Policy) -> bytes:
         try:
             raw = reader.read_until_sync(b"\r\n\r\n", MAX_HEAD, Activity(policy.head_timeout))
         except IdleTimeout:
             raise Refusal(408, "header_timeout", "The request head did not arrive in time.") from None
         if raw is None:
             raise Refusal(431, "headers_too_large", f"The request head is larger than {MAX_HEAD} bytes.")
-        return parse_head(raw)
+        return raw
+
+    def _judge(self, raw: bytes, peer: str, policy: _Policy,
+               ctx: dict[str, Any]) -> tuple[RequestHead, Client, Target, str | IPAddress, Match]:
+        """Parse, authenticate and decide a request head; a CONNECT head this peer sent before,
+        byte for byte, reuses its judgement while nothing it depended on changed (``_judged``)."""
+        kept = self._judged.get(raw, peer)
+        if kept is not None:
+            if kept.policy is policy and self._clients.get(kept.client.username) is kept.client \
+                    and kept.grants == self._grants():
+                ctx.update(kept.fields)
+                return kept.head, kept.client, kept.target, kept.host, self._decide_again(kept, ctx)
+            self._judged.drop(raw, peer)
+        grants = self._grants()  # read before deciding: a grant changed meanwhile misses next time
+        head = parse_head(raw)
+        ctx["method"] = head.method
+        client = self._authenticate(head, peer)
+        ctx.update(sandbox=client.sandbox, issue=client.issue)
+        target = parse_target(head)
+        try:
+            host = normalise_host(target.host)
+        except HostError:
+            raise Refusal(400, "malformed_host", "The host is not a valid name or IP literal.") from None
+        ctx.update(host=str(host), port=target.port, path=target.path)
+        fields = tuple((k, ctx[k]) for k in ("method", "sandbox", "issue", "host", "port", "path"))
+        request = EgressRequest(sandbox=client.sandbox, method=head.method, host=str(host), port=target.port,
+                                path=target.path)
+        match = self._decide_one(policy, client, request, target, host, ctx)
+        if head.method == "CONNECT":
+            self._judged.keep(raw, peer, Judged(head=head, client=client, target=target, host=host, match=match,
+                                                request=request, fields=fields, policy=policy, grants=grants))
+        return head, client, target, host, match
+
+    def _grants(self) -> int:
+        return self.issue_hosts.generation if self.issue_hosts is not None else 0
+
+    def _decide_again(self, kept: Judged, ctx: dict[str, Any]) -> Match:
+        """A kept judgement: the decision hook is still asked, and its verdict wins."""
+        verdict = self._plugin_verdict(kept.request, kept.client)
+        if verdict is not None:
+            return verdict
+        ctx["rule"] = kept.match.rule.entry if kept.match.rule else ""
+        return kept.match
 
     def _authenticate(self, head: RequestHead, peer: str) -> Client:
         values = head.get("proxy-authorization")
@@ -359,33 +394,26 @@ class EgressProxy:
             raise Refusal(407, "credential_foreign", "The credential is not valid from this address.")
         return client
 
-    def _decide_one(self, policy: _Policy, client: Client, head: RequestHead, target: Target,
+    def _decide_one(self, policy: _Policy, client: Client, request: EgressRequest, target: Target,
                     host: str | IPAddress, ctx: dict[str, Any]) -> Match:
         """Deny list, decision hook, HTTP rules, allowlists; a Match that is not allowed means "ask"."""
         denied = policy.rules.denied(host, target.port)
         if denied is not None:  # wins over every allow
             ctx["rule"] = f"deny:{denied.entry}"
             raise Refusal(403, "deny_listed", f"{host} is on the egress deny list.")
-        request = EgressRequest(sandbox=client.sandbox, method=head.method, host=str(host), port=target.port,
-                                path=target.path)
-        try:
-            verdict = self._decide(request, client.allowlist.entries)
-        except Exception as exc:  # a broken rule refuses (fail closed)
-            log.error("egress decision hook raised %s", type(exc).__name__)
-            raise Refusal(403, "decision_error", "A decision rule failed; the request is refused.") from None
+        verdict = self._plugin_verdict(request, client)
         if verdict is not None:
-            if not verdict.allowed:
-                raise Refusal(403, "plugin", f"Refused by policy: {verdict.reason}", verdict.reason)
-            return Match(True, "plugin")
-        if head.method != "CONNECT" and policy.rules.covers(host, target.port):  # method and path visible
+            return verdict
+        method = request.method
+        if method != "CONNECT" and policy.rules.covers(host, target.port):  # method and path visible
             path = rule_path(target.path)  # percent-decoded; None: it could reach a path the rules never saw
             if path is None:
-                raise Refusal(403, "path_not_plain", f"{head.method} {target.path} on {host} cannot be checked.")
-            rule = policy.rules.http_rule(host, target.port, head.method, path)
+                raise Refusal(403, "path_not_plain", f"{method} {target.path} on {host} cannot be checked.")
+            rule = policy.rules.http_rule(host, target.port, method, path)
             if rule is not None:
                 ctx["rule"] = rule.name
                 if rule.verdict == "deny":
-                    raise Refusal(403, "rule_deny", f"{head.method} {target.path} on {host} is refused by a rule.")
+                    raise Refusal(403, "rule_deny", f"{method} {target.path} on {host} is refused by a rule.")
                 return Match(True, "rule_allow")
         match = client.allowlist.match(host, target.port)
         granted = self.issue_hosts.allowlist(client.issue) if self.issue_hosts and client.issue else None
@@ -404,6 +432,19 @@ class EgressProxy:
             "ip_literal_not_allowed": f"The IP address {host} is not in this sandbox's egress allowlist.",
         }
         raise Refusal(403, match.reason, messages[match.reason])
+
+    def _plugin_verdict(self, request: EgressRequest, client: Client) -> Match | None:
+        """The decision hook's allow as a Match, None when no plugin decided; Refusal on a deny."""
+        try:
+            verdict = self._decide(request, client.allowlist.entries)
+        except Exception as exc:  # a broken rule refuses (fail closed)
+            log.error("egress decision hook raised %s", type(exc).__name__)
+            raise Refusal(403, "decision_error", "A decision rule failed; the request is refused.") from None
+        if verdict is None:
+            return None
+        if not verdict.allowed:
+            raise Refusal(403, "plugin", f"Refused by policy: {verdict.reason}", verdict.reason)
+        return Match(True, "plugin")
 
     async def _ask(self, conn: Conn, policy: _Policy, client: Client, method: str, host: str | IPAddress,
                    port: int, ctx: dict[str, Any]) -> Match:

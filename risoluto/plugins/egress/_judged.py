@@ -1,0 +1,80 @@
+"""Judged CONNECT heads: a repeated tunnel request skips parsing, authentication and the allowlists.
+
+An agent opens many tunnels to the same few hosts with the same credential. Each new connection
+used to parse its head, check its credential and walk the deny list and the allowlists again:
+tens of microseconds of Python on the critical path of every connection, where a proxy written
+in C spends a few. A CONNECT head that the allowlists allowed (the sandbox's own, or its issue's
+grants) is kept here, keyed by its exact bytes (the credential included) and the address it came
+from, and reused only while nothing it depended on has changed (the proxy checks, see
+``EgressProxy._judge``):
+
+- the egress settings (deny list, allowlist rules, ``onUnlisted``...): the same policy object;
+- the sandbox's registration: the same client object (unregistering or re-registering misses);
+- the per-issue grants: the same generation (an ``allow-issue`` or a ``DELETE`` misses).
+
+Never skipped: the decision hook is asked on every request, a name is resolved and its addresses
+checked on every request. Never kept: refusals, asks, approvals, plugin verdicts. Bounded: at
+most ``SIZE`` heads of at most ``MAX_HEAD`` bytes each, the oldest dropped first.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import attrs
+
+from risoluto.hookspecs.egress import EgressRequest
+
+from ._hosts import IPAddress, Match
+from ._http import RequestHead, Target
+
+SIZE = 256
+MAX_HEAD = 2048
+KEPT = frozenset({"allowlist", "issue_allowlist"})  # Match reasons that only the allowlists decided
+
+
+@attrs.frozen
+class Judged:
+    """What one CONNECT head was judged to be, and what that judgement depended on."""
+
+    head: RequestHead
+    client: Any  # the proxy's Client
+    target: Target
+    host: str | IPAddress
+    match: Match
+    request: EgressRequest  # asked of the decision hook again on every reuse
+    fields: tuple[tuple[str, Any], ...]  # the audit fields the judgement set (sandbox, host, port...)
+    policy: Any  # the proxy's _Policy
+    grants: int  # the per-issue grants' generation
+
+
+class JudgedHeads:
+    def __init__(self, size: int = SIZE):
+        self._size = size
+        self._entries: dict[tuple[bytes, str], Judged] = {}
+        self._lock = threading.Lock()  # connection threads add and drop concurrently
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, raw: bytes, peer: str) -> Judged | None:
+        return self._entries.get((raw, peer))
+
+    def keep(self, raw: bytes, peer: str, judged: Judged) -> None:
+        if len(raw) > MAX_HEAD or judged.match.reason not in KEPT:
+            return
+        with self._lock:
+            if (raw, peer) not in self._entries and len(self._entries) >= self._size:
+                del self._entries[next(iter(self._entries))]  # the oldest
+            self._entries[(raw, peer)] = judged
+
+    def drop(self, raw: bytes, peer: str) -> None:
+        with self._lock:
+            self._entries.pop((raw, peer), None)
+
+    def drop_client(self, username: str) -> None:
+        """Forget a sandbox's heads (it was unregistered): its credential leaves memory with them."""
+        with self._lock:
+            for key in [k for k, v in self._entries.items() if v.client.username == username]:
+                del self._entries[key]
