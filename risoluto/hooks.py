@@ -133,7 +133,10 @@ class Hooks:
         return self._hook.risoluto_egress_enforcer(kernel=self._kernel, settings=settings)
 
     def egress_decision(self, request: EgressRequest, allowlist: tuple[str, ...]) -> EgressVerdict | None:
-        return self._hook.risoluto_egress_decision(kernel=self._kernel, request=request, allowlist=allowlist)
+        hook = self._hook.risoluto_egress_decision
+        if not hook.get_hookimpls():  # asked on every proxied connection: skip pluggy's call when nobody listens
+            return None
+        return hook(kernel=self._kernel, request=request, allowlist=allowlist)
 
     def egress_decide(self, approval: EgressApproval) -> str | None:
         return self._hook.risoluto_egress_decide(kernel=self._kernel, approval=approval)

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import socket
 import stat
 import threading
 import time
@@ -291,3 +292,45 @@ async def test_stopping_the_proxy_ends_a_tunnel_at_once(tmp_path):
                 pass
     await stream.aclose()
     assert not [t for t in threading.enumerate() if t.name == "risoluto-egress"]  # serve() joined its threads
+
+
+async def test_an_origin_that_never_completes_the_handshake_is_a_504(tmp_path):
+    """The upstream connect is bounded by egress.connectTimeoutS: a listener whose accept queue is
+    full drops our SYN, so the connect never completes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    origin_port = listener.getsockname()[1]
+    held = []
+    for _ in range(4):  # fill the accept queue; nobody ever accepts
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", origin_port))
+        held.append(s)
+    settings = build_settings({"egress": {"allowPrivateNetworks": ["127.0.0.0/8"], "connectTimeoutS": 0.5}},
+                              None, {"DATA_DIR": str(tmp_path)})
+    kernel = Kernel(settings)
+    proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
+                        audit=audit_for(kernel))
+    proxy.register(Client(username="sbx-r", secret=SECRET.encode(), sandbox="sbx-r", addresses=frozenset({"127.0.0.1"}),
+                          allowlist=Allowlist([f"127.0.0.1:{origin_port}"])))
+    try:
+        async with anyio.create_task_group() as tg:
+            _, port = await tg.start(proxy.serve, "127.0.0.1")
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            started = time.monotonic()
+            async with stream:
+                await stream.send(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\n{AUTH}\r\n".encode())
+                answer = b""
+                with anyio.fail_after(5), contextlib.suppress(anyio.EndOfStream):
+                    while b"\r\n\r\n" not in answer:
+                        answer += await stream.receive()
+            elapsed = time.monotonic() - started
+            tg.cancel_scope.cancel()
+    finally:
+        for s in [*held, listener]:
+            s.close()
+    assert answer.startswith(b"HTTP/1.1 504") and b"connect_timeout" in answer
+    assert 0.4 < elapsed < 3
+    assert last_line(kernel).reason == "connect_timeout"

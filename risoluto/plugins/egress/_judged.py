@@ -13,7 +13,7 @@ from, and reused only while nothing it depended on has changed (the proxy checks
 - the per-issue grants: the same generation (an ``allow-issue`` or a ``DELETE`` misses).
 
 Never skipped: the decision hook is asked on every request, a name is resolved and its addresses
-checked on every request. Never kept: refusals, asks, approvals, plugin verdicts. Bounded: at
+checked on every request (an IP literal's check depends only on the settings, so it is kept). Never kept: refusals, asks, approvals, plugin verdicts. Bounded: at
 most ``SIZE`` heads of at most ``MAX_HEAD`` bytes each, the oldest dropped first.
 """
 
@@ -44,6 +44,7 @@ class Judged:
     host: str | IPAddress
     match: Match
     request: EgressRequest  # asked of the decision hook again on every reuse
+    addresses: tuple[IPAddress, ...] | None  # an IP literal's checked address; None: a name, resolved each time
     fields: tuple[tuple[str, Any], ...]  # the audit fields the judgement set (sandbox, host, port...)
     policy: Any  # the proxy's _Policy
     grants: int  # the per-issue grants' generation

@@ -294,9 +294,9 @@ class EgressProxy:
         ctx: dict[str, Any] = {"peer": peer, "started": time.monotonic()}
         try:
             reader = Reader(conn)
-            head, client, target, host, match = self._judge(self._read_head(reader, policy), peer, policy, ctx)
+            head, client, target, host, match, addresses = self._judge(self._read_head(reader, policy), peer,
+                                                                       policy, ctx)
             framing = body_framing(head) if head.method != "CONNECT" else ("none", 0)
-            addresses = self._resolve(policy, host, target.port, ctx)
             if not match.allowed:  # unlisted under onUnlisted: ask, and its addresses passed
                 match = self._call(self._ask, conn, policy, client, head.method, host, target.port, ctx)
             upstream = self._dial(policy, addresses, host, target.port, ctx)
@@ -333,16 +333,19 @@ class EgressProxy:
             raise Refusal(431, "headers_too_large", f"The request head is larger than {MAX_HEAD} bytes.")
         return raw
 
-    def _judge(self, raw: bytes, peer: str, policy: _Policy,
-               ctx: dict[str, Any]) -> tuple[RequestHead, Client, Target, str | IPAddress, Match]:
-        """Parse, authenticate and decide a request head; a CONNECT head this peer sent before,
-        byte for byte, reuses its judgement while nothing it depended on changed (``_judged``)."""
+    def _judge(self, raw: bytes, peer: str, policy: _Policy, ctx: dict[str, Any]) -> tuple[
+            RequestHead, Client, Target, str | IPAddress, Match, list[IPAddress]]:
+        """Parse, authenticate, decide and resolve a request head; a CONNECT head this peer sent
+        before, byte for byte, reuses its judgement while nothing it depended on changed (``_judged``)."""
         kept = self._judged.get(raw, peer)
         if kept is not None:
             if kept.policy is policy and self._clients.get(kept.client.username) is kept.client \
                     and kept.grants == self._grants():
                 ctx.update(kept.fields)
-                return kept.head, kept.client, kept.target, kept.host, self._decide_again(kept, ctx)
+                match = self._decide_again(kept, ctx)
+                addresses = list(kept.addresses) if kept.addresses is not None else \
+                    self._resolve(policy, kept.host, kept.target.port, ctx)
+                return kept.head, kept.client, kept.target, kept.host, match, addresses
             self._judged.drop(raw, peer)
         grants = self._grants()  # read before deciding: a grant changed meanwhile misses next time
         head = parse_head(raw)
@@ -359,10 +362,13 @@ class EgressProxy:
         request = EgressRequest(sandbox=client.sandbox, method=head.method, host=str(host), port=target.port,
                                 path=target.path)
         match = self._decide_one(policy, client, request, target, host, ctx)
+        addresses = self._resolve(policy, host, target.port, ctx)
         if head.method == "CONNECT":
-            self._judged.keep(raw, peer, Judged(head=head, client=client, target=target, host=host, match=match,
-                                                request=request, fields=fields, policy=policy, grants=grants))
-        return head, client, target, host, match
+            self._judged.keep(raw, peer, Judged(
+                head=head, client=client, target=target, host=host, match=match, request=request,
+                addresses=None if isinstance(host, str) else tuple(addresses), fields=fields, policy=policy,
+                grants=grants))
+        return head, client, target, host, match, addresses
 
     def _grants(self) -> int:
         return self.issue_hosts.generation if self.issue_hosts is not None else 0
