@@ -232,3 +232,29 @@ async def test_the_kept_heads_are_bounded(tmp_path, monkeypatch):
         assert len(env.parsed) == parsed
         await tunnel(env, env.head(extra="X-Request: 0\r\n"))
         assert len(env.parsed) == parsed + 1
+
+
+async def plain_get(env: Env, path: str = "/x") -> tuple[int, str]:
+    stream = await anyio.connect_tcp("127.0.0.1", env.port)
+    answer = b""
+    async with stream:
+        await stream.send(f"GET http://127.0.0.1:{env.origin_port}{path} HTTP/1.1\r\n{auth()}\r\n".encode())
+        with anyio.fail_after(10), contextlib.suppress(anyio.EndOfStream):
+            while True:
+                answer += await stream.receive()
+    if answer == b"ok":  # the origin answers raw bytes: the request went through
+        return 200, ""
+    lines = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    reason = next((line.split(": ", 1)[1] for line in lines if line.startswith("X-Risoluto-Egress")), "")
+    return int(lines[0].split(" ", 2)[1]), reason
+
+
+async def test_a_plain_request_is_kept_too_and_a_new_rule_refuses_the_same_bytes(tmp_path, monkeypatch):
+    async with judged_env(tmp_path, monkeypatch) as env:
+        assert await plain_get(env) == (200, "")
+        assert await plain_get(env) == (200, "")
+        assert len(env.parsed) == 1
+        env.reconfigure(rules=[{"hosts": [f"127.0.0.1:{env.origin_port}"], "methods": ["GET"], "paths": ["/x"],
+                                "verdict": "deny"}])
+        assert await plain_get(env) == (403, "rule_deny")
+        assert await plain_get(env, "/y") == (200, "")  # the rule names /x only

@@ -191,7 +191,7 @@ class EgressProxy:
         self._approve = approve  # the risoluto_egress_decide hook
         self._held = 0
         self._clients: dict[str, Client] = {}
-        self._judged = JudgedHeads()  # repeated CONNECT heads (see _judged)
+        self._judged = JudgedHeads()  # repeated request heads (see _judged)
         self._policy: _Policy | None = None
         self._open = 0
         self._per_peer: dict[str, int] = {}
@@ -335,8 +335,8 @@ class EgressProxy:
 
     def _judge(self, raw: bytes, peer: str, policy: _Policy, ctx: dict[str, Any]) -> tuple[
             RequestHead, Client, Target, str | IPAddress, Match, list[IPAddress]]:
-        """Parse, authenticate, decide and resolve a request head; a CONNECT head this peer sent
-        before, byte for byte, reuses its judgement while nothing it depended on changed (``_judged``)."""
+        """Parse, authenticate, decide and resolve a request head; a head this peer sent before,
+        byte for byte, reuses its judgement while nothing it depended on changed (``_judged``)."""
         kept = self._judged.get(raw, peer)
         if kept is not None:
             if kept.policy is policy and self._clients.get(kept.client.username) is kept.client \
@@ -363,11 +363,10 @@ class EgressProxy:
                                 path=target.path)
         match = self._decide_one(policy, client, request, target, host, ctx)
         addresses = self._resolve(policy, host, target.port, ctx)
-        if head.method == "CONNECT":
-            self._judged.keep(raw, peer, Judged(
-                head=head, client=client, target=target, host=host, match=match, request=request,
-                addresses=None if isinstance(host, str) else tuple(addresses), fields=fields, policy=policy,
-                grants=grants))
+        self._judged.keep(raw, peer, Judged(
+            head=head, client=client, target=target, host=host, match=match, request=request,
+            addresses=None if isinstance(host, str) else tuple(addresses), fields=fields, policy=policy,
+            grants=grants))
         return head, client, target, host, match, addresses
 
     def _grants(self) -> int:
