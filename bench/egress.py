@@ -3,16 +3,21 @@
 Everything runs on loopback in this one run: an origin (its own process, sendfile), the
 risoluto egress proxy twice (its own processes, the real EgressProxy with a registered sandbox
 credential and allowlist: once with the decision audit writing to a file, once counting in
-memory only), tinyproxy (Debian package, started here with a config in a temporary directory)
-and a blocking client. Paths: ``direct``, CONNECT tunnels through each proxy (``tunnel``,
-``tunnel-noaudit``, ``tiny-tunnel``) and plain HTTP through each (``http``, ``tiny-http``).
+memory only), tinyproxy (Debian package, started here with a config in a temporary directory),
+a bare splice relay (``_bare_relay``: no decisions at all, the ceiling of any relay here) and a
+blocking client. Paths: ``direct``, CONNECT tunnels through each proxy (``tunnel``,
+``tunnel-noaudit``, ``tiny-tunnel``, ``bare-tunnel``) and plain HTTP through the two proxies
+(``http``, ``tiny-http``). New connections are timed on direct, tunnel, tiny-tunnel, http and
+tiny-http only: on two cores, each further Python process in the interleave slows the paths
+after it (the bare relay there moved the tunnel's added p50 by about 0.05 ms).
 
 A loopback "direct" transfer is itself unsteady on a busy machine (its speed varies with the
 transfer size and with what else runs), so the yardstick is made steady first: several sizes,
 all paths interleaved in every round, each figure the median of the rounds with its spread
-(min-max), and the ratios judged at the size where direct was steadiest (smallest spread
-relative to its median). Targets: tunnel >= 0.9x direct and >= 4x tinyproxy's tunnel; audit on
-within 5% of audit off; added p50 per new connection <= tinyproxy's.
+(min-max). A ratio is the median of the per-round ratios (the two transfers of a pair ran one
+after the other, so load that comes and goes falls on both), judged at the size where direct
+was steadiest (smallest spread relative to its median). Targets: tunnel >= 0.9x direct and >= 4x
+tinyproxy's tunnel; audit on within 5% of audit off; added p50 per new connection <= tinyproxy's.
 
     .venv/bin/python bench/egress.py [--sizes 64,256,512] [--rounds 5] [--requests 400]
 """
@@ -33,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _servers import free_port, wait_port  # bench/ is on sys.path when run as a script
+import _bare_relay  # bench/ is on sys.path when run as a script
+from _servers import free_port, wait_port
 
 HOST = "127.0.0.1"
 SECRET = "bench-secret-" + "z" * 16
@@ -203,12 +209,17 @@ def main() -> int:
         wait_port(proxy_port, proxy, "risoluto proxy", timeout=15)
         wait_port(quiet_port, quiet, "risoluto proxy (no audit)", timeout=15)
         tiny, tiny_port = start_tinyproxy(tmp, origin_port)
+        bare_port = free_port()
+        bare = ctx.Process(target=_bare_relay.serve, args=(HOST, bare_port), daemon=True)
+        bare.start()
+        wait_port(bare_port, bare, "bare relay", timeout=15)
         try:
             paths = {
                 "direct": ((HOST, origin_port), "direct"),
                 "tunnel": ((HOST, proxy_port), "tunnel"),
                 "tunnel-noaudit": ((HOST, quiet_port), "tunnel"),
                 "tiny-tunnel": ((HOST, tiny_port), "tunnel"),
+                "bare-tunnel": ((HOST, bare_port), "tunnel"),
                 "http": ((HOST, proxy_port), "http"),
                 "tiny-http": ((HOST, tiny_port), "http"),
             }
@@ -225,7 +236,7 @@ def main() -> int:
         finally:
             tiny.terminate()
             tiny.wait()
-            for proc in (proxy, quiet, origin):
+            for proc in (proxy, quiet, bare, origin):
                 proc.terminate()
                 proc.join()
     print(f"large transfers, MB/s: median of {args.rounds} interleaved rounds (min-max)")
@@ -237,29 +248,36 @@ def main() -> int:
         d = tput[mib]["direct"]
         return (max(d) - min(d)) / statistics.median(d)
 
+    def ratio(mib: int, a: str, b: str) -> float:
+        """Median of the per-round ratios a/b at ``mib`` (a pair ran back to back)."""
+        return statistics.median(x / y for x, y in zip(tput[mib][a], tput[mib][b], strict=True))
+
     steady = min(sizes, key=steadiness)
-    med = {name: statistics.median(tput[steady][name]) for name in paths}
     p50 = {name: statistics.median(v) for name, v in lat.items()}
     p95 = {name: statistics.quantiles(v, n=20)[18] for name, v in lat.items()}
     print(f"new connection + small GET ({args.requests} requests per path, interleaved, ms):")
     for name in lat:
         print(f"  {name:<14} p50 {p50[name]:.3f}  p95 {p95[name]:.3f}")
     print(f"audit lines written by the audited proxy: {audit_lines}")
-    vs_direct = med["tunnel"] / med["direct"]
-    vs_tiny = med["tunnel"] / med["tiny-tunnel"]
-    audit_cost = med["tunnel"] / med["tunnel-noaudit"]
+    vs_direct = ratio(steady, "tunnel", "direct")
+    vs_tiny = ratio(steady, "tunnel", "tiny-tunnel")
+    audit_cost = ratio(steady, "tunnel", "tunnel-noaudit")
     added = p50["tunnel"] - p50["direct"]
     tiny_added = p50["tiny-tunnel"] - p50["direct"]
-    print(f"ratios at {steady} MiB (direct steadiest there: spread {steadiness(steady):.0%} of its median):")
+    print(f"ratios at {steady} MiB (direct steadiest there: spread {steadiness(steady):.0%} of its median), "
+          "each the median of the per-round ratios:")
     for mib in sizes:
-        ratio = statistics.median(tput[mib]["tunnel"]) / statistics.median(tput[mib]["direct"])
-        print(f"  [{mib} MiB: tunnel/direct {ratio:.2f}x, direct spread {steadiness(mib):.0%}]")
-    print(f"  tunnel/direct                 {vs_direct:.2f}x  (target >= 0.9)")
-    print(f"  tunnel/tinyproxy tunnel       {vs_tiny:.2f}x  (target >= 4; a relay cannot beat direct, so the "
-          f"ceiling here is direct/tinyproxy = {med['direct'] / med['tiny-tunnel']:.2f}x)")
+        print(f"  [{mib} MiB: tunnel/direct {ratio(mib, 'tunnel', 'direct'):.2f}x, bare relay/direct "
+              f"{ratio(mib, 'bare-tunnel', 'direct'):.2f}x, direct spread {steadiness(mib):.0%}]")
+    print(f"  tunnel/direct                 {vs_direct:.2f}x  (target >= 0.9; the bare splice relay, no decisions "
+          f"at all: {ratio(steady, 'bare-tunnel', 'direct'):.2f}x)")
+    print(f"  tunnel/bare relay             {ratio(steady, 'tunnel', 'bare-tunnel'):.2f}x  (what the decisions cost "
+          "a bulk transfer)")
+    print(f"  tunnel/tinyproxy tunnel       {vs_tiny:.2f}x  (target >= 4; a relay adds a second TCP connection to "
+          f"a direct one, and direct itself is {ratio(steady, 'direct', 'tiny-tunnel'):.2f}x tinyproxy here)")
     print(f"  audit on / audit off          {audit_cost:.2f}x  (target >= 0.95)")
-    print(f"  plain HTTP/direct             {med['http'] / med['direct']:.2f}x  (tinyproxy: "
-          f"{med['tiny-http'] / med['direct']:.2f}x)")
+    print(f"  plain HTTP/direct             {ratio(steady, 'http', 'direct'):.2f}x  (tinyproxy: "
+          f"{ratio(steady, 'tiny-http', 'direct'):.2f}x)")
     print(f"  added p50 per new connection (tunnel) {added:.3f} ms  (target <= tinyproxy's {tiny_added:.3f} ms)")
     print(f"  added p50 per new connection (plain HTTP) {p50['http'] - p50['direct']:.3f} ms  (tinyproxy "
           f"{p50['tiny-http'] - p50['direct']:.3f} ms)")
