@@ -51,15 +51,29 @@ async def relay_env(tmp_path, stall_after: int | None = None) -> AsyncIterator[t
             if stall_after is not None:
                 await anyio.sleep(30)
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    origin_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    settings = build_settings({"egress": {"allowPrivateNetworks": ["127.0.0.0/8"], "idleTimeoutS": 1.5}}, None,
+    async with proxied_origin(tmp_path, serve, idleTimeoutS=1.5) as env:
+        yield env
+
+
+def make_proxy(tmp_path, origin_port: int, **egress: Any) -> tuple[Kernel, EgressProxy]:
+    """A proxy whose one sandbox (127.0.0.1) may reach 127.0.0.1:``origin_port``."""
+    settings = build_settings({"egress": {"allowPrivateNetworks": ["127.0.0.0/8"], **egress}}, None,
                               {"DATA_DIR": str(tmp_path)})
     kernel = Kernel(settings)
     proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
                         audit=audit_for(kernel))
     proxy.register(Client(username="sbx-r", secret=SECRET.encode(), sandbox="sbx-r", addresses=frozenset({"127.0.0.1"}),
                           allowlist=Allowlist([f"127.0.0.1:{origin_port}"])))
+    return kernel, proxy
+
+
+@contextlib.asynccontextmanager
+async def proxied_origin(tmp_path, serve: Any, **egress: Any) -> AsyncIterator[tuple[int, int, Kernel, Any]]:
+    """(proxy port, origin port, kernel, task group): an origin serving each connection with
+    ``serve``, and a proxy in front of it."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    origin_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    kernel, proxy = make_proxy(tmp_path, origin_port, **egress)
     async with anyio.create_task_group() as tg:
         async def serve_origin() -> None:
             async with listener:
@@ -193,24 +207,8 @@ async def digest_env(tmp_path) -> AsyncIterator[tuple[int, int, Kernel, list[byt
             body = digest.hexdigest().encode()
             await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    origin_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    settings = build_settings({"egress": {"allowPrivateNetworks": ["127.0.0.0/8"], "idleTimeoutS": 5}}, None,
-                              {"DATA_DIR": str(tmp_path)})
-    kernel = Kernel(settings)
-    proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
-                        audit=audit_for(kernel))
-    proxy.register(Client(username="sbx-r", secret=SECRET.encode(), sandbox="sbx-r", addresses=frozenset({"127.0.0.1"}),
-                          allowlist=Allowlist([f"127.0.0.1:{origin_port}"])))
-    async with anyio.create_task_group() as tg:
-        async def serve_origin() -> None:
-            async with listener:
-                await listener.serve(serve)
-
-        tg.start_soon(serve_origin)
-        _, port = await tg.start(proxy.serve, "127.0.0.1")
+    async with proxied_origin(tmp_path, serve, idleTimeoutS=5) as (port, origin_port, kernel, _):
         yield port, origin_port, kernel, heads
-        tg.cancel_scope.cancel()
 
 
 async def post(port: int, head: str, body_parts: list[bytes]) -> bytes:
@@ -308,13 +306,7 @@ async def test_an_origin_that_never_completes_the_handshake_is_a_504(tmp_path):
         with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", origin_port))
         held.append(s)
-    settings = build_settings({"egress": {"allowPrivateNetworks": ["127.0.0.0/8"], "connectTimeoutS": 0.5}},
-                              None, {"DATA_DIR": str(tmp_path)})
-    kernel = Kernel(settings)
-    proxy = EgressProxy(lambda: kernel.settings.egress, kernel.hooks.egress_decision, metrics_for(kernel),
-                        audit=audit_for(kernel))
-    proxy.register(Client(username="sbx-r", secret=SECRET.encode(), sandbox="sbx-r", addresses=frozenset({"127.0.0.1"}),
-                          allowlist=Allowlist([f"127.0.0.1:{origin_port}"])))
+    kernel, proxy = make_proxy(tmp_path, origin_port, connectTimeoutS=0.5)
     try:
         async with anyio.create_task_group() as tg:
             _, port = await tg.start(proxy.serve, "127.0.0.1")
