@@ -294,8 +294,8 @@ class EgressProxy:
         ctx: dict[str, Any] = {"peer": peer, "started": time.monotonic()}
         try:
             reader = Reader(conn)
-            head, client, target, host, match, addresses = self._judge(self._read_head(reader, policy), peer,
-                                                                       policy, ctx)
+            judged, match, addresses = self._judge(self._read_head(reader, policy), peer, policy, ctx)
+            head, client, target, host = judged.head, judged.client, judged.target, judged.host
             framing = body_framing(head) if head.method != "CONNECT" else ("none", 0)
             if not match.allowed:  # unlisted under onUnlisted: ask, and its addresses passed
                 match = self._call(self._ask, conn, policy, client, head.method, host, target.port, ctx)
@@ -333,10 +333,11 @@ class EgressProxy:
             raise Refusal(431, "headers_too_large", f"The request head is larger than {MAX_HEAD} bytes.")
         return raw
 
-    def _judge(self, raw: bytes, peer: str, policy: _Policy, ctx: dict[str, Any]) -> tuple[
-            RequestHead, Client, Target, str | IPAddress, Match, list[IPAddress]]:
-        """Parse, authenticate, decide and resolve a request head; a head this peer sent before,
-        byte for byte, reuses its judgement while nothing it depended on changed (``_judged``)."""
+    def _judge(self, raw: bytes, peer: str, policy: _Policy,
+               ctx: dict[str, Any]) -> tuple[Judged, Match, list[IPAddress]]:
+        """Parse, authenticate, decide and resolve a request head: (what it is, the decision, the
+        checked addresses). A head this peer sent before, byte for byte, reuses its judgement while
+        nothing it depended on changed (``_judged``)."""
         kept = self._judged.get(raw, peer)
         if kept is not None:
             if kept.policy is policy and self._clients.get(kept.client.username) is kept.client \
@@ -345,8 +346,14 @@ class EgressProxy:
                 match = self._decide_again(kept, ctx)
                 addresses = list(kept.addresses) if kept.addresses is not None else \
                     self._resolve(policy, kept.host, kept.target.port, ctx)
-                return kept.head, kept.client, kept.target, kept.host, match, addresses
+                return kept, match, addresses
             self._judged.drop(raw, peer)
+        judged, addresses = self._judge_afresh(raw, peer, policy, ctx)
+        self._judged.keep(raw, peer, judged)
+        return judged, judged.match, addresses
+
+    def _judge_afresh(self, raw: bytes, peer: str, policy: _Policy,
+                      ctx: dict[str, Any]) -> tuple[Judged, list[IPAddress]]:
         grants = self._grants()  # read before deciding: a grant changed meanwhile misses next time
         head = parse_head(raw)
         ctx["method"] = head.method
@@ -363,11 +370,9 @@ class EgressProxy:
                                 path=target.path)
         match = self._decide_one(policy, client, request, target, host, ctx)
         addresses = self._resolve(policy, host, target.port, ctx)
-        self._judged.keep(raw, peer, Judged(
-            head=head, client=client, target=target, host=host, match=match, request=request,
-            addresses=None if isinstance(host, str) else tuple(addresses), fields=fields, policy=policy,
-            grants=grants))
-        return head, client, target, host, match, addresses
+        literal = None if isinstance(host, str) else tuple(addresses)  # a name is resolved every time
+        return Judged(head=head, client=client, target=target, host=host, match=match, request=request,
+                      addresses=literal, fields=fields, policy=policy, grants=grants), addresses
 
     def _grants(self) -> int:
         return self.issue_hosts.generation if self.issue_hosts is not None else 0
