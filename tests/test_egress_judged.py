@@ -258,3 +258,10 @@ async def test_a_plain_request_is_kept_too_and_a_new_rule_refuses_the_same_bytes
                                 "verdict": "deny"}])
         assert await plain_get(env) == (403, "rule_deny")
         assert await plain_get(env, "/y") == (200, "")  # the rule names /x only
+
+
+async def test_a_replaced_allowlist_refuses_the_same_bytes(tmp_path, monkeypatch):
+    async with judged_env(tmp_path, monkeypatch) as env:
+        assert (await tunnel(env, env.head()))[0] == 200
+        env.proxy._clients["sbx-j"].allowlist = Allowlist(["127.0.0.1:1"])  # the same client, narrowed in place
+        assert (await tunnel(env, env.head()))[:2] == (403, "port_not_allowed")

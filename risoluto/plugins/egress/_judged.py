@@ -10,7 +10,8 @@ and reused only while nothing it depended on has changed (the proxy checks, see
 ``EgressProxy._judge``):
 
 - the egress settings (deny list, allowlist rules, ``onUnlisted``...): the same policy object;
-- the sandbox's registration: the same client object (unregistering or re-registering misses);
+- the sandbox's registration: the same client object with the same allowlist object
+  (unregistering, re-registering or replacing its allowlist misses);
 - the per-issue grants: the same generation (an ``allow-issue`` or a ``DELETE`` misses).
 
 Never skipped: the decision hook is asked on every request, a name is resolved and its addresses
@@ -48,6 +49,7 @@ class Judged:
     addresses: tuple[IPAddress, ...] | None  # an IP literal's checked address; None: a name, resolved each time
     fields: tuple[tuple[str, Any], ...]  # the audit fields the judgement set (sandbox, host, port...)
     policy: Any  # the proxy's _Policy
+    allowlist: Any  # the client's Allowlist it was judged against (replacing it misses)
     grants: int  # the per-issue grants' generation
 
 

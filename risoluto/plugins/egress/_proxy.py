@@ -341,7 +341,7 @@ class EgressProxy:
         kept = self._judged.get(raw, peer)
         if kept is not None:
             if kept.policy is policy and self._clients.get(kept.client.username) is kept.client \
-                    and kept.grants == self._grants():
+                    and kept.allowlist is kept.client.allowlist and kept.grants == self._grants():
                 ctx.update(kept.fields)
                 match = self._decide_again(kept, ctx)
                 addresses = list(kept.addresses) if kept.addresses is not None else \
@@ -372,7 +372,8 @@ class EgressProxy:
         addresses = self._resolve(policy, host, target.port, ctx)
         literal = None if isinstance(host, str) else tuple(addresses)  # a name is resolved every time
         return Judged(head=head, client=client, target=target, host=host, match=match, request=request,
-                      addresses=literal, fields=fields, policy=policy, grants=grants), addresses
+                      addresses=literal, fields=fields, policy=policy, allowlist=client.allowlist,
+                      grants=grants), addresses
 
     def _grants(self) -> int:
         return self.issue_hosts.generation if self.issue_hosts is not None else 0

@@ -258,8 +258,9 @@ class _Way:
     """One direction of a tunnel relayed on a proxy thread: ``src`` -> pipe -> ``dst`` with
     splice(2) (the bytes never enter Python), or through a buffer without splice."""
 
-    def __init__(self, src: Conn, dst: Conn, counter: Any):
+    def __init__(self, src: Conn, dst: Conn, counter: Any, half_close: bool = True):
         self.src, self.dst, self.counter = src, dst, counter
+        self.half_close = half_close  # pass src's EOF on to dst at once (else dst ends when closed)
         self.pipe = _take_pipe() if _SPLICE else None
         self.pending = 0  # bytes read from src and not yet written to dst
         self.buffer = b""  # the same without splice
@@ -287,7 +288,8 @@ class _Way:
                 return
             if n == 0:  # EOF: pass the half-close on, the other direction goes on
                 self.done = True
-                self.dst.send_eof()
+                if self.half_close:
+                    self.dst.send_eof()
                 return
             activity.touch()
             self.pending = n
@@ -334,8 +336,10 @@ def tunnel_sync(client: Conn, upstream: Conn, activity: Activity, up: Any, down:
 
 
 def relay_sync(src: Conn, dst: Conn, activity: Activity, counter: Any) -> None:
-    """Relay ``src`` -> ``dst`` until ``src`` ends (a plain-HTTP answer), as ``tunnel_sync``."""
-    _relay((_Way(src, dst, counter),), activity)
+    """Relay ``src`` -> ``dst`` until ``src`` ends (a plain-HTTP answer), as ``tunnel_sync``.
+    ``dst`` is not half-closed: the client sees the end when the proxy closes the connection,
+    after the exchange is audited."""
+    _relay((_Way(src, dst, counter, half_close=False),), activity)
 
 
 def _relay(ways: tuple[_Way, ...], activity: Activity) -> None:
