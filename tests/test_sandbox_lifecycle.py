@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -226,47 +229,78 @@ async def test_docker_absent_does_not_stop_startup(sandbox_world, tmp_path: Path
 
 
 class SocketRelay:
-    """A unix socket in front of the engine that the test can cut mid-run."""
+    """A unix socket in front of the engine that the test can cut mid-run.
+
+    Plain sockets on threads, not anyio streams: cancelling an anyio unix stream while the
+    engine is sending can settle its cancelled read future (InvalidStateError, raised in the
+    event loop), which failed this test now and then."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.scope = anyio.CancelScope()
+        self._cut = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
-    async def serve(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-        with self.scope:
-            listener = await anyio.create_unix_listener(self.path)
-            task_status.started()
-            async with listener:
-                await listener.serve(self.relay)
+    def start(self) -> None:
+        self._listener.bind(str(self.path))
+        self._listener.listen(16)
+        self._listener.settimeout(0.1)  # checks for the cut between waits
+        threading.Thread(target=self._accept, name="engine-relay", daemon=True).start()
 
-    async def relay(self, client) -> None:
-        async with client, await anyio.connect_unix("/var/run/docker.sock") as upstream:
-            async with anyio.create_task_group() as tg:
-                async def pipe(src, dst):
-                    async for chunk in src:
-                        await dst.send(chunk)
-                    tg.cancel_scope.cancel()
-                tg.start_soon(pipe, client, upstream)
-                tg.start_soon(pipe, upstream, client)
+    def cut(self) -> None:
+        """The engine "goes away": every relayed connection is shut down, no new one is taken."""
+        self._cut.set()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        with self._listener:
+            while not self._cut.is_set():
+                try:
+                    client, _ = self._listener.accept()
+                except TimeoutError:
+                    continue
+                client.settimeout(None)
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                upstream.connect("/var/run/docker.sock")
+                with self._lock:
+                    self._sockets += [client, upstream]
+                    if self._cut.is_set():  # cut while this one was connecting
+                        self.cut()
+                for src, dst in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):  # one side ended: end the whole connection
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 async def test_engine_going_away_mid_run_is_a_reported_failure(sandbox_world, tmp_path: Path):
     relay = SocketRelay(tmp_path / "engine.sock")
-    async with anyio.create_task_group() as tg:
-        await tg.start(relay.serve)
-        client, _ = await sandbox_world.app(env={"DOCKER_HOST": f"unix://{relay.path}"})
-        response = await client.post("/api/v1/sandboxes", json={"issue": "GONE-1", "command": ["sleep", "300"]})
-        created = await response.get_json()
-        assert response.status_code == 201
-        relay.scope.cancel()  # the engine "goes away"
-        os.unlink(relay.path)
-        with anyio.fail_after(20):
-            while True:
-                shown = await (await client.get(f"/api/v1/sandboxes/{created['id']}")).get_json()
-                if shown["status"] != "running":
-                    break
-                await anyio.sleep(0.2)
-        assert shown["status"] == "failed" and "Docker engine" in shown["reason"]
+    relay.start()
+    client, _ = await sandbox_world.app(env={"DOCKER_HOST": f"unix://{relay.path}"})
+    response = await client.post("/api/v1/sandboxes", json={"issue": "GONE-1", "command": ["sleep", "300"]})
+    created = await response.get_json()
+    assert response.status_code == 201
+    relay.cut()  # the engine "goes away"
+    os.unlink(relay.path)
+    with anyio.fail_after(20):
+        while True:
+            shown = await (await client.get(f"/api/v1/sandboxes/{created['id']}")).get_json()
+            if shown["status"] != "running":
+                break
+            await anyio.sleep(0.2)
+    assert shown["status"] == "failed" and "Docker engine" in shown["reason"]
     # the next start of this DATA_DIR (engine back) removes what was left
     await sandbox_world.app()
     assert mine(sandbox_world) == []
