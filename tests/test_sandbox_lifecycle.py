@@ -249,29 +249,34 @@ class SocketRelay:
         threading.Thread(target=self._accept, name="engine-relay", daemon=True).start()
 
     def cut(self) -> None:
-        """The engine "goes away": every relayed connection is shut down, no new one is taken."""
+        """The engine "goes away": the listener closes (a connection waiting in its backlog is
+        reset, a new one refused) and every relayed connection is shut down."""
         self._cut.set()
         with self._lock:
+            self._listener.close()
             for sock in self._sockets:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
     def _accept(self) -> None:
-        with self._listener:
-            while not self._cut.is_set():
-                try:
-                    client, _ = self._listener.accept()
-                except TimeoutError:
-                    continue
-                client.settimeout(None)
-                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                upstream.connect("/var/run/docker.sock")
-                with self._lock:
-                    self._sockets += [client, upstream]
-                    if self._cut.is_set():  # cut while this one was connecting
-                        self.cut()
-                for src, dst in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+        while not self._cut.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by cut()
+                return
+            client.settimeout(None)
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect("/var/run/docker.sock")
+            with self._lock:
+                if self._cut.is_set():  # cut while this one was connecting
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
