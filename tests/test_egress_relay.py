@@ -254,7 +254,7 @@ async def test_an_answer_before_the_body_ends_the_exchange_promptly(tmp_path):
         started = time.monotonic()
         head = f"POST http://127.0.0.1:{origin_port}/early HTTP/1.1\r\n{AUTH}Content-Length: {SIZE}\r\n\r\n"
         got = await post(port, head, [b"x" * 1024])  # the client then stalls: the body never completes
-        line = await wait_for_allow(kernel)
+        await wait_for_allow(kernel)  # audited once its body's thread has ended
     assert got.startswith(b"HTTP/1.1 413")
     assert time.monotonic() - started < 4  # the body's thread was woken, not left to the 5 s idle bound
     assert not [t for t in threading.enumerate() if t.name == "risoluto-egress-body"]

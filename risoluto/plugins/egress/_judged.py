@@ -15,8 +15,9 @@ and reused only while nothing it depended on has changed (the proxy checks, see
 - the per-issue grants: the same generation (an ``allow-issue`` or a ``DELETE`` misses).
 
 Never skipped: the decision hook is asked on every request, a name is resolved and its addresses
-checked on every request (an IP literal's check depends only on the settings, so it is kept). Never kept: refusals, asks, approvals, plugin verdicts. Bounded: at
-most ``SIZE`` heads of at most ``MAX_HEAD`` bytes each, the oldest dropped first.
+checked on every request (an IP literal's check depends only on the settings, so it is kept).
+Never kept: refusals, asks, approvals, plugin verdicts. Bounded: at most ``SIZE`` heads of at most
+``MAX_HEAD`` bytes each, the oldest dropped first.
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ class Judged:
     target: Target
     host: str | IPAddress
     match: Match
-    request: EgressRequest  # asked of the decision hook again on every reuse
+    request: EgressRequest  # asked of the decision hook again on every reuse; its fields are the audit's
     addresses: tuple[IPAddress, ...] | None  # an IP literal's checked address; None: a name, resolved each time
-    fields: tuple[tuple[str, Any], ...]  # the audit fields the judgement set (sandbox, host, port...)
     policy: Any  # the proxy's _Policy
     allowlist: Any  # the client's Allowlist it was judged against (replacing it misses)
     grants: int  # the per-issue grants' generation

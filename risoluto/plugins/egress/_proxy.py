@@ -311,9 +311,9 @@ class EgressProxy:
         try:
             threads.track(upstream.sock)
             if head.method != "CONNECT":
-                refusal = self.broker.plain_refusal(head, ctx) if self.broker is not None else None
-                if refusal is not None:  # a credential placeholder in plain HTTP: never sent on
-                    self._refuse_sync(conn, ctx, refusal)
+                placeholder = self.broker.plain_refusal(head, ctx) if self.broker is not None else None
+                if placeholder is not None:  # a credential placeholder in plain HTTP: never sent on
+                    self._refuse_sync(conn, ctx, placeholder)
                 else:
                     self._forward(conn, reader, upstream, head, target, framing, policy, match, ctx)
             elif self.broker is not None and self.broker.credentialed(host, target.port):
@@ -340,9 +340,10 @@ class EgressProxy:
         nothing it depended on changed (``_judged``)."""
         kept = self._judged.get(raw, peer)
         if kept is not None:
-            if kept.policy is policy and self._clients.get(kept.client.username) is kept.client \
-                    and kept.allowlist is kept.client.allowlist and kept.grants == self._grants():
-                ctx.update(kept.fields)
+            if self._still_holds(kept, policy):
+                request = kept.request  # the audit fields it set, as a fresh judgement sets them
+                ctx.update(method=request.method, sandbox=request.sandbox, issue=kept.client.issue,
+                           host=request.host, port=request.port, path=request.path)
                 match = self._decide_again(kept, ctx)
                 addresses = list(kept.addresses) if kept.addresses is not None else \
                     self._resolve(policy, kept.host, kept.target.port, ctx)
@@ -365,15 +366,20 @@ class EgressProxy:
         except HostError:
             raise Refusal(400, "malformed_host", "The host is not a valid name or IP literal.") from None
         ctx.update(host=str(host), port=target.port, path=target.path)
-        fields = tuple((k, ctx[k]) for k in ("method", "sandbox", "issue", "host", "port", "path"))
         request = EgressRequest(sandbox=client.sandbox, method=head.method, host=str(host), port=target.port,
                                 path=target.path)
         match = self._decide_one(policy, client, request, target, host, ctx)
         addresses = self._resolve(policy, host, target.port, ctx)
         literal = None if isinstance(host, str) else tuple(addresses)  # a name is resolved every time
         return Judged(head=head, client=client, target=target, host=host, match=match, request=request,
-                      addresses=literal, fields=fields, policy=policy, allowlist=client.allowlist,
+                      addresses=literal, policy=policy, allowlist=client.allowlist,
                       grants=grants), addresses
+
+    def _still_holds(self, kept: Judged, policy: _Policy) -> bool:
+        """Whether nothing a kept judgement depended on has changed (see ``_judged``)."""
+        client = kept.client
+        return (kept.policy is policy and kept.allowlist is client.allowlist and kept.grants == self._grants()
+                and self._clients.get(client.username) is client)
 
     def _grants(self) -> int:
         return self.issue_hosts.generation if self.issue_hosts is not None else 0
